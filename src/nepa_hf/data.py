@@ -1,0 +1,326 @@
+"""Data helpers: Fashion-MNIST (Debian package or bundled subset) and bundled photos.
+
+Only the standard library, numpy and PIL are imported at module level; the
+Hugging Face ``datasets`` library is imported lazily by the functions that
+build :class:`datasets.Dataset` objects.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "FASHION_MNIST_DEBIAN_DIR",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_FILES",
+    "BUNDLED_FASHION_MNIST_FILE",
+    "DATA_DIR_ENV_VAR",
+    "read_idx",
+    "write_idx",
+    "load_fashion_mnist",
+    "bundled_data_dir",
+    "bundled_photo_paths",
+    "fashion_mnist_dataset",
+    "photos_dataset",
+]
+
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_APT_COMMAND = "apt-get update && apt-get install -y dataset-fashion-mnist"
+
+FASHION_MNIST_CLASSES: Tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+# split -> (images file, labels file), without the optional ".gz" suffix.
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# Relative to bundled_data_dir().
+BUNDLED_FASHION_MNIST_FILE = os.path.join("fashion_mnist", "fashion_mnist_subset.npz")
+BUNDLED_PHOTOS_DIR = "photos"
+DATA_DIR_ENV_VAR = "NEPA_HF_DATA_DIR"
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+# idx type code -> big-endian numpy dtype
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+# --------------------------------------------------------------------------- idx files
+
+
+def _open_maybe_gzip(path: Path):
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def read_idx(path) -> np.ndarray:
+    """Read an idx file (as used by MNIST / Fashion-MNIST), gzipped or plain, into numpy.
+
+    Returns an array in native byte order with the shape stored in the file.
+    Raises ``ValueError`` for a bad magic number or a truncated file.
+    """
+    path = Path(path)
+    with _open_maybe_gzip(path) as fh:
+        data = fh.read()
+    if len(data) < 4:
+        raise ValueError(f"{path}: too short to be an idx file ({len(data)} bytes)")
+    zero0, zero1, type_code, ndim = data[0], data[1], data[2], data[3]
+    if zero0 != 0 or zero1 != 0 or type_code not in _IDX_DTYPES or ndim == 0:
+        raise ValueError(
+            f"{path}: bad idx magic number 0x{data[:4].hex()} "
+            "(expected 0x0000TTNN with type TT in "
+            f"{sorted(hex(c) for c in _IDX_DTYPES)} and NN >= 1 dimensions)"
+        )
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise ValueError(f"{path}: truncated idx header")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[type_code]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    payload = len(data) - header_len
+    if payload != expected:
+        raise ValueError(
+            f"{path}: idx payload has {payload} bytes, expected {expected} for shape {shape}"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def write_idx(path, array: np.ndarray, compress: Optional[bool] = None) -> Path:
+    """Write ``array`` as an idx file (gzipped when ``compress`` or the name ends in .gz)."""
+    path = Path(path)
+    array = np.asarray(array)
+    code = None
+    for c, dt in _IDX_DTYPES.items():
+        if dt.newbyteorder("=") == array.dtype.newbyteorder("="):
+            code = c
+            break
+    if code is None:
+        raise ValueError(f"dtype {array.dtype} cannot be stored in an idx file")
+    if array.ndim < 1 or array.ndim > 255:
+        raise ValueError("idx arrays need 1..255 dimensions")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    payload = array.astype(_IDX_DTYPES[code], copy=False).tobytes()
+    if compress is None:
+        compress = path.suffix == ".gz"
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as fh:
+        fh.write(header + payload)
+    return path
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def bundled_data_dir() -> Path:
+    """Return the repository's ``data/`` folder (or ``$NEPA_HF_DATA_DIR`` when set)."""
+    env = os.environ.get(DATA_DIR_ENV_VAR)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"${DATA_DIR_ENV_VAR}={env!r} is not a directory")
+        return path
+    here = Path(__file__).resolve().parent
+    for parent in (here, *here.parents):
+        candidate = parent / "data"
+        if (candidate / BUNDLED_FASHION_MNIST_FILE).is_file() or (
+            candidate / BUNDLED_PHOTOS_DIR
+        ).is_dir():
+            return candidate
+    raise FileNotFoundError(
+        "Could not find the bundled data/ folder above "
+        f"{here}; set ${DATA_DIR_ENV_VAR} to the nepa-hf repository's data/ directory."
+    )
+
+
+def bundled_photo_paths() -> List[Path]:
+    """Sorted paths of the bundled photos (``data/photos/*.jpg``)."""
+    photo_dir = bundled_data_dir() / BUNDLED_PHOTOS_DIR
+    if not photo_dir.is_dir():
+        raise FileNotFoundError(f"No bundled photos folder at {photo_dir}")
+    paths = sorted(p for p in photo_dir.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"No photos ({', '.join(PHOTO_SUFFIXES)}) in {photo_dir}")
+    return paths
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _check_split(split: str) -> str:
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"split must be one of {sorted(FASHION_MNIST_FILES)}, got {split!r}")
+    return split
+
+
+def _find_idx_file(root: Path, stem: str) -> Optional[Path]:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _debian_files(split: str, root=None) -> Optional[Tuple[Path, Path]]:
+    root = Path(root if root is not None else FASHION_MNIST_DEBIAN_DIR)
+    images_stem, labels_stem = FASHION_MNIST_FILES[split]
+    images, labels = _find_idx_file(root, images_stem), _find_idx_file(root, labels_stem)
+    if images is None or labels is None:
+        return None
+    return images, labels
+
+
+def _bundled_file() -> Optional[Path]:
+    try:
+        path = bundled_data_dir() / BUNDLED_FASHION_MNIST_FILE
+    except FileNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def fashion_mnist_available(source: str = "auto", root=None) -> bool:
+    """Whether ``load_fashion_mnist(source=source)`` would find data for both splits."""
+    debian = all(_debian_files(s, root) is not None for s in FASHION_MNIST_FILES)
+    if source == "debian":
+        return debian
+    if source == "bundled":
+        return _bundled_file() is not None
+    return debian or _bundled_file() is not None
+
+
+def load_fashion_mnist(
+    split: str = "train", source: str = "auto", root=None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Load Fashion-MNIST as ``(images uint8 [N, 28, 28], labels int64 [N])``.
+
+    source:
+      * ``"debian"``  - full data set from the idx files of Debian's
+        ``dataset-fashion-mnist`` package (``root`` overrides their directory,
+        default :data:`FASHION_MNIST_DEBIAN_DIR`);
+      * ``"bundled"`` - the small class-balanced subset committed under ``data/fashion_mnist``;
+      * ``"auto"``    - Debian files when present, otherwise the bundled subset.
+    """
+    split = _check_split(split)
+    if source not in ("auto", "debian", "bundled"):
+        raise ValueError(f"source must be 'auto', 'debian' or 'bundled', got {source!r}")
+
+    if source in ("auto", "debian"):
+        files = _debian_files(split, root)
+        if files is not None:
+            images = read_idx(files[0])
+            labels = read_idx(files[1])
+            return _validated(images, labels, str(files[0]))
+        if source == "debian":
+            where = root if root is not None else FASHION_MNIST_DEBIAN_DIR
+            raise FileNotFoundError(
+                f"Fashion-MNIST idx files for split {split!r} not found in {where}. "
+                f"Install them with: {FASHION_MNIST_APT_COMMAND}"
+            )
+
+    bundled = _bundled_file()
+    if bundled is None:
+        raise FileNotFoundError(
+            "Fashion-MNIST not found: neither the Debian files in "
+            f"{root if root is not None else FASHION_MNIST_DEBIAN_DIR} nor the bundled subset "
+            f"data/{BUNDLED_FASHION_MNIST_FILE} (set ${DATA_DIR_ENV_VAR}) exist. "
+            f"Install the full data set with: {FASHION_MNIST_APT_COMMAND}"
+        )
+    with np.load(bundled) as npz:
+        images = npz[f"{split}_images"]
+        labels = npz[f"{split}_labels"]
+    return _validated(images, labels, str(bundled))
+
+
+def _validated(images: np.ndarray, labels: np.ndarray, origin: str) -> Tuple[np.ndarray, np.ndarray]:
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{origin}: expected images of shape [N, 28, 28], got {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"{origin}: {labels.shape[0]} labels for {images.shape[0]} images")
+    return images.astype(np.uint8, copy=False), labels.astype(np.int64)
+
+
+def _subsample_indices(n: int, max_samples: Optional[int], seed: int) -> np.ndarray:
+    if max_samples is None or max_samples >= n:
+        return np.arange(n)
+    if max_samples < 0:
+        raise ValueError("max_samples must be >= 0")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=max_samples, replace=False))
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)  # lossless, fast
+    return buf.getvalue()
+
+
+def fashion_mnist_dataset(
+    split: str = "train",
+    source: str = "auto",
+    max_samples: Optional[int] = None,
+    seed: int = 0,
+    root=None,
+):
+    """Fashion-MNIST as a ``datasets.Dataset`` with ``image`` (PIL "L") and ``label`` (ClassLabel).
+
+    ``max_samples`` keeps a random subset (drawn with ``seed``, original order kept).
+    """
+    import datasets
+
+    images, labels = load_fashion_mnist(split, source=source, root=root)
+    keep = _subsample_indices(len(labels), max_samples, seed)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES)),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": _png_bytes(images[i]), "path": None} for i in keep],
+            "label": [int(labels[i]) for i in keep],
+        },
+        features=features,
+        split=split,
+    )
+
+
+def photos_dataset(paths: Optional[Sequence] = None):
+    """The bundled photos (or ``paths``) as a ``datasets.Dataset`` with ``image`` and ``name`` columns."""
+    import datasets
+
+    paths = [Path(p) for p in (paths if paths is not None else bundled_photo_paths())]
+    features = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})
+    return datasets.Dataset.from_dict(
+        {"image": [str(p) for p in paths], "name": [p.stem for p in paths]},
+        features=features,
+    )
