@@ -1,0 +1,164 @@
+# Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
+"""NEPA model configuration.
+
+This file is copied next to saved checkpoints so that `trust_remote_code=True` users need nothing but
+transformers: it imports only transformers and the standard library.
+"""
+
+from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
+
+# Names of the reference (`vit_nepa`) config fields that we renamed, ours -> theirs.
+REFERENCE_FIELD_RENAMES = {"drop_path_rate": "drop_path_prob"}
+
+# One-call presets. "b"/"l" are the authors' released sizes (patch 14 at 224); the pretraining presets are
+# causal with the exact QK-norm flavour of the released weights. The small sizes are for CPUs.
+NEPA_PRESETS: dict[str, dict] = {
+    "nepa-vit-b": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        patch_size=14, image_size=224, is_causal=True, qk_norm_affine=False, drop_path_rate=0.0,
+    ),
+    "nepa-vit-b-in1k": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        patch_size=14, image_size=224, is_causal=False, qk_norm_affine=True, drop_path_rate=0.1,
+    ),
+    "nepa-vit-l": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        patch_size=14, image_size=224, is_causal=True, qk_norm_affine=True, drop_path_rate=0.0,
+    ),
+    "nepa-vit-l-in1k": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        patch_size=14, image_size=224, is_causal=False, qk_norm_affine=True, drop_path_rate=0.2,
+    ),
+    "nepa-vit-small": dict(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+        patch_size=14, image_size=224, is_causal=True, qk_norm_affine=True,
+    ),
+    "nepa-vit-tiny": dict(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+        patch_size=14, image_size=224, is_causal=True, qk_norm_affine=True,
+    ),
+    # Small enough to pretrain on 28x28 Fashion-MNIST (padded/resized to 32) on two CPU cores.
+    "nepa-vit-micro": dict(
+        hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
+        patch_size=4, image_size=32, is_causal=True, qk_norm_affine=True,
+    ),
+}
+
+
+class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
+    r"""Configuration of a NEPA Vision Transformer (arXiv 2512.16922).
+
+    Field names follow the authors' `vit_nepa` config, except `drop_path_rate` (theirs: `drop_path_prob`) and
+    `pooling` (theirs: `add_pooling_layer`; `True` is `"mean"`, `False` is `"last"`).
+
+    Args:
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: transformer sizes.
+        hidden_act: MLP activation (`"gelu"` is the exact erf GELU of the released weights).
+        use_gated_mlp: `down(act(gate(x)) * up(x))` instead of `down(act(up(x)))` (SwiGLU with `"silu"`).
+        hidden_dropout_prob: dropout on the embeddings and after each branch's output projection.
+        attention_probs_dropout_prob: dropout on attention probabilities.
+        initializer_range: std of the truncated-normal init of Linear/Conv weights and the CLS token.
+        layer_norm_eps: eps of every LayerNorm (blocks, final, QK-norm, fc_norm).
+        rope_theta: base of the 2D RoPE frequencies.
+        image_size, patch_size, num_channels: input geometry. Any input divisible by the patch size works.
+        qkv_bias: bias on the q, k, v projections.
+        qk_norm, qk_norm_affine, qk_norm_bias: LayerNorm over the head dim on q and k, with/without weight/bias.
+        layerscale_value: init of both LayerScale vectors; `None` builds blocks without LayerScale.
+        drop_path_rate: stochastic depth at the last block (linear from 0 at the first block).
+        pooling: `"mean"` (mean of patch tokens, then `fc_norm`) or `"last"` (last token, no `fc_norm`).
+        is_causal: causal attention (pretraining) or bidirectional (fine-tuning); overridable per call.
+        pos_embed_shift, pos_embed_jitter, pos_embed_rescale: training-time RoPE coordinate augmentation.
+        use_mask_token: build a learned mask token so `bool_masked_pos` can replace input patches.
+        pretraining_shift: next-position targets (True, the method) or same-position targets (ablation).
+        pretraining_stop_gradient: detach the targets (True, the method); False is the collapse ablation.
+        apply_layernorm, reshape_hidden_states, out_features, out_indices: backbone options.
+    """
+
+    model_type = "nepa"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    use_gated_mlp: bool = False
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    initializer_range: float | int = 0.02
+    layer_norm_eps: float | int = 1e-12
+    rope_theta: float | int = 100.0
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    qkv_bias: bool = True
+    qk_norm: bool = True
+    qk_norm_affine: bool = False
+    qk_norm_bias: bool = False
+    layerscale_value: float | int | None = 1e-5
+    drop_path_rate: float | int = 0.0
+    pooling: str = "mean"
+    is_causal: bool = True
+    pos_embed_shift: float | int | None = None
+    pos_embed_jitter: float | int | None = None
+    pos_embed_rescale: float | int | None = 2.0
+    use_mask_token: bool = False
+    pretraining_shift: bool = True
+    pretraining_stop_gradient: bool = True
+    apply_layernorm: bool = True
+    reshape_hidden_states: bool = True
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        # Accept the reference spellings so a `vit_nepa` config dict can be passed straight in.
+        if "drop_path_prob" in kwargs:
+            self.drop_path_rate = kwargs.pop("drop_path_prob")
+        if "add_pooling_layer" in kwargs:
+            self.pooling = "mean" if kwargs.pop("add_pooling_layer") else "last"
+        self._validate_nepa()
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
+        super().__post_init__(**kwargs)
+
+    def _validate_nepa(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        head_dim = self.hidden_size // self.num_attention_heads
+        if head_dim % 4 != 0:
+            raise ValueError(
+                f"The head dim hidden_size/num_attention_heads = {head_dim} must be divisible by 4: 2D RoPE uses "
+                "head_dim/4 frequencies per axis. Change hidden_size or num_attention_heads."
+            )
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})."
+            )
+        if self.pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "NepaConfig":
+        """Build a config from a preset name (`nepa-vit-b`, `nepa-vit-l`, `nepa-vit-small`, `nepa-vit-tiny`, ...).
+
+        Keyword arguments override preset fields, e.g. `NepaConfig.from_preset("nepa-vit-tiny", image_size=112)`.
+        """
+        if name not in NEPA_PRESETS:
+            raise ValueError(f"Unknown NEPA preset {name!r}. Available presets: {sorted(NEPA_PRESETS)}.")
+        return cls(**{**NEPA_PRESETS[name], **overrides})
+
+
+__all__ = ["NepaConfig", "NEPA_PRESETS"]

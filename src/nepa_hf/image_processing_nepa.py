@@ -1,0 +1,469 @@
+# Copyright 2025 The nepa-hf authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Image processor classes for NEPA.
+
+This module only imports from transformers, torch, numpy, PIL and the standard library: it is copied flat next to
+saved checkpoints so that it can be loaded with `trust_remote_code=True`.
+"""
+
+import numpy as np
+import PIL.Image
+from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
+from transformers.image_utils import (
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    ChannelDimension,
+    ImageInput,
+    PILImageResampling,
+    SizeDict,
+    get_image_size_for_max_height_width,
+)
+from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import TensorType, is_torch_available, is_torchvision_available, logging
+
+if is_torch_available():
+    import torch
+
+if is_torchvision_available():
+    from torchvision.transforms.v2 import functional as tvF
+
+
+logger = logging.get_logger(__name__)
+
+# Value written for "ignore" pixels by `do_reduce_labels` (ADE20K convention).
+SEGMENTATION_IGNORE_INDEX = 255
+
+_VALID_CHANNELS = (1, 3, 4)
+
+
+class NepaImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
+        Whether to reduce all label values of segmentation maps by 1 and map the background label 0 to 255 (the
+        ignore index). Used for datasets such as ADE20K where 0 is "other" and is not one of the classes.
+    """
+
+    do_reduce_labels: bool
+
+
+def _is_torch_tensor(obj) -> bool:
+    return is_torch_available() and isinstance(obj, torch.Tensor)
+
+
+def _is_floating(image) -> bool:
+    if _is_torch_tensor(image):
+        return image.is_floating_point()
+    return np.issubdtype(image.dtype, np.floating)
+
+
+def _pil_high_bit_depth_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """
+    Convert 16/32-bit integer and float PIL images to 8-bit RGB.
+
+    Pillow's `convert("RGB")` clips these modes at 255 instead of scaling them, which turns a 16-bit photo white.
+    16-bit modes (and "I" images whose values exceed 255, e.g. 16-bit PNGs) are scaled by 255 / 65535; "F" images
+    with values in [0, 1] are scaled by 255; anything else is clipped to [0, 255].
+    """
+    array = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and array.size and array.max() > 255):
+        array = array / 257.0
+    elif image.mode == "F" and array.size and array.min() >= 0.0 and array.max() <= 1.0:
+        array = array * 255.0
+    array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(np.stack([array] * 3, axis=-1))
+
+
+def _reduce_labels(labels):
+    """ADE20K-style label reduction on an int64 array or tensor: 0 -> 255 (ignore), 255 stays 255, others minus 1."""
+    reduced = labels - 1
+    reduced[labels == 0] = SEGMENTATION_IGNORE_INDEX
+    reduced[labels == SEGMENTATION_IGNORE_INDEX] = SEGMENTATION_IGNORE_INDEX
+    return reduced
+
+
+def _resize_output_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
+    """Output (height, width) for `size`, with the same rules as the transformers backends' `resize`."""
+    if size.shortest_edge and size.longest_edge:
+        return get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
+    if size.shortest_edge:
+        dummy = np.empty((1, height, width), dtype=np.uint8)
+        return get_resize_output_image_size(
+            dummy, size=size.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.FIRST
+        )
+    if size.max_height and size.max_width:
+        return get_image_size_for_max_height_width((height, width), size.max_height, size.max_width)
+    if size.height and size.width:
+        return size.height, size.width
+    raise ValueError(
+        "Size must contain 'height' and 'width' keys, or 'max_height' and 'max_width', or 'shortest_edge' key. Got"
+        f" {size}."
+    )
+
+
+class _NepaImageProcessorMixin:
+    """
+    Defaults, input validation, segmentation-map handling and post-processing shared by both backends.
+
+    Placed before the backend class in the bases so that its class attributes take precedence.
+    """
+
+    valid_kwargs = NepaImageProcessorKwargs
+
+    # Preprocessing of the released NEPA checkpoints: straight 224x224 bilinear resize, [-1, 1] normalisation.
+    do_convert_rgb = True
+    do_resize = True
+    size = {"height": 224, "width": 224}
+    resample = PILImageResampling.BILINEAR
+    do_center_crop = False
+    crop_size = {"height": 224, "width": 224}
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
+    do_reduce_labels = False
+
+    def preprocess(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None = None,
+        **kwargs: Unpack[NepaImageProcessorKwargs],
+    ) -> BatchFeature:
+        """
+        Preprocess an image or a batch of images, and optionally their semantic segmentation maps.
+
+        Args:
+            images (`ImageInput`):
+                A PIL image (any mode), a numpy array or torch tensor of shape (H, W), (H, W, C) or (C, H, W) with
+                C in {1, 3, 4}, a 4-D batch of those, or a list of any of these (sizes may differ). Integer inputs
+                are expected in [0, 255]; pass `do_rescale=False` for float inputs already in [0, 1].
+            segmentation_maps (`ImageInput`, *optional*):
+                One label map per image, of shape (H, W) and the same size as its image (PIL image, numpy array or
+                torch tensor; a 3-D array is a batch of maps). Returned as int64 `labels` of shape (B, H, W),
+                resized with nearest-neighbour sampling and cropped like the images.
+            **kwargs:
+                Any attribute of the processor (`size`, `resample`, `do_center_crop`, `crop_size`,
+                `do_reduce_labels`, `return_tensors`, ...) to override for this call.
+
+        Returns:
+            `BatchFeature` with `pixel_values` and, if `segmentation_maps` is given, `labels`.
+        """
+        return super().preprocess(images, segmentation_maps, **kwargs)
+
+    def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> list:
+        """Flatten `images` to a list of single images, with clear errors for anything that is not one."""
+        what = "images" if expected_ndims == 3 else "segmentation maps"
+        if isinstance(images, (list, tuple)):
+            if len(images) == 0:
+                raise ValueError(f"Received an empty list of {what}; expected at least one.")
+            flat = []
+            for item in images:
+                # One level of nesting (e.g. a list of per-sample lists) is accepted, as in transformers.
+                for sub_item in item if isinstance(item, (list, tuple)) else [item]:
+                    flat.extend(self._split_image_like(sub_item, expected_ndims, allow_batch=False))
+        else:
+            flat = self._split_image_like(images, expected_ndims, allow_batch=True)
+        if len(flat) == 0:
+            raise ValueError(f"Received no {what}; expected at least one.")
+        return flat
+
+    def _split_image_like(self, item, expected_ndims: int, allow_batch: bool) -> list:
+        if isinstance(item, str):
+            item = self.fetch_images(item)
+        if isinstance(item, PIL.Image.Image):
+            return [item]
+        if not (isinstance(item, np.ndarray) or _is_torch_tensor(item)):
+            raise TypeError(
+                f"Expected PIL.Image.Image, numpy.ndarray, torch.Tensor or a path/URL string, got {type(item)}."
+            )
+        shape = tuple(item.shape)
+        if expected_ndims == 2:
+            if item.ndim == 2:
+                batch = [item]
+            elif item.ndim == 3 and allow_batch:
+                batch = list(item)
+            else:
+                raise ValueError(
+                    "Expected a segmentation map of shape (H, W), or a batch of maps of shape (B, H, W); got an array"
+                    f" of shape {shape}."
+                )
+            for label_map in batch:
+                if 0 in label_map.shape:
+                    raise ValueError(f"Got an empty segmentation map of shape {tuple(label_map.shape)}.")
+            return batch
+
+        if item.ndim in (2, 3):
+            batch = [item]
+        elif item.ndim == 4 and allow_batch:
+            batch = list(item)
+        else:
+            raise ValueError(
+                "Expected an image of shape (H, W), (H, W, C) or (C, H, W) with C in {1, 3, 4}, or a batch of images"
+                f" of shape (B, H, W, C) or (B, C, H, W); got an array of shape {shape}."
+            )
+        for image in batch:
+            image_shape = tuple(image.shape)
+            if image.ndim == 3 and image_shape[0] not in _VALID_CHANNELS and image_shape[-1] not in _VALID_CHANNELS:
+                context = f" (element of a batch of shape {shape})" if image_shape != shape else ""
+                raise ValueError(
+                    f"Expected an image with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, in (H, W, C) or (C, H, W)"
+                    f" layout; got shape {image_shape}{context}."
+                )
+            if 0 in image_shape:
+                raise ValueError(f"Got an empty image of shape {image_shape}.")
+        return batch
+
+    def process_image(
+        self,
+        image: ImageInput,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        **kwargs,
+    ):
+        if isinstance(image, PIL.Image.Image):
+            if do_convert_rgb and (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+                image = _pil_high_bit_depth_to_rgb(image)
+        elif image.ndim == 2:
+            # The backends' RGB conversion cannot infer the layout of a 2-D array: make the channel axis explicit.
+            image = image[None]
+            input_data_format = ChannelDimension.FIRST
+        return super().process_image(
+            image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs
+        )
+
+    def _preprocess_image_like_inputs(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None,
+        do_convert_rgb: bool,
+        input_data_format: ChannelDimension,
+        return_tensors: str | TensorType | None,
+        **kwargs,
+    ) -> BatchFeature:
+        images = self._prepare_image_like_inputs(
+            images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=kwargs.get("device")
+        )
+        for image in images:
+            if image.shape[0] != 3:
+                raise ValueError(
+                    f"NEPA expects 3-channel RGB images, got an image with {image.shape[0]} channel(s) (shape"
+                    f" {tuple(image.shape)} after moving channels first). Keep `do_convert_rgb=True` to convert"
+                    " grayscale, RGBA, CMYK and palette images."
+                )
+        if kwargs.get("do_rescale") and any(
+            _is_floating(image) and float(image.min()) >= 0 and float(image.max()) <= 1 for image in images
+        ):
+            logger.warning_once(
+                "It looks like you are trying to rescale already rescaled images (float values in [0, 1]). If the"
+                " input images have pixel values between 0 and 1, set `do_rescale=False` to avoid rescaling them"
+                " again."
+            )
+
+        data = {"pixel_values": self._preprocess(images, return_tensors=None, **kwargs)["pixel_values"]}
+
+        if segmentation_maps is not None:
+            maps = self._prepare_image_like_inputs(
+                segmentation_maps, expected_ndims=2, do_convert_rgb=False, input_data_format=ChannelDimension.FIRST
+            )
+            if len(maps) != len(images):
+                raise ValueError(f"Got {len(maps)} segmentation map(s) for {len(images)} image(s); expected one each.")
+            for index, (image, label_map) in enumerate(zip(images, maps, strict=True)):
+                if label_map.shape[0] != 1:
+                    raise ValueError(
+                        f"Segmentation map {index} has {label_map.shape[0]} channels; expected a single-channel map of"
+                        " class indices of shape (H, W) (e.g. a PIL image in mode 'L', 'P' or 'I')."
+                    )
+                if tuple(image.shape[-2:]) != tuple(label_map.shape[-2:]):
+                    raise ValueError(
+                        f"Segmentation map {index} has size {tuple(label_map.shape[-2:])} but its image has size"
+                        f" {tuple(image.shape[-2:])}; expected the same (height, width)."
+                    )
+            data["labels"] = self._preprocess_segmentation_maps(maps, **kwargs)
+
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _preprocess_segmentation_maps(self, maps: list, **kwargs) -> list:
+        raise NotImplementedError
+
+    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> "list[torch.Tensor]":
+        """
+        Convert the logits of a semantic-segmentation model into per-image label maps.
+
+        Args:
+            outputs:
+                Model output with a `logits` attribute of shape (batch_size, num_labels, height, width).
+            target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape (batch_size, 2), *optional*):
+                (height, width) of each prediction. The logits are bilinearly resized to it before the argmax. If
+                unset, the argmax is taken at the logits' resolution.
+
+        Returns:
+            `list[torch.Tensor]`: one `torch.long` tensor of shape (height, width) per image.
+        """
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
+        if logits.ndim != 4:
+            raise ValueError(
+                f"Expected logits of shape (batch_size, num_labels, height, width), got shape {tuple(logits.shape)}."
+            )
+        if target_sizes is None:
+            return list(logits.argmax(dim=1).unbind(0))
+
+        if len(target_sizes) != logits.shape[0]:
+            raise ValueError(
+                f"Got {len(target_sizes)} target size(s) for a batch of {logits.shape[0]} logits; expected one each."
+            )
+        if _is_torch_tensor(target_sizes):
+            target_sizes = target_sizes.tolist()
+        semantic_segmentation = []
+        for index, target_size in enumerate(target_sizes):
+            # float32: interpolate is not implemented for every half-precision dtype on CPU.
+            resized_logits = torch.nn.functional.interpolate(
+                logits[index : index + 1].float(),
+                size=(int(target_size[0]), int(target_size[1])),
+                mode="bilinear",
+                align_corners=False,
+            )
+            semantic_segmentation.append(resized_logits[0].argmax(dim=0))
+        return semantic_segmentation
+
+
+class NepaImageProcessorPil(_NepaImageProcessorMixin, PilBackend):
+    """
+    Constructs a NEPA image processor (PIL/numpy backend, no torchvision needed).
+
+    The defaults reproduce the preprocessing of the released NEPA checkpoints: resize straight to 224x224 with
+    bilinear resampling (no crop), rescale by 1/255, then normalise with mean = std = (0.5, 0.5, 0.5). The reference
+    evaluation protocol (short side 256, bicubic, centre crop 224) is
+    `size={"shortest_edge": 256}, resample=PILImageResampling.BICUBIC, do_center_crop=True`.
+
+    Semantic segmentation maps go through the same resize and crop with nearest-neighbour sampling and come back as
+    int64 `labels`; see `preprocess` and `post_process_semantic_segmentation`.
+    """
+
+    def __init__(self, **kwargs: Unpack[NepaImageProcessorKwargs]):
+        super().__init__(**kwargs)
+
+    def process_image(self, image: ImageInput, do_convert_rgb: bool | None = None, **kwargs) -> np.ndarray:
+        if _is_torch_tensor(image):
+            # The backend calls `.numpy()`, which fails for tensors on an accelerator or requiring grad.
+            image = image.detach().cpu().numpy()
+        return super().process_image(image, do_convert_rgb=do_convert_rgb, **kwargs)
+
+    def resize(
+        self,
+        image: np.ndarray,
+        size: SizeDict,
+        resample: "PILImageResampling | None" = None,
+        reducing_gap: int | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """
+        Resize a channels-first image with PIL.
+
+        uint8 images take the standard transformers path (identical to resizing the PIL image). Other dtypes are
+        resized channel by channel as 32-bit float PIL images: the standard path would quantise them to uint8 and
+        rejects floats outside [0, 1] that are not whole numbers.
+        """
+        if image.dtype == np.uint8:
+            return super().resize(image, size, resample=resample, reducing_gap=reducing_gap, **kwargs)
+        if resample is not None and not isinstance(resample, (PILImageResampling, int)):
+            resample = PILImageResampling.BILINEAR
+        resample = resample if resample is not None else PILImageResampling.BILINEAR
+        height, width = _resize_output_size(image.shape[-2], image.shape[-1], size)
+        channels = [
+            np.asarray(
+                PIL.Image.fromarray(channel.astype(np.float32)).resize(
+                    (width, height), resample=resample, reducing_gap=reducing_gap
+                )
+            )
+            for channel in image
+        ]
+        return np.stack(channels, axis=0)
+
+    def _preprocess_segmentation_maps(
+        self,
+        maps: list[np.ndarray],
+        do_reduce_labels: bool,
+        do_resize: bool,
+        size: SizeDict,
+        do_center_crop: bool,
+        crop_size: SizeDict,
+        **kwargs,
+    ) -> list[np.ndarray]:
+        processed = []
+        for label_map in maps:
+            label_map = label_map.astype(np.int64)
+            if do_reduce_labels:
+                label_map = _reduce_labels(label_map)
+            if do_resize:
+                height, width = _resize_output_size(label_map.shape[-2], label_map.shape[-1], size)
+                if label_map.min() < np.iinfo(np.int32).min or label_map.max() > np.iinfo(np.int32).max:
+                    raise ValueError("Segmentation map values must fit in int32 to be resized.")
+                # PIL mode "I" (int32) keeps any label value; nearest never introduces new ones.
+                resized = PIL.Image.fromarray(label_map[0].astype(np.int32)).resize(
+                    (width, height), resample=PILImageResampling.NEAREST
+                )
+                label_map = np.asarray(resized).astype(np.int64)[None]
+            if do_center_crop:
+                label_map = self.center_crop(label_map, crop_size)
+            processed.append(label_map[0])
+        return processed
+
+
+if is_torchvision_available():
+
+    class NepaImageProcessor(_NepaImageProcessorMixin, TorchvisionBackend):
+        """
+        Constructs a NEPA image processor (torchvision backend).
+
+        Same defaults and behaviour as [`NepaImageProcessorPil`]; see its docstring. Bilinear/bicubic resizing of
+        tensors differs from PIL by small rounding amounts.
+        """
+
+        def __init__(self, **kwargs: Unpack[NepaImageProcessorKwargs]):
+            super().__init__(**kwargs)
+
+        def _preprocess_segmentation_maps(
+            self,
+            maps: list["torch.Tensor"],
+            do_reduce_labels: bool,
+            do_resize: bool,
+            size: SizeDict,
+            do_center_crop: bool,
+            crop_size: SizeDict,
+            **kwargs,
+        ) -> list["torch.Tensor"]:
+            processed = []
+            for label_map in maps:
+                label_map = label_map.to(torch.int64)
+                if do_reduce_labels:
+                    label_map = _reduce_labels(label_map)
+                if do_resize:
+                    # NEAREST_EXACT samples pixel centres like PIL's NEAREST. Resize a float32 copy because
+                    # nearest interpolation is not implemented for int64; values up to 2**24 stay exact.
+                    label_map = self.resize(
+                        label_map.to(torch.float32), size, resample=tvF.InterpolationMode.NEAREST_EXACT
+                    )
+                    label_map = label_map.round().to(torch.int64)
+                if do_center_crop:
+                    label_map = self.center_crop(label_map, crop_size)
+                processed.append(label_map[0])
+            return processed
+
+else:
+    NepaImageProcessor = None
+
+
+__all__ = ["NepaImageProcessorKwargs", "NepaImageProcessorPil", "NepaImageProcessor"]

@@ -1,0 +1,186 @@
+"""Auto classes, save/load round trips, trust_remote_code without the package, and pipelines on real photos."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+    pipeline,
+)
+
+from nepa_hf import (
+    NepaConfig,
+    NepaForImageClassification,
+    NepaForPreTraining,
+    NepaImageProcessorPil,
+    NepaModel,
+)
+
+LABELS = ["cat", "coffee", "rocket"]
+
+
+def small_config(**overrides) -> NepaConfig:
+    base = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=8,
+        image_size=32, layerscale_value=1.0, qk_norm_affine=True,
+    )
+    base.update(overrides)
+    return NepaConfig(**base)
+
+
+def save_classifier(directory) -> NepaForImageClassification:
+    torch.manual_seed(0)
+    config = small_config(
+        is_causal=False, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
+    )
+    model = NepaForImageClassification(config).eval()
+    with torch.no_grad():  # a non-zero head so that predictions differ between classes
+        model.classifier.weight.normal_(0, 0.5)
+    model.save_pretrained(directory)
+    NepaImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return model
+
+
+def test_auto_classes_resolve_nepa(tmp_path):
+    assert isinstance(AutoConfig.for_model("nepa"), NepaConfig)
+    config = small_config()
+    assert type(AutoModel.from_config(config)) is NepaModel
+    assert type(AutoModelForPreTraining.from_config(config)) is NepaForPreTraining
+    assert type(AutoModelForImageClassification.from_config(config)) is NepaForImageClassification
+    model = NepaModel(config)
+    model.save_pretrained(tmp_path)
+    NepaImageProcessorPil().save_pretrained(tmp_path)
+    assert type(AutoModel.from_pretrained(tmp_path)) is NepaModel
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is NepaImageProcessorPil
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = save_classifier(tmp_path)
+    pixels = torch.randn(2, 3, 32, 32)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    # Non-persistent RoPE buffer is rebuilt, not left as garbage from the meta-device load.
+    assert torch.equal(reloaded.nepa.rope_embeddings.inv_freq, model.nepa.rope_embeddings.inv_freq)
+    with torch.no_grad():
+        assert torch.equal(model(pixels).logits, reloaded(pixels).logits)
+    assert reloaded.config.id2label == dict(enumerate(LABELS))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "nepa" and saved["auto_map"]["AutoModel"] == "modeling_nepa.NepaModel"
+    for code_file in ("configuration_nepa.py", "modeling_nepa.py", "image_processing_nepa.py"):
+        assert (tmp_path / code_file).exists(), code_file
+
+
+def test_classifier_from_pretraining_checkpoint_is_bidirectional_with_zero_head(tmp_path, caplog):
+    pretrain = NepaForPreTraining(small_config(is_causal=True, qk_norm_affine=False))
+    pretrain.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        model = NepaForImageClassification.from_pretrained(
+            tmp_path, num_labels=4, qk_norm_affine=True, output_loading_info=False
+        )
+    assert model.config.is_causal is False
+    assert torch.all(model.classifier.weight == 0) and torch.all(model.classifier.bias == 0)
+    # Affine QK-norm weights start at 1.0 where the source had none (functionally identical).
+    assert torch.all(model.nepa.encoder.layers[0].attention.q_norm.weight == 1.0)
+    # Backbone weights are the pretrained ones.
+    assert torch.equal(
+        model.nepa.embeddings.cls_token, pretrain.nepa.embeddings.cls_token
+    )
+    _, info = NepaForImageClassification.from_pretrained(
+        tmp_path, num_labels=4, qk_norm_affine=True, output_loading_info=True
+    )
+    assert info["unexpected_keys"] == set() or not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    assert "classifier" not in caplog.text and "fc_norm" not in caplog.text
+
+
+def test_pretraining_checkpoint_loads_into_every_head(tmp_path):
+    pretrain = NepaForPreTraining(small_config())
+    pretrain.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert torch.equal(base.norm.weight, pretrain.nepa.norm.weight)
+    again = AutoModelForPreTraining.from_pretrained(tmp_path)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(pixels).loss, pretrain.eval()(pixels).loss)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.modules["nepa_hf"] = None  # simulate an environment where nepa_hf is not installed
+    from transformers import AutoModel, AutoModelForImageClassification, AutoImageProcessor, pipeline
+    folder, pixels_path, out_path = sys.argv[1:4]
+    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    assert "nepa_hf" not in type(model).__module__, type(model).__module__
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(base).__name__ == "NepaModel"
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(processor).__name__ == "NepaImageProcessorPil", type(processor)
+    with torch.no_grad():
+        logits = model(torch.load(pixels_path)).logits
+    torch.save(logits, out_path)
+    classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
+    from PIL import Image
+    print(classifier(Image.new("RGB", (40, 30), (200, 10, 10)), top_k=2))
+    """
+)
+
+
+def test_trust_remote_code_loads_without_the_package(tmp_path):
+    model = save_classifier(tmp_path / "ckpt")
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "out.pt"), model(pixels).logits)
+    assert "'label'" in result.stdout
+
+
+def test_image_classification_pipeline_on_real_photos(tmp_path, photo_images):
+    save_classifier(tmp_path)
+    classifier = pipeline("image-classification", model=str(tmp_path))
+    results = classifier(photo_images, top_k=3)
+    assert len(results) == len(photo_images)
+    for result in results:
+        assert [r["label"] for r in result] != [] and {r["label"] for r in result} <= set(LABELS)
+        scores = [r["score"] for r in result]
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_pipelines_never_prompt_for_remote_code(tmp_path, monkeypatch):
+    save_classifier(tmp_path)
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+    for task in ("image-classification", "image-feature-extraction"):
+        pipeline(task, model=str(tmp_path))
+    assert prompts == []
+
+
+def test_image_feature_extraction_pipeline_on_real_photos(tmp_path, photo_images):
+    save_classifier(tmp_path)
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path))
+    features = extractor(photo_images[0], return_tensors=True)
+    assert features.shape == (1, 1 + 16, 64)
+    pooled = extractor(photo_images[:2], pool=True, return_tensors=True)
+    assert len(pooled) == 2 and pooled[0].shape == (1, 64)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    pixels = AutoImageProcessor.from_pretrained(tmp_path)(photo_images[0], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        torch.testing.assert_close(pooled[0], base(pixels).pooler_output)
