@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
-import pytest
-from PIL import Image
+import os
+import socket
+
+
+def _hub_reachable(timeout: float = 1.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+# Offline machines (CI here): make the Hugging Face libraries fail fast instead of retrying for seconds per call.
+# Must happen before transformers/datasets/huggingface_hub are imported, as they read it at import time.
+# Network tests check `HUB_REACHABLE` and skip themselves.
+HUB_REACHABLE = os.environ.get("HF_HUB_OFFLINE", "0") != "1" and _hub_reachable()
+if not HUB_REACHABLE:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 try:  # keep CPU tests light on the 2-core CI machines
     import torch
@@ -12,7 +32,7 @@ try:  # keep CPU tests light on the 2-core CI machines
 except ImportError:  # pragma: no cover
     torch = None
 
-from nepa_hf.data import bundled_photo_paths, load_fashion_mnist
+from nepa_hf.data import bundled_photo_paths, load_fashion_mnist  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,9 @@ __all__ = [
     "bundled_photo_paths",
     "fashion_mnist_dataset",
     "photos_dataset",
+    "load_image_dataset",
+    "resolve_column",
+    "BUILTIN_DATASETS",
 ]
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -323,4 +326,75 @@ def photos_dataset(paths: Optional[Sequence] = None):
     return datasets.Dataset.from_dict(
         {"image": [str(p) for p in paths], "name": [p.stem for p in paths]},
         features=features,
+    )
+
+
+# Names `load_image_dataset` understands besides local folders and Hub ids.
+BUILTIN_DATASETS = {
+    "fashion_mnist": "Fashion-MNIST: Debian package files when installed, else the bundled subset",
+    "fashion_mnist_debian": "Fashion-MNIST from the Debian package only (60k train / 10k test)",
+    "bundled": "the bundled Fashion-MNIST subset (2000 train / 1000 test)",
+    "bundled_photos": "the bundled real photos (no labels)",
+}
+
+
+def load_image_dataset(
+    source: str,
+    split: str = "train",
+    streaming: bool = False,
+    max_samples: Optional[int] = None,
+    seed: int = 0,
+    **load_kwargs,
+):
+    """One entry point for the example scripts' image data.
+
+    ``source`` is one of :data:`BUILTIN_DATASETS`, a local folder (loaded as ``imagefolder``: class sub-folders give
+    labels), or a Hugging Face Hub dataset id (``streaming=True`` for datasets too big for disk). Returns a
+    ``datasets.Dataset`` (or ``IterableDataset`` when streaming). ``max_samples`` keeps a random subset.
+    """
+    import datasets
+
+    if source in ("fashion_mnist", "fashion-mnist"):
+        dataset = fashion_mnist_dataset(split, source="auto")
+    elif source == "fashion_mnist_debian":
+        dataset = fashion_mnist_dataset(split, source="debian")
+    elif source in ("bundled", "bundled_fashion_mnist"):
+        dataset = fashion_mnist_dataset(split, source="bundled")
+    elif source == "bundled_photos":
+        dataset = photos_dataset()
+    elif os.path.isdir(source):
+        dataset = datasets.load_dataset("imagefolder", data_dir=source, split=split, **load_kwargs)
+    elif os.path.exists(source):
+        raise ValueError(f"{source!r} is a file; pass a folder of images (imagefolder layout) or a dataset name.")
+    else:
+        try:
+            dataset = datasets.load_dataset(source, split=split, streaming=streaming, **load_kwargs)
+        except Exception as error:  # network, unknown name, missing split: say what was tried
+            raise ValueError(
+                f"Could not load dataset {source!r} (split {split!r}) from the Hugging Face Hub: {error}. Use a "
+                f"local image folder or one of the built-in names {sorted(BUILTIN_DATASETS)}."
+            ) from error
+    if max_samples is not None:
+        if streaming:
+            dataset = dataset.take(max_samples)
+        elif max_samples < len(dataset):
+            dataset = dataset.shuffle(seed=seed).select(range(max_samples))
+    return dataset
+
+
+def resolve_column(dataset, requested: Optional[str], candidates: Sequence[str], what: str) -> str:
+    """The column to use for ``what`` (e.g. "image"): ``requested`` if given, else the first present candidate.
+
+    Raises a ValueError listing the dataset's columns when nothing fits.
+    """
+    columns = list(dataset.column_names or dataset.features or [])
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"{what} column {requested!r} not found; the dataset has columns {columns}.")
+        return requested
+    for name in candidates:
+        if name in columns:
+            return name
+    raise ValueError(
+        f"Could not find the {what} column among {columns}; pass it explicitly (e.g. --{what}_column NAME)."
     )
