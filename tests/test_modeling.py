@@ -449,3 +449,24 @@ def test_last_token_pooling_has_no_fc_norm():
     hidden = model.nepa(pixels).last_hidden_state
     torch.testing.assert_close(model(pixels).logits, model.classifier(hidden[:, -1]))
     assert isinstance(model.fc_norm, torch.nn.Identity)
+
+
+def test_bf16_autocast_forward_backward_close_to_fp32():
+    model = randomize_(NepaForPreTraining(tiny_config())).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    reference = model(pixels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(pixels)
+    torch.testing.assert_close(low.last_hidden_state.float(), reference.last_hidden_state, atol=0.1, rtol=0.05)
+    assert abs(low.loss.item() - reference.loss.item()) < 0.02
+    low.loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_rope_tables_are_cached_in_eval_and_fresh_in_training():
+    model = NepaModel(tiny_config()).eval()
+    rope = model.rope_embeddings
+    first = rope(4, 4, torch.device("cpu"), torch.float32)
+    assert rope(4, 4, torch.device("cpu"), torch.float32)[0] is first[0]  # same cached tensor object
+    model.train()
+    assert rope(4, 4, torch.device("cpu"), torch.float32)[0] is not first[0]
