@@ -194,7 +194,10 @@ def card_metadata(spec: CheckpointSpec) -> ModelCardData:
             source_url=result.source_url,
             verified=False,
         )
+        # The model-index groups metrics per task and data set under one source, so it lists the paper's numbers
+        # only; the card's results table gives every number with its own source.
         for result in spec.reported_results
+        if result.source_url == PAPER_URL
     ]
     return ModelCardData(
         license="apache-2.0",
@@ -269,8 +272,9 @@ def _results_section(spec: CheckpointSpec) -> str:
 |---|---|---|
 {rows}
 
-These numbers are quoted from the sources listed; nepa-hf did not re-run the ImageNet-1k evaluation. The paper's
-protocol resizes the short side to 256 (bicubic) and centre-crops 224 (ViT-B), or resizes to 235 and crops 224 (ViT-L).
+These numbers are quoted from the sources listed; nepa-hf did not re-run the ImageNet-1k evaluation. The authors'
+evaluation script resizes the short side to 256 (bicubic) and centre-crops 224 (ViT-B), or resizes to 235x235 and
+centre-crops 224 (ViT-L).
 
 """
 
@@ -293,8 +297,8 @@ any value (and can convert back with `--to-reference`):
 ```
 
 nepa-hf's forward pass is tested against an independent implementation of the authors' architecture.
-{" ".join(spec.extra_notes)}
-"""
+{" ".join(spec.extra_notes)}""".rstrip() + "\n"
+
     fine_tune = ""
     if not spec.is_classifier:
         fine_tune = f"""
@@ -322,8 +326,8 @@ classifier = AutoModelForImageClassification.from_pretrained("{repo_id}", num_la
 NEPA (Next-Embedding Predictive Autoregression) trains a plain Vision Transformer to predict, with causal
 attention, the embedding of the next image patch from the previous ones; the targets are the model's own patch
 embeddings under stop-gradient and the loss is negative cosine similarity. There is no pixel decoder, tokenizer,
-contrastive pair or momentum encoder. This checkpoint is {what}, in the
-nepa-hf format for Hugging Face transformers.
+contrastive pair or momentum encoder. This checkpoint is {what},
+in the nepa-hf format for Hugging Face transformers.
 {training}
 {_details_table(spec)}
 
@@ -341,8 +345,8 @@ With `pip install nepa-hf` and `import nepa_hf`, the same calls work without `tr
 
 `AutoImageProcessor` loads `NepaImageProcessor`: resize straight to {spec.image_size}x{spec.image_size} (bilinear, no
 crop), rescale by 1/255, normalise with mean = std = (0.5, 0.5, 0.5). Other resolutions divisible by
-{spec.patch_size} work too (`processor(image, size={{"height": 448, "width": 448}})`): positions come from 2D RoPE,
-not a learned table.
+{spec.patch_size} also run (`processor(image, size={{"height": 448, "width": 448}})`), since positions come from 2D
+RoPE rather than a learned table; accuracy at other resolutions has not been measured.
 
 {_results_section(spec)}## Limitations
 
