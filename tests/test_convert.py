@@ -110,7 +110,10 @@ def reference_state_dict(config: dict, seed: int = 0, dtype=torch.float32, layer
         for norm in ("layernorm_before", "layernorm_after"):
             sd[p + norm + ".weight"], sd[p + norm + ".bias"] = rand(D, around=1.0), rand(D)
         for proj in ("query", "key", "value"):
-            sd[p + f"attention.attention.{proj}.weight"], sd[p + f"attention.attention.{proj}.bias"] = rand(D, D), rand(D)
+            sd[p + f"attention.attention.{proj}.weight"], sd[p + f"attention.attention.{proj}.bias"] = (
+                rand(D, D),
+                rand(D),
+            )
         if config["qk_norm_affine"]:
             for norm in ("q_norm", "k_norm"):
                 sd[p + f"attention.attention.{norm}.weight"] = rand(d, around=1.0)
@@ -410,7 +413,9 @@ def test_ema_flag_takes_the_ema_file(tmp_path):
     convert_reference_checkpoint(source, tmp_path / "plain")
     convert_reference_checkpoint(source, tmp_path / "ema", ema=True)
     key = "nepa.embeddings.cls_token"
-    assert torch.equal(load_file(tmp_path / "plain" / "model.safetensors")[key], state_dict["vit_nepa.embeddings.cls_token"])
+    assert torch.equal(
+        load_file(tmp_path / "plain" / "model.safetensors")[key], state_dict["vit_nepa.embeddings.cls_token"]
+    )
     assert torch.equal(load_file(tmp_path / "ema" / "model.safetensors")[key], ema["vit_nepa.embeddings.cls_token"])
     assert "EMA" in (tmp_path / "ema" / "README.md").read_text()
 
@@ -474,6 +479,55 @@ def test_converted_folder_has_card_and_remote_code(tmp_path):
     assert f"--input {source} --output my-nepa" in card and 'from_pretrained("my-nepa"' in card
 
 
+def test_hub_ids_download_only_the_needed_files(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    hub_copy = write_reference_folder(tmp_path / "hub", config, state_dict, weights="pytorch_model.bin")
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, token=None, allow_patterns=None):
+        calls.append((repo_id, revision, list(allow_patterns)))
+        return str(hub_copy)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    convert_reference_checkpoint("SixAILab/nepa-base-patch14-224", tmp_path / "nepa-vit-b", revision="v1")
+    # safetensors first; only when the repo has none, the .bin files (never both)
+    assert [c[:2] for c in calls] == [("SixAILab/nepa-base-patch14-224", "v1")] * 2
+    assert "model.safetensors" in calls[0][2] and not any(".bin" in p for p in calls[0][2])
+    assert "pytorch_model.bin" in calls[1][2] and not any("safetensors" in p for p in calls[1][2])
+    card = (tmp_path / "nepa-vit-b" / "README.md").read_text()
+    assert "base_model: SixAILab/nepa-base-patch14-224" in card and "--revision v1" in card
+
+    with pytest.raises(ConversionError, match="pytorch_model_ema.bin"):
+        convert_reference_checkpoint("SixAILab/nepa-base-patch14-224", tmp_path / "ema2", ema=True)
+    assert calls[-1][2] == ["config.json", "preprocessor_config.json", "pytorch_model_ema.bin"]
+
+    def offline(*args, **kwargs):
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ConversionError, match="Cannot reach the Hugging Face Hub"):
+        convert_reference_checkpoint("SixAILab/nepa-base-patch14-224", tmp_path / "offline")
+
+
+def test_sharded_safetensors_source(tmp_path):
+    config, state_dict = make_variant("classifier-bidirectional-affine")
+    folder = write_reference_folder(tmp_path / "src", config, {}, weights="unused.bin")
+    (folder / "unused.bin").unlink()
+    names = sorted(state_dict)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}  # fmt: skip
+    for shard, keys in shards.items():
+        save_file({k: state_dict[k] for k in keys}, folder / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    convert_reference_checkpoint(folder, tmp_path / "ours")
+    convert_to_reference_checkpoint(tmp_path / "ours", tmp_path / "back")
+    assert_same_state_dict(load_file(tmp_path / "back" / "model.safetensors"), state_dict)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,7 +548,9 @@ def test_missing_and_unexpected_keys_are_listed():
 def test_shape_mismatch_is_reported():
     config, state_dict = make_variant("pretrain-causal-nonaffine")
     state_dict["vit_nepa.layernorm.weight"] = torch.ones(33)
-    with pytest.raises(ConversionError, match=r"vit_nepa\.layernorm\.weight \(33,\) -> nepa\.norm\.weight expects \(32,\)"):
+    with pytest.raises(
+        ConversionError, match=r"vit_nepa\.layernorm\.weight \(33,\) -> nepa\.norm\.weight expects \(32,\)"
+    ):
         convert_reference_state_dict(state_dict, config)
 
 

@@ -10,8 +10,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from nepa_hf import NepaConfig, NepaForImageClassification, NepaImageProcessorPil
-from nepa_hf import publish
+from nepa_hf import NepaConfig, NepaForImageClassification, NepaImageProcessorPil, publish
 from nepa_hf.publish import PublishError, assemble, main, validate
 
 LABELS = ["cat", "coffee", "rocket"]
@@ -85,8 +84,10 @@ def test_upload_uses_hfapi_with_all_options(checkpoint, monkeypatch, capsys):
     api.create_repo.assert_called_once_with("someone/x", private=True, exist_ok=True, repo_type="model")
     api.create_branch.assert_called_once_with("someone/x", branch="v1", exist_ok=True, repo_type="model")
     assert uploaded["repo_id"] == "someone/x" and uploaded["revision"] == "v1" and uploaded["create_pr"] is True
-    assert uploaded["files"] == sorted(["README.md", "config.json", "model.safetensors", "preprocessor_config.json",
-                                        "configuration_nepa.py", "modeling_nepa.py", "image_processing_nepa.py"])  # fmt: skip
+    assert uploaded["files"] == sorted(
+        ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_nepa.py",
+         "modeling_nepa.py", "image_processing_nepa.py"]
+    )  # fmt: skip
     assert "Uploaded: https://huggingface.co/someone/x/discussions/1" in capsys.readouterr().out
 
 

@@ -142,7 +142,12 @@ PROCESSOR_FIELDS = (
 )  # fmt: skip
 
 # Files of a reference checkpoint, in order of preference.
-REFERENCE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+REFERENCE_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 REFERENCE_EMA_FILE = "pytorch_model_ema.bin"
 
 _DEFAULT_LABELS = {0: "LABEL_0", 1: "LABEL_1"}
@@ -268,7 +273,9 @@ def reference_config_from_nepa(config: NepaConfig, architecture: str | None = No
     for name, value in (extras.get("fields") or {}).items():
         if name in LIVE_FIELDS and not _same_meaning(name, value, reference.get(name)):
             # The model was changed after conversion (e.g. a new image size): the current value wins.
-            logger.warning(f"Ignoring the stored reference value {name}={value!r}: the model now has {reference.get(name)!r}.")
+            logger.warning(
+                f"Ignoring the stored reference value {name}={value!r}: the model now has {reference.get(name)!r}."
+            )
             continue
         reference[name] = value
     for name in extras.get("absent") or []:
@@ -339,7 +346,8 @@ def _check_model_type(reference_config: dict) -> None:
         )
     if model_type != REFERENCE_MODEL_TYPE:
         raise ConversionError(
-            f"Expected a reference NEPA checkpoint (model_type '{REFERENCE_MODEL_TYPE}'), got model_type {model_type!r}."
+            f"Expected a reference NEPA checkpoint (model_type '{REFERENCE_MODEL_TYPE}'), "
+            f"got model_type {model_type!r}."
         )
 
 
@@ -373,7 +381,9 @@ def nepa_config_from_reference(
 
     layerscale_value = _reference_value(reference_config, "layerscale_value")
     if layout.has_layerscale:
-        kwargs["layerscale_value"] = layerscale_value if layerscale_value is not None else REFERENCE_DEFAULTS["layerscale_value"]
+        kwargs["layerscale_value"] = (
+            layerscale_value if layerscale_value is not None else REFERENCE_DEFAULTS["layerscale_value"]
+        )
     elif layerscale_value is None or layerscale_value <= 0:
         kwargs["layerscale_value"] = None  # no LayerScale: blocks without the per-channel scale
     else:
@@ -563,7 +573,9 @@ def _layout_hints(reference_config: dict, layout: _ReferenceLayout, unexpected: 
     if any(re.search(r"encoder\.layers\.(\d+)\.", k) for k in missing) and not any(
         re.search(r"encoder\.layer\.\d+\.", k) for k in unexpected
     ):
-        hints.append(f"num_hidden_layers={_reference_value(reference_config, 'num_hidden_layers')} may not match the checkpoint")
+        hints.append(
+            f"num_hidden_layers={_reference_value(reference_config, 'num_hidden_layers')} may not match the checkpoint"
+        )
     return "".join(f"\nHint: {hint}." for hint in hints)
 
 
@@ -614,7 +626,9 @@ def convert_to_reference(
             problems.append(_listing(f"Parameters of {architecture} missing from the state dict", missing))
         if mismatched:
             problems.append(_listing("Shape mismatches", mismatched))
-        raise ConversionError(f"Cannot convert this {architecture} state dict to the authors' layout:\n" + "\n".join(problems))
+        raise ConversionError(
+            f"Cannot convert this {architecture} state dict to the authors' layout:\n" + "\n".join(problems)
+        )
     return reference_config, converted
 
 
@@ -623,7 +637,9 @@ def convert_to_reference(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_folder(source: str | Path, allow_patterns: list[str], revision: str | None, token: str | bool | None) -> Path:
+def _resolve_folder(
+    source: str | Path, allow_patterns: list[str], revision: str | None, token: str | bool | None
+) -> Path:
     """A local folder as is, otherwise a Hub repo id downloaded (only `allow_patterns`) into the HF cache."""
     path = Path(source).expanduser()
     if path.exists():
@@ -717,7 +733,9 @@ def _weight_file_in(folder: Path, ema: bool) -> str:
     for filename in REFERENCE_WEIGHT_FILES:
         if (folder / filename).exists():
             return filename
-    raise ConversionError(f"No weights in {folder} (looked for {', '.join(REFERENCE_WEIGHT_FILES)}). Files there: {_files_in(folder)}.")
+    raise ConversionError(
+        f"No weights in {folder} (looked for {', '.join(REFERENCE_WEIGHT_FILES)}). Files there: {_files_in(folder)}."
+    )
 
 
 def _files_in(folder: Path) -> list[str]:
@@ -728,9 +746,13 @@ def _download_reference(source, ema: bool, revision, token) -> Path:
     base = ["config.json", "preprocessor_config.json"]
     if ema:
         return _resolve_folder(source, base + [REFERENCE_EMA_FILE], revision, token)
-    folder = _resolve_folder(source, base + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"], revision, token)
+    folder = _resolve_folder(
+        source, base + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"], revision, token
+    )
     if not any((folder / name).exists() for name in REFERENCE_WEIGHT_FILES[:2]) and not Path(source).exists():
-        folder = _resolve_folder(source, base + ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"], revision, token)
+        folder = _resolve_folder(
+            source, base + ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"], revision, token
+        )
     return folder
 
 
@@ -867,7 +889,13 @@ def load_nepa_checkpoint(
     """Read a nepa-hf folder (local or Hub id) without building the model: config, state dict, processor."""
     folder = _resolve_folder(
         source,
-        ["config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+        [
+            "config.json",
+            "preprocessor_config.json",
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "model-*.safetensors",
+        ],
         revision,
         token,
     )
@@ -892,7 +920,10 @@ def load_nepa_checkpoint(
 
 
 def save_reference_checkpoint(
-    reference_config: dict, state_dict: dict[str, torch.Tensor], output_dir: str | Path, preprocessor_config: dict | None = None
+    reference_config: dict,
+    state_dict: dict[str, torch.Tensor],
+    output_dir: str | Path,
+    preprocessor_config: dict | None = None,
 ) -> Path:
     """Write the authors' layout: config.json (their fields), model.safetensors (their keys), processor config."""
     output = Path(output_dir)
@@ -900,7 +931,9 @@ def save_reference_checkpoint(
     (output / "config.json").write_text(json.dumps(reference_config, indent=2, sort_keys=True) + "\n")
     save_file(_independent(state_dict), output / "model.safetensors", metadata={"format": "pt"})
     if preprocessor_config is not None:
-        (output / "preprocessor_config.json").write_text(json.dumps(preprocessor_config, indent=2, sort_keys=True) + "\n")
+        (output / "preprocessor_config.json").write_text(
+            json.dumps(preprocessor_config, indent=2, sort_keys=True) + "\n"
+        )
     return output
 
 
@@ -931,7 +964,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m nepa_hf.convert",
         description="Convert the authors' NEPA checkpoints (vit_nepa) to nepa-hf, or back with --to-reference.",
     )
-    parser.add_argument("--input", required=True, help="Local folder or Hub repo id (e.g. SixAILab/nepa-base-patch14-224).")
+    parser.add_argument(
+        "--input", required=True, help="Local folder or Hub repo id (e.g. SixAILab/nepa-base-patch14-224)."
+    )
     parser.add_argument("--output", required=True, help="Folder to write.")
     parser.add_argument("--ema", action="store_true", help=f"Convert the EMA weights ({REFERENCE_EMA_FILE}).")
     parser.add_argument("--to-reference", action="store_true", help="Convert a nepa-hf folder to the authors' layout.")
@@ -941,7 +976,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Give a non-affine QK-norm source learnable QK-norm weights (initialised to 1.0, same outputs).",
     )
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --input.")
-    parser.add_argument("--token", default=None, help="Hub token for private repos (default: HF_TOKEN or `hf auth login`).")
+    parser.add_argument(
+        "--token", default=None, help="Hub token for private repos (default: HF_TOKEN or `hf auth login`)."
+    )
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder.")
     return parser.parse_args(argv)
 

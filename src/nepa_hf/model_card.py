@@ -22,7 +22,8 @@ EXAMPLE_IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"
 IMAGENET = "ILSVRC/imagenet-1k"
 CITATION = """@article{xu2025nepa,
   title   = {Next-Embedding Prediction Makes Strong Vision Learners},
-  author  = {Xu, Sihan and Ma, Ziqiao and Chai, Wenhao and Chen, Xuweiyi and Jin, Weiyang and Chai, Joyce and Xie, Saining and Yu, Stella X.},
+  author  = {Xu, Sihan and Ma, Ziqiao and Chai, Wenhao and Chen, Xuweiyi and Jin, Weiyang and Chai, Joyce and
+             Xie, Saining and Yu, Stella X.},
   journal = {arXiv preprint arXiv:2512.16922},
   year    = {2025}
 }"""
@@ -80,6 +81,7 @@ _FINETUNING = (
     "The pretrained NEPA backbone fine-tuned on ImageNet-1k classification (1000 classes) with bidirectional "
     "attention, mean pooling over the patch tokens, `fc_norm` and a linear classifier."
 )
+
 
 def _published(**fields) -> CheckpointSpec:
     command = f"python -m nepa_hf.convert --input {fields['source']} --output {fields['name']}"
@@ -167,7 +169,11 @@ def card_for_conversion(source: str, config, repo_id: str, ema: bool = False, re
     else:
         is_hub = "/" in source and not Path(source).exists()
         spec = spec_from_config(
-            repo_id, config, source=source if is_hub else None, conversion_command=command, extra_notes=notes,
+            repo_id,
+            config,
+            source=source if is_hub else None,
+            conversion_command=command,
+            extra_notes=notes,
             training="Converted from a checkpoint in the authors' `vit_nepa` layout.",
         )
     return make_model_card(spec, repo_id=repo_id)
@@ -224,24 +230,33 @@ model = {{auto_class}}.from_pretrained("{repo_id}", trust_remote_code=True).eval
 inputs = processor(image, return_tensors="pt")
 '''
     if spec.is_classifier:
-        return common.format(auto_class="AutoModelForImageClassification") + """with torch.no_grad():
+        return (
+            common.format(auto_class="AutoModelForImageClassification")
+            + """with torch.no_grad():
     logits = model(**inputs).logits
 top5 = logits.softmax(-1)[0].topk(5)
 for score, index in zip(top5.values.tolist(), top5.indices.tolist()):
     print(f"{model.config.id2label[index]}: {score:.3f}")
 """
+        )
     if spec.architecture == "NepaForPreTraining":
-        return common.format(auto_class="AutoModelForPreTraining") + """with torch.no_grad():
+        return (
+            common.format(auto_class="AutoModelForPreTraining")
+            + """with torch.no_grad():
     outputs = model(**inputs)
 print(outputs.loss)                     # next-embedding prediction loss (negative cosine, in [-1, 1])
 print(outputs.last_hidden_state.shape)  # (1, 1 + num_patches, hidden): position t predicts patch t + 1
 features = outputs.pooler_output        # mean of the patch tokens, (1, hidden)
 """
-    return common.format(auto_class="AutoModel") + """with torch.no_grad():
+        )
+    return (
+        common.format(auto_class="AutoModel")
+        + """with torch.no_grad():
     outputs = model(**inputs)
 print(outputs.last_hidden_state.shape)  # (1, 1 + num_patches, hidden)
 features = outputs.pooler_output
 """
+    )
 
 
 def _details_table(spec: CheckpointSpec) -> str:
@@ -249,11 +264,12 @@ def _details_table(spec: CheckpointSpec) -> str:
     rows = [
         ("Architecture", f"{spec.size} (`{spec.architecture}`), CLS token, 2D RoPE, QK-norm, LayerScale"),
         ("Parameters", f"{spec.num_parameters:,}"),
-        ("Input", f"{spec.image_size}x{spec.image_size} RGB, {grid}x{grid} patches of {spec.patch_size}x{spec.patch_size} "
-                  "(any size divisible by the patch size runs)"),
+        ("Input", f"{spec.image_size}x{spec.image_size} RGB, {grid}x{grid} patches of {spec.patch_size}x"
+                  f"{spec.patch_size} (any size divisible by the patch size runs)"),
         ("Attention", "causal (pretraining setting)" if spec.is_causal else "bidirectional (fine-tuning setting)"),
-        ("Training data", "ImageNet-1k" if spec.source else "see below"),
-        ("Weights converted from", f"[{spec.source}](https://huggingface.co/{spec.source})" if spec.source else "trained with nepa-hf"),
+        ("Training data", "ImageNet-1k" if spec.source else "as described above"),
+        ("Weights", f"converted from [{spec.source}](https://huggingface.co/{spec.source})" if spec.source
+                    else "trained with nepa-hf"),
         ("Paper", f"[{PAPER_TITLE}]({PAPER_URL})"),
         ("License", "Apache-2.0"),
     ]  # fmt: skip
@@ -287,7 +303,8 @@ def model_card_text(spec: CheckpointSpec, repo_id: str, example_image: str = EXA
         what = f"a NEPA-pretrained {spec.size} backbone (the causal pretraining model, no task head)"
     provenance = ""
     if spec.conversion_command:
-        provenance = f"""## Conversion
+        provenance = (
+            f"""## Conversion
 
 Made from the authors' checkpoint with nepa-hf's converter, which maps every tensor one-to-one without changing
 any value (and can convert back with `--to-reference`):
@@ -297,7 +314,9 @@ any value (and can convert back with `--to-reference`):
 ```
 
 nepa-hf's forward pass is tested against an independent implementation of the authors' architecture.
-{" ".join(spec.extra_notes)}""".rstrip() + "\n"
+{" ".join(spec.extra_notes)}""".rstrip()
+            + "\n"
+        )
 
     fine_tune = ""
     if not spec.is_classifier:
@@ -314,8 +333,9 @@ classifier = AutoModelForImageClassification.from_pretrained("{repo_id}", num_la
         "Trained on ImageNet-1k only (about 1.28M object-centric photos); it inherits that data set's biases and "
         "has not been evaluated for robustness, fairness or out-of-distribution inputs.",
         "The authors report weak linear-probing results: fine-tune the backbone rather than training a linear "
-        "head on frozen features." if not spec.is_classifier else
-        "Predicts the 1000 ImageNet-1k classes only; fine-tune for other label sets.",
+        "head on frozen features."
+        if not spec.is_classifier
+        else "Predicts the 1000 ImageNet-1k classes only; fine-tune for other label sets.",
         "The processor reproduces the released checkpoints' preprocessing (straight resize); the accuracies "
         "above were measured by the authors with their resize-and-centre-crop evaluation protocol.",
     ]
@@ -361,7 +381,9 @@ RoPE rather than a learned table; accuracy at other resolutions has not been mea
 """
 
 
-def make_model_card(spec: CheckpointSpec, repo_id: str | None = None, example_image: str = EXAMPLE_IMAGE_URL) -> ModelCard:
+def make_model_card(
+    spec: CheckpointSpec, repo_id: str | None = None, example_image: str = EXAMPLE_IMAGE_URL
+) -> ModelCard:
     """The card for `spec`, with usage code that loads `repo_id` (default: `HUB_NAMESPACE/spec.name`)."""
     repo_id = repo_id or f"{HUB_NAMESPACE}/{spec.name}"
     metadata = card_metadata(spec)

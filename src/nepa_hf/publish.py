@@ -2,7 +2,7 @@
 """Publish a NEPA checkpoint to the Hugging Face Hub.
 
     python -m nepa_hf.publish --model nepa-vit-b --repo-id my-org/nepa-vit-b --dry-run
-    python -m nepa_hf.publish --model nepa-vit-b --repo-id my-org/nepa-vit-b [--private] [--revision BRANCH] [--create-pr]
+    python -m nepa_hf.publish --model nepa-vit-b --repo-id my-org/nepa-vit-b [--private] [--revision BR] [--create-pr]
 
 Steps: (1) assemble a complete Hub-ready folder from a nepa-hf checkpoint folder: safetensors weights, config,
 image-processor config, model card (from `nepa_hf.model_card`) and the model code files with an `auto_map`, so
@@ -88,7 +88,9 @@ def spec_for(name: str, config: NepaConfig) -> CheckpointSpec:
     return spec
 
 
-def assemble(model_dir: str | Path, staging_dir: str | Path, repo_id: str, name: str | None = None, card_path=None) -> Path:
+def assemble(
+    model_dir: str | Path, staging_dir: str | Path, repo_id: str, name: str | None = None, card_path=None
+) -> Path:
     """Write the Hub-ready folder for `model_dir` into `staging_dir` and return it."""
     model_dir, staging = Path(model_dir), Path(staging_dir)
     if not model_dir.is_dir():
@@ -106,7 +108,9 @@ def assemble(model_dir: str | Path, staging_dir: str | Path, repo_id: str, name:
     if card_path is not None:
         (staging / "README.md").write_text(Path(card_path).read_text())
     else:
-        make_model_card(spec_for(name or repo_id.split("/")[-1], model.config), repo_id=repo_id).save(staging / "README.md")
+        make_model_card(spec_for(name or repo_id.split("/")[-1], model.config), repo_id=repo_id).save(
+            staging / "README.md"
+        )
     return staging
 
 
@@ -141,7 +145,9 @@ def validate(folder: str | Path, check_load: bool = True) -> list[str]:
     folder = Path(folder)
     passed = []
     weights = [f for f in ("model.safetensors", "model.safetensors.index.json") if (folder / f).exists()]
-    missing = [f for f in ("config.json", "preprocessor_config.json", "README.md", *CODE_FILES) if not (folder / f).exists()]
+    missing = [
+        f for f in ("config.json", "preprocessor_config.json", "README.md", *CODE_FILES) if not (folder / f).exists()
+    ]
     if not weights:
         missing.append("model.safetensors")
     if missing:
@@ -152,7 +158,9 @@ def validate(folder: str | Path, check_load: bool = True) -> list[str]:
         raise PublishError(f"config.json architectures {config.get('architectures')} is not a NEPA model class.")
     auto_class = AUTO_CLASS_OF[architecture]
     if auto_class not in (config.get("auto_map") or {}):
-        raise PublishError(f"config.json has no auto_map entry for {auto_class}: trust_remote_code users could not load it.")
+        raise PublishError(
+            f"config.json has no auto_map entry for {auto_class}: trust_remote_code users could not load it."
+        )
     processor_map = json.loads((folder / "preprocessor_config.json").read_text()).get("auto_map") or {}
     if "AutoImageProcessor" not in processor_map:
         raise PublishError("preprocessor_config.json has no auto_map entry for AutoImageProcessor.")
@@ -286,10 +294,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
     parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing directly.")
     parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the one stored by `hf auth login`).")
-    parser.add_argument("--dry-run", action="store_true", help="Assemble and validate, list what would be uploaded, upload nothing.")
+    parser.add_argument(
+        "--token", default=None, help="Hub token (default: HF_TOKEN or the one stored by `hf auth login`)."
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="Assemble and validate, list what would be uploaded, upload nothing."
+    )
     parser.add_argument("--staging-dir", default=None, help="Assemble here and keep it (default: a temporary folder).")
-    parser.add_argument("--skip-load-check", action="store_true", help="Skip loading the folder back in a fresh process.")
+    parser.add_argument(
+        "--skip-load-check", action="store_true", help="Skip loading the folder back in a fresh process."
+    )
     return parser.parse_args(argv)
 
 
@@ -305,7 +319,9 @@ def main(argv=None) -> int:
     if not args.dry_run:  # fail before the (slow) assembly when the upload cannot happen
         token = args.token or get_token()
         if not token:
-            return _fail("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run to upload nothing).")
+            return _fail(
+                "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run to upload nothing)."
+            )
 
     staging_parent = None
     if args.staging_dir:
