@@ -42,7 +42,8 @@ def test_dry_run_assembles_validates_and_lists_every_file(checkpoint, tmp_path, 
     monkeypatch.delenv("HF_TOKEN", raising=False)  # a dry run needs no token
     staging = tmp_path / "staging"
     code = main(["--model", str(checkpoint), "--repo-id", "someone/nepa-tiny-demo", "--dry-run",
-                 "--staging-dir", str(staging)])  # fmt: skip
+                 "--staging-dir", str(staging),
+                 "--training-description", "Fine-tuned on three photo classes."])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
     assert "ok: load-back with trust_remote_code and without nepa_hf" in out
@@ -60,6 +61,9 @@ def test_dry_run_assembles_validates_and_lists_every_file(checkpoint, tmp_path, 
     assert {"AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification"} <= set(auto_map)
     card = ModelCard.load(staging / "README.md")
     assert card.data.pipeline_tag == "image-classification" and card.data.license == "apache-2.0"
+    assert card.data.base_model is None and card.data.eval_results is None  # nothing reported for our own model
+    assert "Fine-tuned on three photo classes." in card.text and "ImageNet" not in card.text
+    assert "Predicts the 3 classes of its training labels only" in card.text
     assert 'from_pretrained("someone/nepa-tiny-demo", trust_remote_code=True)' in card.text
 
 

@@ -55,10 +55,15 @@ class CheckpointSpec:
     reported_results: tuple[ReportedResult, ...] = ()
     conversion_command: str | None = None
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
+    num_labels: int | None = None  # classifiers not trained on ImageNet-1k
 
     @property
     def is_classifier(self) -> bool:
         return self.architecture == "NepaForImageClassification"
+
+    @property
+    def num_labels_text(self) -> str:
+        return f"{self.num_labels} classes of its training labels" if self.num_labels else "1000 ImageNet-1k classes"
 
     @property
     def pipeline_tag(self) -> str:
@@ -153,6 +158,7 @@ def spec_from_config(name: str, config, source: str | None = None, training: str
         is_causal=config.is_causal,
         source=source,
         training=training,
+        num_labels=config.num_labels if architecture == "NepaForImageClassification" and source is None else None,
     )
     return replace(spec, **overrides)
 
@@ -267,7 +273,7 @@ def _details_table(spec: CheckpointSpec) -> str:
         ("Input", f"{spec.image_size}x{spec.image_size} RGB, {grid}x{grid} patches of {spec.patch_size}x"
                   f"{spec.patch_size} (any size divisible by the patch size runs)"),
         ("Attention", "causal (pretraining setting)" if spec.is_causal else "bidirectional (fine-tuning setting)"),
-        ("Training data", "ImageNet-1k" if spec.source else "as described above"),
+        ("Training data", "ImageNet-1k" if spec.source else "as described above" if spec.training else "not given"),
         ("Weights", f"converted from [{spec.source}](https://huggingface.co/{spec.source})" if spec.source
                     else "trained with nepa-hf"),
         ("Paper", f"[{PAPER_TITLE}]({PAPER_URL})"),
@@ -297,7 +303,9 @@ centre-crops 224 (ViT-L).
 
 def model_card_text(spec: CheckpointSpec, repo_id: str, example_image: str = EXAMPLE_IMAGE_URL) -> str:
     """The card body (everything after the YAML metadata)."""
-    if spec.is_classifier:
+    if spec.is_classifier and spec.num_labels:
+        what = f"an image classifier ({spec.size}, {spec.num_labels} classes) built on a NEPA backbone"
+    elif spec.is_classifier:
         what = f"an ImageNet-1k classifier ({spec.size}) built on a NEPA-pretrained backbone"
     else:
         what = f"a NEPA-pretrained {spec.size} backbone (the causal pretraining model, no task head)"
@@ -329,16 +337,28 @@ from transformers import AutoModelForImageClassification
 classifier = AutoModelForImageClassification.from_pretrained("{repo_id}", num_labels=10, trust_remote_code=True)
 ```
 """
-    limitations = [
-        "Trained on ImageNet-1k only (about 1.28M object-centric photos); it inherits that data set's biases and "
-        "has not been evaluated for robustness, fairness or out-of-distribution inputs.",
-        "The authors report weak linear-probing results: fine-tune the backbone rather than training a linear "
-        "head on frozen features."
-        if not spec.is_classifier
-        else "Predicts the 1000 ImageNet-1k classes only; fine-tune for other label sets.",
-        "The processor reproduces the released checkpoints' preprocessing (straight resize); the accuracies "
-        "above were measured by the authors with their resize-and-centre-crop evaluation protocol.",
-    ]
+    if spec.source:  # the authors' weights
+        limitations = [
+            "Trained on ImageNet-1k only (about 1.28M object-centric photos); it inherits that data set's biases and "
+            "has not been evaluated for robustness, fairness or out-of-distribution inputs."
+        ]
+    else:
+        limitations = [
+            "Trained with nepa-hf as described above; not evaluated beyond that, and not for robustness, fairness "
+            "or out-of-distribution inputs."
+        ]
+    if spec.is_classifier:
+        limitations.append(f"Predicts the {spec.num_labels_text} only; fine-tune for other label sets.")
+    else:
+        limitations.append(
+            "The authors report weak linear-probing results for NEPA: fine-tune the backbone rather than training "
+            "a linear head on frozen features."
+        )
+    if spec.reported_results:
+        limitations.append(
+            "The processor reproduces the released checkpoints' preprocessing (straight resize); the accuracies "
+            "above were measured by the authors with their resize-and-centre-crop evaluation protocol."
+        )
     limitation_lines = "\n".join(f"- {line}" for line in limitations)
     training = f"\n{spec.training}\n" if spec.training else ""
     return f"""# {spec.name}

@@ -73,11 +73,12 @@ def _architecture(config: NepaConfig) -> str:
     )
 
 
-def spec_for(name: str, config: NepaConfig) -> CheckpointSpec:
-    """The published card spec when `name` is one of ours (checked against the weights' config), else a generic one."""
+def spec_for(name: str, config: NepaConfig, training: str = "") -> CheckpointSpec:
+    """The published card spec when `name` is one of ours (checked against the weights' config), else a generic one
+    whose card describes the training with `training`."""
     architecture = _architecture(config)
     if name not in PUBLISHED_CHECKPOINTS:
-        return spec_from_config(name, config)
+        return spec_from_config(name, config, training=training)
     spec = PUBLISHED_CHECKPOINTS[name]
     actual = spec_from_config(name, config)
     if (actual.architecture, actual.num_parameters, actual.size) != (spec.architecture, spec.num_parameters, spec.size):
@@ -89,7 +90,12 @@ def spec_for(name: str, config: NepaConfig) -> CheckpointSpec:
 
 
 def assemble(
-    model_dir: str | Path, staging_dir: str | Path, repo_id: str, name: str | None = None, card_path=None
+    model_dir: str | Path,
+    staging_dir: str | Path,
+    repo_id: str,
+    name: str | None = None,
+    card_path=None,
+    training_description: str = "",
 ) -> Path:
     """Write the Hub-ready folder for `model_dir` into `staging_dir` and return it."""
     model_dir, staging = Path(model_dir), Path(staging_dir)
@@ -108,9 +114,8 @@ def assemble(
     if card_path is not None:
         (staging / "README.md").write_text(Path(card_path).read_text())
     else:
-        make_model_card(spec_for(name or repo_id.split("/")[-1], model.config), repo_id=repo_id).save(
-            staging / "README.md"
-        )
+        spec = spec_for(name or repo_id.split("/")[-1], model.config, training=training_description)
+        make_model_card(spec, repo_id=repo_id).save(staging / "README.md")
     return staging
 
 
@@ -290,6 +295,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--name", default=None, help="Name on the card (default: the repo name); "
                         f"{', '.join(PUBLISHED_CHECKPOINTS)} get their published card.")  # fmt: skip
     parser.add_argument("--card", default=None, help="Use this README.md instead of generating the card.")
+    parser.add_argument(
+        "--training-description",
+        default="",
+        help="For checkpoints trained here: data and recipe, written into the generated card.",
+    )
     parser.add_argument("--revision", default=None, help="Branch to upload to (created if missing).")
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
     parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing directly.")
@@ -332,7 +342,10 @@ def main(argv=None) -> int:
         staging_parent = tempfile.TemporaryDirectory(prefix="nepa-publish-")
         staging = Path(staging_parent.name) / repo_id.split("/")[-1]
     try:
-        assemble(args.model, staging, repo_id, name=args.name, card_path=args.card)
+        assemble(
+            args.model, staging, repo_id, name=args.name, card_path=args.card,
+            training_description=args.training_description,
+        )  # fmt: skip
         for check in validate(staging, check_load=not args.skip_load_check):
             print(f"ok: {check}")
         files = list_files(staging)
