@@ -1,0 +1,382 @@
+# Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
+"""Publish a NEPA checkpoint to the Hugging Face Hub.
+
+    python -m nepa_hf.publish --model nepa-vit-b --repo-id my-org/nepa-vit-b --dry-run
+    python -m nepa_hf.publish --model nepa-vit-b --repo-id my-org/nepa-vit-b [--private] [--revision BR] [--create-pr]
+
+Steps: (1) assemble a complete Hub-ready folder from a nepa-hf checkpoint folder: safetensors weights, config,
+image-processor config, model card (from `nepa_hf.model_card`) and the model code files with an `auto_map`, so
+`trust_remote_code=True` users need nothing but transformers; (2) validate it: required files, card metadata, and a
+load-back in a fresh process where `nepa_hf` cannot be imported, whose outputs must match this process; (3) upload
+it with huggingface_hub (`create_repo`, then `upload_folder`), or with `--dry-run` only list what would be
+uploaded (works offline). The token comes from `--token`, `HF_TOKEN` or `hf auth login`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+
+from .configuration_nepa import NepaConfig
+from .convert import NEPA_CLASSES
+from .image_processing_nepa import NepaImageProcessorPil
+from .model_card import HUB_NAMESPACE, PUBLISHED_CHECKPOINTS, CheckpointSpec, make_model_card, spec_from_config
+
+CODE_FILES = ("configuration_nepa.py", "modeling_nepa.py", "image_processing_nepa.py")
+AUTO_CLASS_OF = {
+    "NepaModel": "AutoModel",
+    "NepaForPreTraining": "AutoModelForPreTraining",
+    "NepaForImageClassification": "AutoModelForImageClassification",
+}
+
+
+class PublishError(RuntimeError):
+    """Publishing cannot go on; the message says why and what to do (printed as one line by the CLI)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Assemble
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load_config(model_dir: Path) -> NepaConfig:
+    config_file = model_dir / "config.json"
+    if not config_file.exists():
+        raise PublishError(f"{model_dir} has no config.json: pass a folder saved with save_pretrained.")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == "vit_nepa":
+        raise PublishError(
+            f"{model_dir} is in the authors' vit_nepa layout; convert it first: "
+            f"python -m nepa_hf.convert --input {model_dir} --output <folder>"
+        )
+    if model_type != NepaConfig.model_type:
+        raise PublishError(f"{model_dir} holds model_type {model_type!r}, not a NEPA (model_type 'nepa') checkpoint.")
+    return NepaConfig.from_pretrained(model_dir)
+
+
+def _architecture(config: NepaConfig) -> str:
+    for name in config.architectures or []:
+        if name in NEPA_CLASSES:
+            return name
+    raise PublishError(
+        f"config.architectures={config.architectures} names none of {sorted(NEPA_CLASSES)}; save the model with "
+        "save_pretrained so the architecture is recorded."
+    )
+
+
+def spec_for(name: str, config: NepaConfig, training: str = "") -> CheckpointSpec:
+    """The published card spec when `name` is one of ours (checked against the weights' config), else a generic one
+    whose card describes the training with `training`."""
+    architecture = _architecture(config)
+    if name not in PUBLISHED_CHECKPOINTS:
+        return spec_from_config(name, config, training=training)
+    spec = PUBLISHED_CHECKPOINTS[name]
+    actual = spec_from_config(name, config)
+    if (actual.architecture, actual.num_parameters, actual.size) != (spec.architecture, spec.num_parameters, spec.size):
+        raise PublishError(
+            f"The folder holds a {actual.size} {architecture} with {actual.num_parameters:,} parameters, not {name} "
+            f"({spec.size} {spec.architecture}, {spec.num_parameters:,}). Pick another --name."
+        )
+    return spec
+
+
+def assemble(
+    model_dir: str | Path,
+    staging_dir: str | Path,
+    repo_id: str,
+    name: str | None = None,
+    card_path=None,
+    training_description: str = "",
+) -> Path:
+    """Write the Hub-ready folder for `model_dir` into `staging_dir` and return it."""
+    model_dir, staging = Path(model_dir), Path(staging_dir)
+    if not model_dir.is_dir():
+        raise PublishError(f"--model {model_dir} is not a folder.")
+    config = _load_config(model_dir)
+    architecture = _architecture(config)
+    # Loading and saving again writes the current code files and a complete auto_map; weights keep dtype and values.
+    model = NEPA_CLASSES[architecture].from_pretrained(model_dir)
+    model.save_pretrained(staging)
+    if (model_dir / "preprocessor_config.json").exists():
+        processor = NepaImageProcessorPil.from_pretrained(model_dir)
+    else:
+        processor = NepaImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
+    processor.save_pretrained(staging)
+    if card_path is not None:
+        (staging / "README.md").write_text(Path(card_path).read_text())
+    else:
+        spec = spec_for(name or repo_id.split("/")[-1], model.config, training=training_description)
+        make_model_card(spec, repo_id=repo_id).save(staging / "README.md")
+    return staging
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validate
+# --------------------------------------------------------------------------------------------------------------
+
+_LOAD_BACK = textwrap.dedent(
+    """
+    import sys
+    sys.modules["nepa_hf"] = None  # what a user without nepa-hf installed has
+    import numpy as np, torch
+    from transformers import AutoConfig, AutoImageProcessor
+    import transformers
+    folder, auto_class, pixels_path, out_path = sys.argv[1:5]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    size = processor.size.get("height") or processor.size.get("shortest_edge")
+    image = np.random.default_rng(0).integers(0, 256, (size + 5, size + 3, 3), dtype=np.uint8)
+    assert processor(image, return_tensors="pt").pixel_values.shape[-3] == config.num_channels
+    model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        out = model(torch.load(pixels_path))
+    torch.save(out.logits if hasattr(out, "logits") else out.last_hidden_state, out_path)
+    """
+)
+
+
+def validate(folder: str | Path, check_load: bool = True) -> list[str]:
+    """Check a Hub-ready folder; raise `PublishError` on the first problem. Returns the checks that passed."""
+    folder = Path(folder)
+    passed = []
+    weights = [f for f in ("model.safetensors", "model.safetensors.index.json") if (folder / f).exists()]
+    missing = [
+        f for f in ("config.json", "preprocessor_config.json", "README.md", *CODE_FILES) if not (folder / f).exists()
+    ]
+    if not weights:
+        missing.append("model.safetensors")
+    if missing:
+        raise PublishError(f"{folder} is missing {', '.join(missing)}.")
+    config = json.loads((folder / "config.json").read_text())
+    architecture = next((a for a in config.get("architectures") or [] if a in AUTO_CLASS_OF), None)
+    if architecture is None:
+        raise PublishError(f"config.json architectures {config.get('architectures')} is not a NEPA model class.")
+    auto_class = AUTO_CLASS_OF[architecture]
+    if auto_class not in (config.get("auto_map") or {}):
+        raise PublishError(
+            f"config.json has no auto_map entry for {auto_class}: trust_remote_code users could not load it."
+        )
+    processor_map = json.loads((folder / "preprocessor_config.json").read_text()).get("auto_map") or {}
+    if "AutoImageProcessor" not in processor_map:
+        raise PublishError("preprocessor_config.json has no auto_map entry for AutoImageProcessor.")
+    passed.append("files and auto_map")
+
+    try:
+        card = ModelCard.load(folder / "README.md")
+        ModelCardData(**card.data.to_dict())
+    except Exception as error:  # huggingface_hub raises ValueError/YAML errors for bad metadata
+        raise PublishError(f"README.md model card metadata is invalid: {error}") from None
+    required = ("license", "library_name", "pipeline_tag")
+    absent = [key for key in required if not getattr(card.data, key, None)]
+    if absent:
+        raise PublishError(f"README.md metadata lacks {', '.join(absent)}.")
+    passed.append("model card metadata")
+
+    if check_load:
+        _check_load_back(folder, architecture, auto_class)
+        passed.append("load-back with trust_remote_code and without nepa_hf")
+    return passed
+
+
+def _check_load_back(folder: Path, architecture: str, auto_class: str) -> None:
+    model = NEPA_CLASSES[architecture].from_pretrained(folder).eval()
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, config.num_channels, config.image_size, config.image_size, generator=generator)
+    with torch.no_grad():
+        out = model(pixels)
+    expected = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        torch.save(pixels, scratch / "pixels.pt")
+        (scratch / "load_back.py").write_text(_LOAD_BACK)
+        env = dict(os.environ, HF_HOME=str(scratch / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+        result = subprocess.run(
+            [sys.executable, str(scratch / "load_back.py"), str(folder.resolve()), auto_class,
+             str(scratch / "pixels.pt"), str(scratch / "out.pt")],
+            env=env, capture_output=True, text=True, cwd=scratch, timeout=1800,
+        )  # fmt: skip
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise PublishError(f"Loading the folder back with trust_remote_code (without nepa_hf) failed: {last}")
+        reloaded = torch.load(scratch / "out.pt")
+    tolerance = dict(rtol=1e-4, atol=1e-4) if expected.dtype == torch.float32 else {}
+    try:
+        torch.testing.assert_close(reloaded, expected, **tolerance)
+    except AssertionError as error:
+        raise PublishError(f"The remote-code model computes different outputs than nepa_hf: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Upload
+# --------------------------------------------------------------------------------------------------------------
+
+
+def list_files(folder: str | Path) -> list[tuple[str, int]]:
+    """(path relative to the folder, size in bytes) of every file `upload_folder` would send."""
+    folder = Path(folder)
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def upload(
+    folder: str | Path,
+    repo_id: str,
+    token: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> str:
+    """Create the repo if needed and upload `folder`; returns the commit or pull-request URL."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message or "Upload NEPA checkpoint with nepa_hf.publish",
+    )
+    return getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or str(info)
+
+
+def _hub_error_message(error: Exception, repo_id: str) -> str | None:
+    """One line for the errors a user can fix (token, permissions, network); None for anything else (a bug)."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return "the Hub is unreachable because HF_HUB_OFFLINE is set; unset it to upload (or use --dry-run)."
+    if isinstance(error, HFValidationError):
+        return f"invalid --repo-id {repo_id!r}: {error}"
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status == 401:
+            return "the Hub rejected the token (401); create a write token and run `hf auth login` or set HF_TOKEN."
+        if status == 403:
+            return f"the token may not write to {repo_id} (403); check the organisation and the token's permissions."
+        return f"the Hub refused the upload: {str(error).splitlines()[0]}"
+    # Transport errors of whichever HTTP client this huggingface_hub uses (httpx, httpx2, requests), and sockets.
+    client = type(error).__module__.split(".")[0]
+    if isinstance(error, OSError) or client in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):
+        return f"cannot reach the Hugging Face Hub ({type(error).__name__}: {error}); check the network."
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m nepa_hf.publish", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="nepa-hf checkpoint folder (e.g. made by nepa_hf.convert).")
+    parser.add_argument("--repo-id", default=None, help=f"Hub repo (default: {HUB_NAMESPACE}/<folder name>).")
+    parser.add_argument("--name", default=None, help="Name on the card (default: the repo name); "
+                        f"{', '.join(PUBLISHED_CHECKPOINTS)} get their published card.")  # fmt: skip
+    parser.add_argument("--card", default=None, help="Use this README.md instead of generating the card.")
+    parser.add_argument(
+        "--training-description",
+        default="",
+        help="For checkpoints trained here: data and recipe, written into the generated card.",
+    )
+    parser.add_argument("--revision", default=None, help="Branch to upload to (created if missing).")
+    parser.add_argument("--private", action="store_true", help="Create the repo as private.")
+    parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing directly.")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument(
+        "--token", default=None, help="Hub token (default: HF_TOKEN or the one stored by `hf auth login`)."
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="Assemble and validate, list what would be uploaded, upload nothing."
+    )
+    parser.add_argument("--staging-dir", default=None, help="Assemble here and keep it (default: a temporary folder).")
+    parser.add_argument(
+        "--skip-load-check", action="store_true", help="Skip loading the folder back in a fresh process."
+    )
+    return parser.parse_args(argv)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    repo_id = args.repo_id or f"{HUB_NAMESPACE}/{Path(args.model).resolve().name}"
+    token = None
+    if not args.dry_run:  # fail before the (slow) assembly when the upload cannot happen
+        token = args.token or get_token()
+        if not token:
+            return _fail(
+                "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run to upload nothing)."
+            )
+
+    staging_parent = None
+    if args.staging_dir:
+        staging = Path(args.staging_dir)
+        if staging.exists() and any(staging.iterdir()):
+            return _fail(f"--staging-dir {staging} is not empty.")
+    else:
+        staging_parent = tempfile.TemporaryDirectory(prefix="nepa-publish-")
+        staging = Path(staging_parent.name) / repo_id.split("/")[-1]
+    try:
+        assemble(
+            args.model, staging, repo_id, name=args.name, card_path=args.card,
+            training_description=args.training_description,
+        )  # fmt: skip
+        for check in validate(staging, check_load=not args.skip_load_check):
+            print(f"ok: {check}")
+        files = list_files(staging)
+        target = f"{repo_id}" + (f"@{args.revision}" if args.revision else "")
+        mode = " (private)" if args.private else ""
+        action = "would upload" if args.dry_run else "uploading"
+        print(f"{action} to {target}{mode}{' as a pull request' if args.create_pr else ''}:")
+        for path, size in files:
+            print(f"  {path:<40} {size:>14,d} bytes  ({_human(size)})")
+        print(f"  {len(files)} files, {sum(s for _, s in files):,d} bytes in total")
+        if args.dry_run:
+            if args.staging_dir:
+                print(f"The assembled folder is in {staging}.")
+            return 0
+        url = upload(
+            staging, repo_id, token, revision=args.revision, private=args.private, create_pr=args.create_pr,
+            commit_message=args.commit_message,
+        )  # fmt: skip
+        print(f"Uploaded: {url}")
+        return 0
+    except PublishError as error:
+        return _fail(str(error))
+    except Exception as error:
+        message = _hub_error_message(error, repo_id)
+        if message is None:
+            raise
+        return _fail(message)
+    finally:
+        if staging_parent is not None:
+            staging_parent.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,678 @@
+"""The checkpoint converter: reference (`vit_nepa`) <-> nepa-hf, numerics, round trips and errors.
+
+Offline tests build synthetic checkpoints in the authors' layout (reference facts §7: key names, prefixes, heads)
+and check our converted model against an independent float64 forward pass computed directly from those tensors
+(reference facts §2-§5). The network tests convert the authors' released weights and check their published values.
+"""
+
+import argparse
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
+
+import nepa_hf  # noqa: F401  (registers model_type "nepa")
+from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessorPil
+from nepa_hf.convert import (
+    ConversionError,
+    convert_reference_checkpoint,
+    convert_reference_state_dict,
+    convert_to_reference,
+    convert_to_reference_checkpoint,
+    main,
+)
+
+AUTO_CLASSES = {
+    "ViTNepaModel": AutoModel,
+    "ViTNepaForPreTraining": AutoModelForPreTraining,
+    "ViTNepaForImageClassification": AutoModelForImageClassification,
+}
+OUR_CLASS = {
+    "ViTNepaModel": "NepaModel",
+    "ViTNepaForPreTraining": "NepaForPreTraining",
+    "ViTNepaForImageClassification": "NepaForImageClassification",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic checkpoints in the authors' layout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_config(architecture="ViTNepaForPreTraining", num_labels=5, **overrides) -> dict:
+    """A complete config.json as the authors' ViTNepaConfig writes it, for a tiny model."""
+    config = {
+        "architectures": [architecture],
+        "model_type": "vit_nepa",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "use_gated_mlp": False,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "rope_theta": 100.0,
+        "image_size": 16,
+        "patch_size": 4,
+        "num_channels": 3,
+        "qkv_bias": True,
+        "qk_norm": True,
+        "qk_norm_bias": False,
+        "qk_norm_affine": False,
+        "layerscale_value": 1e-05,
+        "drop_path_prob": 0.0,
+        "add_pooling_layer": True,
+        "is_causal": True,
+        "pos_embed_shift": None,
+        "pos_embed_jitter": None,
+        "pos_embed_rescale": 2.0,
+        "torch_dtype": "float32",
+        "transformers_version": "4.57.1",
+    }
+    if architecture == "ViTNepaForImageClassification":
+        config["id2label"] = {str(i): f"class_{i}" for i in range(num_labels)}
+        config["label2id"] = {f"class_{i}": i for i in range(num_labels)}
+    config.update(overrides)
+    return config
+
+
+def reference_state_dict(config: dict, seed: int = 0, dtype=torch.float32, layerscale=True) -> dict:
+    """Random tensors with the authors' names and shapes. Norm weights near 1 and LayerScale near 0.5, so that every
+    branch visibly contributes (the released 1e-5 init would hide most mapping mistakes)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, around=0.0):
+        return around + 0.2 * torch.randn(*shape, generator=generator)
+
+    D, L, H = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
+    inner, patch, channels, d = config["intermediate_size"], config["patch_size"], config["num_channels"], D // H
+    sd = {
+        "embeddings.cls_token": rand(1, 1, D),
+        "embeddings.patch_embeddings.projection.weight": rand(D, channels, patch, patch),
+        "embeddings.patch_embeddings.projection.bias": rand(D),
+    }
+    for i in range(L):
+        p = f"encoder.layer.{i}."
+        for norm in ("layernorm_before", "layernorm_after"):
+            sd[p + norm + ".weight"], sd[p + norm + ".bias"] = rand(D, around=1.0), rand(D)
+        for proj in ("query", "key", "value"):
+            sd[p + f"attention.attention.{proj}.weight"], sd[p + f"attention.attention.{proj}.bias"] = (
+                rand(D, D),
+                rand(D),
+            )
+        if config["qk_norm_affine"]:
+            for norm in ("q_norm", "k_norm"):
+                sd[p + f"attention.attention.{norm}.weight"] = rand(d, around=1.0)
+                if config["qk_norm_bias"]:
+                    sd[p + f"attention.attention.{norm}.bias"] = rand(d)
+        sd[p + "attention.output.dense.weight"], sd[p + "attention.output.dense.bias"] = rand(D, D), rand(D)
+        if layerscale:
+            sd[p + "layer_scale.lambda1"] = rand(D, around=0.5)
+            sd[p + "output.layer_scale.lambda1"] = rand(D, around=0.5)
+        sd[p + "intermediate.up_proj.weight"], sd[p + "intermediate.up_proj.bias"] = rand(inner, D), rand(inner)
+        if config["use_gated_mlp"]:
+            sd[p + "intermediate.gate_proj.weight"], sd[p + "intermediate.gate_proj.bias"] = rand(inner, D), rand(inner)
+        sd[p + "output.dense.weight"], sd[p + "output.dense.bias"] = rand(D, inner), rand(D)
+    sd["layernorm.weight"], sd["layernorm.bias"] = rand(D, around=1.0), rand(D)
+    architecture = config["architectures"][0]
+    if architecture != "ViTNepaModel":
+        sd = {"vit_nepa." + k: v for k, v in sd.items()}
+    if architecture == "ViTNepaForImageClassification":
+        if config["add_pooling_layer"]:
+            sd["fc_norm.weight"], sd["fc_norm.bias"] = rand(D, around=1.0), rand(D)
+        num_labels = len(config["id2label"])
+        sd["classifier.weight"], sd["classifier.bias"] = rand(num_labels, D), rand(num_labels)
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def write_reference_folder(folder, config, state_dict, weights="model.safetensors", preprocessor=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if weights.endswith(".safetensors"):
+        save_file(state_dict, folder / weights, metadata={"format": "pt"})
+    else:
+        torch.save(state_dict, folder / weights)
+    if preprocessor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An independent float64 forward pass written from the reference facts, reading the authors' tensor names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_forward(state_dict: dict, config: dict, pixel_values: torch.Tensor) -> dict:
+    prefix = "vit_nepa." if any(k.startswith("vit_nepa.") for k in state_dict) else ""
+
+    def w(name):
+        return state_dict[prefix + name].double()
+
+    def has(name):
+        return prefix + name in state_dict
+
+    eps = config["layer_norm_eps"]
+
+    def layer_norm(t, weight=None, bias=None):
+        mu = t.mean(-1, keepdim=True)
+        out = (t - mu) / torch.sqrt(((t - mu) ** 2).mean(-1, keepdim=True) + eps)
+        out = out * weight if weight is not None else out
+        return out + bias if bias is not None else out
+
+    x = pixel_values.double()
+    batch, _, height, width = x.shape
+    p, D, H = config["patch_size"], config["hidden_size"], config["num_attention_heads"]
+    d = D // H
+    gh, gw = height // p, width // p
+    patches = []
+    for i in range(gh):  # Conv2d with stride = kernel is a per-patch linear map, row-major
+        for j in range(gw):
+            crop = x[:, :, i * p : (i + 1) * p, j * p : (j + 1) * p]
+            patches.append(torch.einsum("bchw,dchw->bd", crop, w("embeddings.patch_embeddings.projection.weight")))
+    patches = torch.stack(patches, 1) + w("embeddings.patch_embeddings.projection.bias")
+    tokens = torch.cat([w("embeddings.cls_token").expand(batch, 1, D), patches], 1)
+    n = tokens.shape[1]
+
+    # 2D RoPE (§3): inv_freq[k] = theta^(-4k/d); y angles then x angles, repeated twice; CLS is not rotated.
+    inv_freq = [config["rope_theta"] ** (-4 * k / d) for k in range(d // 4)]
+    cos, sin = torch.ones(n, d, dtype=torch.float64), torch.zeros(n, d, dtype=torch.float64)
+    for i in range(gh):
+        for j in range(gw):
+            y, xc = 2 * (i + 0.5) / gh - 1, 2 * (j + 0.5) / gw - 1
+            half = [2 * math.pi * y * f for f in inv_freq] + [2 * math.pi * xc * f for f in inv_freq]
+            angles = torch.tensor(half + half, dtype=torch.float64)
+            cos[1 + i * gw + j], sin[1 + i * gw + j] = angles.cos(), angles.sin()
+
+    def rope(t):
+        return t * cos + torch.cat([-t[..., d // 2 :], t[..., : d // 2]], -1) * sin
+
+    act = {"gelu": F.gelu, "silu": F.silu}[config["hidden_act"]]
+    h = tokens
+    for layer in range(config["num_hidden_layers"]):
+        pre = f"encoder.layer.{layer}."
+        a = layer_norm(h, w(pre + "layernorm_before.weight"), w(pre + "layernorm_before.bias"))
+        q, k, v = (
+            (a @ w(pre + f"attention.attention.{name}.weight").T + w(pre + f"attention.attention.{name}.bias"))
+            .view(batch, n, H, d)
+            .transpose(1, 2)
+            for name in ("query", "key", "value")
+        )
+        qk = []
+        for t, norm in ((q, "q_norm"), (k, "k_norm")):  # QK-norm is always applied; affine only if saved
+            name = pre + f"attention.attention.{norm}."
+            weight = w(name + "weight") if has(name + "weight") else None
+            bias = w(name + "bias") if has(name + "bias") else None
+            qk.append(rope(layer_norm(t, weight, bias)))
+        scores = qk[0] @ qk[1].transpose(-1, -2) * d**-0.5
+        if config["is_causal"]:
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, n, D)
+        attn = attn @ w(pre + "attention.output.dense.weight").T + w(pre + "attention.output.dense.bias")
+        h = h + (w(pre + "layer_scale.lambda1") * attn if has(pre + "layer_scale.lambda1") else attn)
+        m = layer_norm(h, w(pre + "layernorm_after.weight"), w(pre + "layernorm_after.bias"))
+        up = m @ w(pre + "intermediate.up_proj.weight").T + w(pre + "intermediate.up_proj.bias")
+        if has(pre + "intermediate.gate_proj.weight"):
+            gate = m @ w(pre + "intermediate.gate_proj.weight").T + w(pre + "intermediate.gate_proj.bias")
+            inner = act(gate) * up
+        else:
+            inner = act(up)
+        m = inner @ w(pre + "output.dense.weight").T + w(pre + "output.dense.bias")
+        h = h + (w(pre + "output.layer_scale.lambda1") * m if has(pre + "output.layer_scale.lambda1") else m)
+    last_hidden_state = layer_norm(h, w("layernorm.weight"), w("layernorm.bias"))
+    outputs = {"last_hidden_state": last_hidden_state, "input_embeddings": tokens}
+
+    # Pretraining loss (§4): output t predicts input embedding t + 1, both L2-normalised.
+    pred = F.normalize(last_hidden_state[:, :-1], dim=-1)
+    target = F.normalize(tokens[:, 1:], dim=-1)
+    outputs["loss"] = -(pred * target).sum(-1).mean()
+
+    if "classifier.weight" in state_dict:  # heads (§5)
+        if config["add_pooling_layer"]:
+            pooled = last_hidden_state[:, -gh * gw :].mean(1)
+            pooled = layer_norm(pooled, state_dict["fc_norm.weight"].double(), state_dict["fc_norm.bias"].double())
+        else:
+            pooled = last_hidden_state[:, -1]
+        outputs["logits"] = pooled @ state_dict["classifier.weight"].double().T + state_dict["classifier.bias"].double()
+    return outputs
+
+
+VARIANTS = {
+    # the base pretraining release: causal, non-affine QK-norm
+    "pretrain-causal-nonaffine": dict(architecture="ViTNepaForPreTraining", qk_norm_affine=False, is_causal=True),
+    # the fine-tuned releases: bidirectional, affine QK-norm, mean pooling + fc_norm
+    "classifier-bidirectional-affine": dict(
+        architecture="ViTNepaForImageClassification", qk_norm_affine=True, is_causal=False, drop_path_prob=0.1
+    ),
+    # SwiGLU, QK-norm with bias, last-token pooling (no fc_norm)
+    "classifier-gated-last-token": dict(
+        architecture="ViTNepaForImageClassification", use_gated_mlp=True, hidden_act="silu", qk_norm_affine=True,
+        qk_norm_bias=True, add_pooling_layer=False, is_causal=False,
+    ),
+    # the bare model, saved without LayerScale
+    "bare-no-layerscale": dict(architecture="ViTNepaModel", qk_norm_affine=True, layerscale_value=None),
+}  # fmt: skip
+
+
+def make_variant(name: str, dtype=torch.float32):
+    overrides = dict(VARIANTS[name])
+    config = reference_config(**overrides)
+    state_dict = reference_state_dict(config, dtype=dtype, layerscale=config["layerscale_value"] is not None)
+    return config, state_dict
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_converted_model_matches_reference_math(tmp_path, variant):
+    config, state_dict = make_variant(variant)
+    source = write_reference_folder(tmp_path / "src", config, state_dict)
+    output = convert_reference_checkpoint(source, tmp_path / "out")
+    architecture = config["architectures"][0]
+    model = AUTO_CLASSES[architecture].from_pretrained(output).eval()
+    assert type(model).__name__ == OUR_CLASS[architecture]
+
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = reference_forward(state_dict, config, pixels)
+    with torch.no_grad():
+        out = model(pixels)
+    tolerance = dict(atol=5e-5, rtol=1e-4)
+    if architecture == "ViTNepaForImageClassification":
+        torch.testing.assert_close(out.logits.double(), expected["logits"], **tolerance)
+        assert model.config.id2label == {i: f"class_{i}" for i in range(5)}
+    else:
+        torch.testing.assert_close(out.last_hidden_state.double(), expected["last_hidden_state"], **tolerance)
+    if architecture == "ViTNepaForPreTraining":
+        torch.testing.assert_close(out.loss.double(), expected["loss"], **tolerance)
+        torch.testing.assert_close(out.input_embeddings.double(), expected["input_embeddings"], **tolerance)
+
+
+def test_converted_config_mirrors_the_source():
+    config, state_dict = make_variant("classifier-gated-last-token")
+    ours, converted = convert_reference_state_dict(state_dict, config)
+    assert ours.architectures == ["NepaForImageClassification"]
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "use_gated_mlp",
+                 "hidden_act", "layer_norm_eps", "rope_theta", "image_size", "patch_size", "qkv_bias",
+                 "qk_norm_affine", "qk_norm_bias", "is_causal", "pos_embed_shift", "pos_embed_jitter",
+                 "pos_embed_rescale", "layerscale_value", "initializer_range"):  # fmt: skip
+        assert getattr(ours, name) == config[name], name
+    assert ours.drop_path_rate == config["drop_path_prob"] and ours.pooling == "last"
+    assert ours.id2label == {i: f"class_{i}" for i in range(5)}
+    assert ours.label2id == {f"class_{i}": i for i in range(5)}
+    assert not hasattr(ours, "reference_extras")  # nothing beyond the mapped fields
+    # every tensor passed through unchanged
+    assert torch.equal(converted["nepa.encoder.layers.1.mlp.gate_proj.weight"],
+                       state_dict["vit_nepa.encoder.layer.1.intermediate.gate_proj.weight"])  # fmt: skip
+    assert torch.equal(converted["nepa.norm.bias"], state_dict["vit_nepa.layernorm.bias"])
+    assert torch.equal(converted["classifier.weight"], state_dict["classifier.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Round trips
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def assert_same_state_dict(actual: dict, expected: dict):
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def assert_same_config(actual: dict, expected: dict):
+    # transformers_version records which transformers wrote the file; everything else must match
+    strip = lambda c: {k: v for k, v in c.items() if k != "transformers_version"}  # noqa: E731
+    assert strip(actual) == strip(expected)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_reference_to_nepa_to_reference_is_bit_exact(tmp_path, variant):
+    config, state_dict = make_variant(variant)
+    source = write_reference_folder(tmp_path / "src", config, state_dict)
+    convert_reference_checkpoint(source, tmp_path / "ours")
+    convert_to_reference_checkpoint(tmp_path / "ours", tmp_path / "back")
+    assert_same_state_dict(load_file(tmp_path / "back" / "model.safetensors"), state_dict)
+    assert_same_config(json.loads((tmp_path / "back" / "config.json").read_text()), config)
+    processor = json.loads((tmp_path / "back" / "preprocessor_config.json").read_text())
+    assert processor["image_processor_type"] == "ViTImageProcessor" and processor["size"] == {"height": 16, "width": 16}
+
+
+def test_round_trip_bf16_bin_source_keeps_dtype_and_values(tmp_path):
+    config, state_dict = make_variant("classifier-bidirectional-affine", dtype=torch.bfloat16)
+    config["torch_dtype"] = "bfloat16"
+    source = write_reference_folder(tmp_path / "src", config, state_dict, weights="pytorch_model.bin")
+    convert_reference_checkpoint(source, tmp_path / "ours")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    assert {t.dtype for t in ours.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["dtype"] == "bfloat16"
+    convert_to_reference_checkpoint(tmp_path / "ours", tmp_path / "back")
+    assert_same_state_dict(load_file(tmp_path / "back" / "model.safetensors"), state_dict)
+    assert_same_config(json.loads((tmp_path / "back" / "config.json").read_text()), config)
+
+
+def test_round_trip_keeps_unusual_config_entries(tmp_path, caplog):
+    # A config written by a different transformers release: `dtype` spelling, square sizes as lists, ViT leftovers,
+    # a field left to its default, an unknown field, and qk_norm=false (a flag the authors' code does not read).
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    config.pop("torch_dtype")
+    config.pop("pos_embed_jitter")
+    config.update(dtype="float32", image_size=[16, 16], encoder_stride=4, qk_norm=False, custom_note="hello")
+    source = write_reference_folder(tmp_path / "src", config, state_dict)
+    with caplog.at_level("WARNING"):
+        convert_reference_checkpoint(source, tmp_path / "ours")
+    assert "qk_norm=false" in caplog.text and "custom_note" in caplog.text
+    ours = NepaConfig.from_pretrained(tmp_path / "ours")
+    assert ours.qk_norm is True and ours.image_size == 16 and ours.pos_embed_jitter is None
+    convert_to_reference_checkpoint(tmp_path / "ours", tmp_path / "back")
+    assert_same_config(json.loads((tmp_path / "back" / "config.json").read_text()), config)
+    assert_same_state_dict(load_file(tmp_path / "back" / "model.safetensors"), state_dict)
+
+
+def test_checkpoint_trained_here_goes_to_reference_layout_and_back(tmp_path):
+    config = NepaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4, image_size=16,
+        qk_norm_affine=True, drop_path_rate=0.05,
+    )  # fmt: skip
+    model = NepaForPreTraining(config)
+    model.save_pretrained(tmp_path / "mine")
+    convert_to_reference_checkpoint(tmp_path / "mine", tmp_path / "theirs")
+    theirs = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    assert theirs["model_type"] == "vit_nepa" and theirs["architectures"] == ["ViTNepaForPreTraining"]
+    assert theirs["drop_path_prob"] == 0.05 and theirs["add_pooling_layer"] is True and theirs["qk_norm"] is True
+    assert "drop_path_rate" not in theirs and "pooling" not in theirs and "id2label" not in theirs
+    keys = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert all(k.startswith("vit_nepa.") for k in keys)
+    assert "vit_nepa.encoder.layer.1.attention.attention.query.weight" in keys
+    assert "vit_nepa.encoder.layer.0.output.layer_scale.lambda1" in keys
+
+    convert_reference_checkpoint(tmp_path / "theirs", tmp_path / "again")
+    again = AutoModelForPreTraining.from_pretrained(tmp_path / "again")
+    assert_same_state_dict(again.state_dict(), model.state_dict())
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(pixels).loss, model.eval()(pixels).loss)
+
+
+def test_ema_flag_takes_the_ema_file(tmp_path):
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    ema = reference_state_dict(config, seed=7)
+    source = write_reference_folder(tmp_path / "src", config, state_dict)
+    # EMA helpers often wrap the state dict and prefix "module."
+    torch.save({"state_dict": {"module." + k: v for k, v in ema.items()}}, source / "pytorch_model_ema.bin")
+    convert_reference_checkpoint(source, tmp_path / "plain")
+    convert_reference_checkpoint(source, tmp_path / "ema", ema=True)
+    key = "nepa.embeddings.cls_token"
+    assert torch.equal(
+        load_file(tmp_path / "plain" / "model.safetensors")[key], state_dict["vit_nepa.embeddings.cls_token"]
+    )
+    assert torch.equal(load_file(tmp_path / "ema" / "model.safetensors")[key], ema["vit_nepa.embeddings.cls_token"])
+    assert "EMA" in (tmp_path / "ema" / "README.md").read_text()
+
+
+def test_non_affine_source_into_affine_target_starts_qk_weights_at_one(tmp_path):
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    mirrored, _ = convert_reference_state_dict(state_dict, config)
+    assert mirrored.qk_norm_affine is False  # default: mirror the source
+    affine, converted = convert_reference_state_dict(state_dict, config, qk_norm_affine=True)
+    assert affine.qk_norm_affine is True
+    for layer in range(2):
+        for norm in ("q_norm", "k_norm"):
+            assert torch.equal(converted[f"nepa.encoder.layers.{layer}.attention.{norm}.weight"], torch.ones(16))
+    source = write_reference_folder(tmp_path / "src", config, state_dict)
+    convert_reference_checkpoint(source, tmp_path / "plain")
+    convert_reference_checkpoint(source, tmp_path / "affine", qk_norm_affine=True)
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        plain = AutoModelForPreTraining.from_pretrained(tmp_path / "plain").eval()(pixels)
+        with_weights = AutoModelForPreTraining.from_pretrained(tmp_path / "affine").eval()(pixels)
+    torch.testing.assert_close(with_weights.last_hidden_state, plain.last_hidden_state, atol=1e-6, rtol=0)
+    # Converting back keeps the (now affine) weights and says so in the config.
+    back_config, back = convert_to_reference(converted, affine)
+    assert back_config["qk_norm_affine"] is True
+    assert torch.equal(back["vit_nepa.encoder.layer.0.attention.attention.q_norm.weight"], torch.ones(16))
+
+
+def test_source_preprocessing_is_reproduced(tmp_path):
+    # The authors' processor config (SixAILab/nepa-large-patch14-224, abridged): straight resize, bilinear, 0.5.
+    released = {
+        "crop_size": None, "do_center_crop": None, "do_convert_rgb": None, "do_normalize": True, "do_rescale": True,
+        "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "ViTImageProcessorFast",
+        "image_std": [0.5, 0.5, 0.5], "resample": 2, "rescale_factor": 0.00392156862745098,
+        "size": {"height": 16, "width": 16},
+    }  # fmt: skip
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    write_reference_folder(tmp_path / "a", config, state_dict, preprocessor=released)
+    write_reference_folder(tmp_path / "b", config, state_dict)
+    convert_reference_checkpoint(tmp_path / "a", tmp_path / "out_a")
+    convert_reference_checkpoint(tmp_path / "b", tmp_path / "out_b")
+    for folder in ("out_a", "out_b"):
+        processor = AutoImageProcessor.from_pretrained(tmp_path / folder)
+        assert isinstance(processor, NepaImageProcessorPil)
+        assert processor.size == {"height": 16, "width": 16} and int(processor.resample) == 2
+        assert list(processor.image_mean) == [0.5] * 3 and list(processor.image_std) == [0.5] * 3
+        assert processor.do_center_crop is False
+    image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8).numpy()
+    a = AutoImageProcessor.from_pretrained(tmp_path / "out_a")(image, return_tensors="pt").pixel_values
+    b = AutoImageProcessor.from_pretrained(tmp_path / "out_b")(image, return_tensors="pt").pixel_values
+    assert a.shape == (1, 3, 16, 16) and torch.equal(a, b)
+
+
+def test_converted_folder_has_card_and_remote_code(tmp_path):
+    config, state_dict = make_variant("classifier-bidirectional-affine")
+    source = write_reference_folder(tmp_path / "src", config, state_dict)
+    output = convert_reference_checkpoint(source, tmp_path / "my-nepa")
+    names = {p.name for p in output.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_nepa.py",
+            "configuration_nepa.py", "image_processing_nepa.py"} <= names  # fmt: skip
+    card = (output / "README.md").read_text()
+    assert f"--input {source} --output my-nepa" in card and 'from_pretrained("my-nepa"' in card
+
+
+def test_hub_ids_download_only_the_needed_files(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    hub_copy = write_reference_folder(tmp_path / "hub", config, state_dict, weights="pytorch_model.bin")
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, token=None, allow_patterns=None):
+        calls.append((repo_id, revision, list(allow_patterns)))
+        return str(hub_copy)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    convert_reference_checkpoint("SixAILab/nepa-base-patch14-224", tmp_path / "nepa-vit-b", revision="v1")
+    # safetensors first; only when the repo has none, the .bin files (never both)
+    assert [c[:2] for c in calls] == [("SixAILab/nepa-base-patch14-224", "v1")] * 2
+    assert "model.safetensors" in calls[0][2] and not any(".bin" in p for p in calls[0][2])
+    assert "pytorch_model.bin" in calls[1][2] and not any("safetensors" in p for p in calls[1][2])
+    card = (tmp_path / "nepa-vit-b" / "README.md").read_text()
+    assert "base_model: SixAILab/nepa-base-patch14-224" in card and "--revision v1" in card
+
+    with pytest.raises(ConversionError, match="pytorch_model_ema.bin"):
+        convert_reference_checkpoint("SixAILab/nepa-base-patch14-224", tmp_path / "ema2", ema=True)
+    assert calls[-1][2] == ["config.json", "preprocessor_config.json", "pytorch_model_ema.bin"]
+
+    def offline(*args, **kwargs):
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ConversionError, match="Cannot reach the Hugging Face Hub"):
+        convert_reference_checkpoint("SixAILab/nepa-base-patch14-224", tmp_path / "offline")
+
+
+def test_sharded_safetensors_source(tmp_path):
+    config, state_dict = make_variant("classifier-bidirectional-affine")
+    folder = write_reference_folder(tmp_path / "src", config, {}, weights="unused.bin")
+    (folder / "unused.bin").unlink()
+    names = sorted(state_dict)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}  # fmt: skip
+    for shard, keys in shards.items():
+        save_file({k: state_dict[k] for k in keys}, folder / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    convert_reference_checkpoint(folder, tmp_path / "ours")
+    convert_to_reference_checkpoint(tmp_path / "ours", tmp_path / "back")
+    assert_same_state_dict(load_file(tmp_path / "back" / "model.safetensors"), state_dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_and_unexpected_keys_are_listed():
+    config, state_dict = make_variant("classifier-bidirectional-affine")
+    broken = dict(state_dict)
+    del broken["vit_nepa.encoder.layer.1.attention.attention.key.bias"]
+    broken["vit_nepa.encoder.layer.0.attention.attention.extra.weight"] = torch.zeros(2)
+    with pytest.raises(ConversionError) as error:
+        convert_reference_state_dict(broken, config)
+    message = str(error.value)
+    assert "vit_nepa.encoder.layer.0.attention.attention.extra.weight" in message
+    assert "nepa.encoder.layers.1.attention.k_proj.bias" in message
+
+
+def test_shape_mismatch_is_reported():
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    state_dict["vit_nepa.layernorm.weight"] = torch.ones(33)
+    with pytest.raises(
+        ConversionError, match=r"vit_nepa\.layernorm\.weight \(33,\) -> nepa\.norm\.weight expects \(32,\)"
+    ):
+        convert_reference_state_dict(state_dict, config)
+
+
+def test_qk_norm_flavour_mismatches_get_a_hint():
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    with pytest.raises(ConversionError, match="qk_norm_affine=true but the checkpoint has no QK-norm weights"):
+        convert_reference_state_dict(state_dict, {**config, "qk_norm_affine": True})
+    config, state_dict = make_variant("classifier-bidirectional-affine")
+    with pytest.raises(ConversionError, match="has QK-norm weights but config.json says qk_norm_affine=false"):
+        convert_reference_state_dict(state_dict, {**config, "qk_norm_affine": False})
+
+
+def test_layerscale_and_gated_mlp_mismatches_are_refused():
+    config, state_dict = make_variant("bare-no-layerscale")
+    with pytest.raises(ConversionError, match="no `layer_scale.lambda1`"):
+        convert_reference_state_dict(state_dict, {**config, "layerscale_value": 1e-5})
+    zero, _ = convert_reference_state_dict(state_dict, {**config, "layerscale_value": 0.0})
+    assert zero.layerscale_value is None  # 0 without weights: no LayerScale
+    config, state_dict = make_variant("classifier-gated-last-token")
+    with pytest.raises(ConversionError, match="use_gated_mlp=False"):
+        convert_reference_state_dict(state_dict, {**config, "use_gated_mlp": False})
+
+
+def test_wrong_architecture_or_model_type_is_refused():
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    with pytest.raises(ConversionError, match="Unknown reference architecture"):
+        convert_reference_state_dict(state_dict, {**config, "architectures": ["ViTNepaForSomething"]})
+    with pytest.raises(ConversionError, match="no `classifier.weight`"):
+        convert_reference_state_dict(state_dict, {**config, "architectures": ["ViTNepaForImageClassification"]})
+    with pytest.raises(ConversionError, match="already in nepa-hf format"):
+        convert_reference_state_dict(state_dict, {**config, "model_type": "nepa"})
+    with pytest.raises(ConversionError, match=r"\(model_type 'vit_nepa'\), got model_type 'vit'"):
+        convert_reference_state_dict(state_dict, {**config, "model_type": "vit"})
+    with pytest.raises(ConversionError, match="not square"):
+        convert_reference_state_dict(state_dict, {**config, "image_size": [16, 32]})
+
+
+def test_bin_files_are_loaded_without_unpickling_objects(tmp_path):
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    source = write_reference_folder(tmp_path / "src", config, {}, weights="model.safetensors")
+    (source / "model.safetensors").unlink()
+    torch.save({"state_dict": state_dict, "args": argparse.Namespace(lr=1.0)}, source / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="weights_only=True"):
+        convert_reference_checkpoint(source, tmp_path / "out")
+
+
+def test_model_without_qk_norm_cannot_go_to_reference():
+    config = NepaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        patch_size=4, image_size=16, qk_norm=False)  # fmt: skip
+    model = NepaForPreTraining(config)
+    with pytest.raises(ConversionError, match="always applies QK-norm"):
+        convert_to_reference(model.state_dict(), model.config)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["--input", "./no-such-folder", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-such-folder" in err and "Traceback" not in err
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    source = write_reference_folder(tmp_path / "src", config, state_dict)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file.txt").write_text("x")
+    assert main(["--input", str(source), "--output", str(tmp_path / "busy")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["--input", str(source), "--output", str(tmp_path / "busy"), "--overwrite"]) == 0
+    assert main(["--input", str(source), "--output", str(tmp_path / "x"), "--ema"]) == 2
+    assert "pytorch_model_ema.bin" in capsys.readouterr().err
+    (source / "model.safetensors").unlink()
+    assert main(["--input", str(source), "--output", str(tmp_path / "y")]) == 2
+    assert "No weights in" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The authors' released weights (network; skipped when the Hub cannot be reached)
+# ---------------------------------------------------------------------------------------------------------------
+
+COCO_CATS = "http://images.cocodataset.org/val2017/000000039769.jpg"
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _online() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    return _reachable("huggingface.co") and _reachable("images.cocodataset.org", 80)
+
+
+network = pytest.mark.skipif(not _online(), reason="needs the Hugging Face Hub and images.cocodataset.org")
+
+
+@pytest.mark.network
+@network
+def test_released_sft_checkpoint_reproduces_published_logits(tmp_path):
+    from transformers.image_utils import load_image
+
+    output = convert_reference_checkpoint("SixAILab/nepa-base-patch14-224-sft", tmp_path / "nepa-vit-b-in1k")
+    processor = AutoImageProcessor.from_pretrained(output)
+    model = AutoModelForImageClassification.from_pretrained(output).eval()
+    with torch.no_grad():
+        logits = model(**processor(load_image(COCO_CATS), return_tensors="pt")).logits
+    assert logits.shape == (1, 1000)
+    torch.testing.assert_close(logits[0, :3], torch.tensor([-0.4296, 0.3034, -0.7744]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.network
+@network
+def test_released_pretrained_checkpoint_reproduces_published_loss(tmp_path):
+    from transformers.image_utils import load_image
+
+    output = convert_reference_checkpoint("SixAILab/nepa-base-patch14-224", tmp_path / "nepa-vit-b")
+    processor = AutoImageProcessor.from_pretrained(output)
+    model = AutoModelForPreTraining.from_pretrained(output).eval()
+    with torch.no_grad():
+        outputs = model(**processor(load_image(COCO_CATS), return_tensors="pt"))
+    assert outputs.last_hidden_state.shape == (1, 257, 768)
+    assert outputs.loss.item() == pytest.approx(-0.9947, abs=1e-4)
+    torch.testing.assert_close(
+        outputs.last_hidden_state[0, 0, :3], torch.tensor([-0.9382, -0.0110, -0.3818]), atol=1e-4, rtol=0
+    )
