@@ -111,7 +111,8 @@ def test_no_network_is_one_line(checkpoint, monkeypatch, capsys, failure):
     # The real client, with the Hub made unreachable: offline mode, or an endpoint where nothing listens.
     if failure == "offline":
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    else:
+    else:  # online mode (conftest turns offline mode on where the Hub is unreachable), dead endpoint
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     code = main(["--model", str(checkpoint), "--repo-id", "someone/x", "--token", "hf_x", "--skip-load-check"])
     err = capsys.readouterr().err  # (besides transformers' loading progress bar)
