@@ -477,6 +477,9 @@ def test_resume_mid_epoch_is_bit_exact(run_pretraining, reference_run, tmp_path)
         a = load_file(reference_run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
         b = load_file(resumed / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
+    # A fresh run into the same folder would mix two runs' checkpoints: refused unless asked for.
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed])
 
 
 def test_two_processes_match_one_process(reference_run, tmp_path):
@@ -541,3 +544,12 @@ def test_streaming_and_grayscale_paths(run_pretraining, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["images_seen"] == 24
     config = json.loads((output_dir / "config.json").read_text())
     assert config["num_channels"] == 1
+
+
+def test_demo_preset_fills_defaults_and_flags_win():
+    script = _load_script()
+    args = script.parse_args(["--demo", "--max_steps", "5"])
+    assert (args.model, args.dataset, args.max_steps, args.per_device_batch_size) == ("nepa-vit-micro", "bundled", 5, 32)
+    assert args.learning_rate == 1e-3 and args.output_dir == "outputs/pretrain-demo"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "nepa-vit-micro", "--dataset", "bundled"])  # no --output_dir
