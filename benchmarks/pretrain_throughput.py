@@ -8,6 +8,7 @@ prints a markdown table: the median over the logged steps after the first (warm-
     python benchmarks/pretrain_throughput.py                       # tiny + base presets at 224 on this machine
     python benchmarks/pretrain_throughput.py --model nepa-vit-b --batch_size 8 --mixed_precision bf16 no \
         --workers 0 2 --steps 6 --json results.json
+    python benchmarks/pretrain_throughput.py --data_only --dataset bundled_photos   # what one data worker supplies
 """
 
 import argparse
@@ -39,7 +40,28 @@ def parse_args():
     parser.add_argument("--nproc", type=int, default=1, help="Processes (torchrun, ACCELERATE_USE_CPU=1 on CPU).")
     parser.add_argument("--extra", default="", help="Extra arguments for the script, as one string.")
     parser.add_argument("--json", default=None, help="Also write the results here.")
+    parser.add_argument("--data_only", action="store_true",
+                        help="Time only the per-sample decode + RandomResizedCrop + flip of one worker (in this "
+                             "process), in images/s, at --image_size (default 224).")
     return parser.parse_args()
+
+
+def data_pipeline_images_per_s(dataset_name: str, image_size: int, seconds: float = 10.0) -> float:
+    """Images/s that one data worker (here: this process) decodes and crops, as the training DataLoader does."""
+    import torch
+
+    from nepa_hf.data import load_image_dataset
+    from nepa_hf.pretraining import PretrainingImageDataset
+    from nepa_hf.transforms import RandomResizedCropTransform
+
+    torch.set_num_threads(1)
+    dataset = load_image_dataset(dataset_name, max_samples=2000)
+    wrapped = PretrainingImageDataset(dataset, "image", RandomResizedCropTransform(image_size, hflip_prob=0.5))
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        assert wrapped[(0, count % len(wrapped))] is not None
+        count += 1
+    return count / (time.perf_counter() - start)
 
 
 def run_one(args, model, batch_size, precision, workers):
@@ -86,6 +108,11 @@ def run_one(args, model, batch_size, precision, workers):
 def main():
     args = parse_args()
     print(f"CPU cores: {os.cpu_count()}, load average at start: {os.getloadavg()}")
+    if args.data_only:
+        rate = data_pipeline_images_per_s(args.dataset, args.image_size or 224)
+        print(f"{args.dataset}: one worker decodes + crops {rate:.0f} images/s at {args.image_size or 224}px "
+              f"(load average {os.getloadavg()[0]:.1f})")
+        return
     results = []
     header = "| model | batch/proc | procs | precision | workers | threads | images/s | data wait | load | cpu share |"
     print(header + "\n" + "|---" * 10 + "|")

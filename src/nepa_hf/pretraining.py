@@ -36,6 +36,8 @@ from PIL import Image
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .transforms import to_rgb
+
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------
@@ -120,7 +122,9 @@ class _SampleProcessor:
         try:
             image = decode_image(value)
             if self.num_channels == 1:
-                image = image.convert("L")  # to_rgb then replicates it: channel 0 is exactly the L value
+                # via RGB so 16-bit/float sources are rescaled, not clipped; the transform's RGB conversion then
+                # replicates L, so channel 0 is exactly the grayscale value
+                image = to_rgb(image).convert("L")
             pixels = self.transform(image, generator=generator)
         except Exception as error:  # any decoder failure: skip the sample, never stop a long run
             self.num_failures += 1
