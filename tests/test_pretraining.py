@@ -553,3 +553,13 @@ def test_demo_preset_fills_defaults_and_flags_win():
     assert args.learning_rate == 1e-3 and args.output_dir == "outputs/pretrain-demo"
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "nepa-vit-micro", "--dataset", "bundled"])  # no --output_dir
+
+
+def test_missing_tracker_is_a_clear_error(tmp_path):
+    from accelerate.tracking import get_available_trackers
+
+    if "tensorboard" in get_available_trackers():
+        pytest.skip("tensorboard is installed here")
+    script = _load_script()
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        script.main(TINY_ARGS + ["--dataset", "bundled", "--output_dir", str(tmp_path), "--report_to", "tensorboard"])

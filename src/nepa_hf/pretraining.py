@@ -204,7 +204,8 @@ class PretrainingIterableDataset(torch.utils.data.IterableDataset):
 
     A `datasets.IterableDataset` splits its shards across DataLoader workers itself; other iterables are split
     round-robin here. Per-sample seeds come from (seed, epoch, worker, position), so unlike the map-style
-    wrapper the augmentation depends on the number of workers.
+    wrapper the augmentation depends on the number of workers. With several processes Accelerate dispatches the
+    batches from the main process (its workers read and decode for everyone, the others receive slices).
     """
 
     def __init__(self, dataset: Iterable, image_column: str | None, transform, seed: int = 0,
