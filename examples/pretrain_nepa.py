@@ -358,11 +358,12 @@ def main(argv=None):
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    # Resume: weights, optimizer, schedule, EMA, RNG states; the data position comes from meta.json.
     # Logging window, summed over micro-batches (and processes when logged): loss, embedding loss, pixel loss,
     # micro-batches, images, skipped images, seconds waiting for data, grad norm, optimizer steps.
     window = torch.zeros(9, device=accelerator.device)
     global_step = epoch = batches_done = images_seen = images_skipped = 0
+
+    # Resume: weights, optimizer, schedule, EMA, RNG states; the data position and counters come from meta.json.
     if resume_dir is not None:
         accelerator.print(f"Resuming from {resume_dir}")
         accelerator.load_state(str(resume_dir))
