@@ -97,13 +97,17 @@ class RandomResizedCropTransform:
         self.interpolation = _resampling(interpolation)
         self.hflip_prob = hflip_prob
 
-    def __call__(self, image) -> torch.Tensor:
+    def __call__(self, image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`generator` (optional) drives the crop and flip draws, e.g. one seeded per sample so augmentations do not
+        depend on worker or process count; without it torch's global (per-worker) generator is used."""
         image = to_rgb(image)
-        top, left, crop_h, crop_w = random_resized_crop_box(image.height, image.width, self.scale, self.ratio)
+        top, left, crop_h, crop_w = random_resized_crop_box(
+            image.height, image.width, self.scale, self.ratio, generator=generator
+        )
         image = image.resize(
             (self.size[1], self.size[0]), self.interpolation, box=(left, top, left + crop_w, top + crop_h)
         )
-        if self.hflip_prob > 0 and torch.rand(1).item() < self.hflip_prob:
+        if self.hflip_prob > 0 and torch.rand(1, generator=generator).item() < self.hflip_prob:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_uint8_tensor(image)
 

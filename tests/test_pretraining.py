@@ -1,0 +1,565 @@
+"""NEPA pretraining: the library pieces (nepa_hf.pretraining) and examples/pretrain_nepa.py end to end.
+
+Script runs use a tiny NEPA (hidden 32, 2 layers, 16px images, patch 4) on real bundled images, in-process (one
+thread) to stay fast; the two-process run goes through `torchrun` for real.
+"""
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import BatchSampler, DataLoader
+
+from nepa_hf import NepaConfig, NepaForPreTraining, nepa_loss
+from nepa_hf.pretraining import (
+    CollapseMonitor,
+    EpochShuffleSampler,
+    JsonlTracker,
+    NepaPretrainingObjective,
+    PretrainingCollator,
+    PretrainingImageDataset,
+    create_pretraining_optimizer,
+    embedding_spread,
+    latest_checkpoint,
+    list_checkpoints,
+    mean_pairwise_cosine,
+    normalize_patches,
+    patchify,
+    pretraining_param_groups,
+    random_patch_mask,
+    read_checkpoint_meta,
+    read_jsonl,
+    save_checkpoint,
+    scaled_learning_rate,
+    select_readable,
+    warmup_cosine_schedule,
+    warmup_steps_for,
+)
+from nepa_hf.transforms import RandomResizedCropTransform
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "pretrain_nepa.py"
+TINY_ARGS = [
+    "--model", "nepa-vit-micro",
+    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64",
+    "--image_size", "16", "--mixed_precision", "no", "--dataloader_num_workers", "0",
+]
+# 48 images, batch 8: 6 batches per epoch, so 8 steps cross an epoch boundary and step 4 is mid-epoch.
+REFERENCE_ARGS = TINY_ARGS + [
+    "--dataset", "bundled", "--max_train_samples", "48", "--max_steps", "8", "--learning_rate", "1e-3",
+    "--logging_steps", "1", "--checkpointing_steps", "2", "--checkpoints_total_limit", "10", "--ema_decay", "0.9",
+    "--seed", "3",
+]
+TIMING_KEYS = ("images_per_s", "data_wait_fraction")
+
+
+def tiny_config(**overrides) -> NepaConfig:
+    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4,
+                image_size=16, pos_embed_rescale=None)
+    return NepaConfig(**{**base, **overrides})
+
+
+def write_image_folder(root: Path, num_good: int) -> Path:
+    """An imagefolder of real photo crops (varied sizes and modes) plus a truncated JPEG and a garbage file."""
+    root.mkdir(parents=True)
+    photo = Image.open(REPO / "data" / "photos" / "chelsea_cat.jpg").convert("RGB")
+    for i in range(num_good):
+        crop = photo.crop((i * 10, i * 5, i * 10 + 40 + i, i * 5 + 30 + 2 * i))
+        if i % 3 == 1:
+            crop.convert("L").save(root / f"good_{i}.png")
+        elif i % 3 == 2:
+            crop.convert("RGBA").save(root / f"good_{i}.png")
+        else:
+            crop.save(root / f"good_{i}.jpg", quality=90)
+    buffer = io.BytesIO()
+    photo.crop((0, 0, 64, 64)).save(buffer, "JPEG")
+    (root / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (root / "garbage.jpg").write_bytes(b"this is not an image" * 20)
+    return root
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Library pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_random_patch_mask_masks_exactly_the_ratio():
+    generator = torch.Generator().manual_seed(0)
+    mask = random_patch_mask(64, 49, 0.4, generator)
+    assert mask.dtype == torch.bool and mask.shape == (64, 49)
+    assert (mask.sum(dim=1) == round(0.4 * 49)).all()
+    assert mask.float().mean(0).min() > 0  # positions vary between images
+    assert not random_patch_mask(2, 16, 0.0).any()
+    with pytest.raises(ValueError, match="mask ratio"):
+        random_patch_mask(2, 16, 1.0)
+
+
+def test_param_groups_lr_scaling_and_schedule():
+    model = NepaForPreTraining(tiny_config(use_mask_token=True))
+    decay, no_decay = pretraining_param_groups(model, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {"nepa.embeddings.cls_token", "nepa.embeddings.mask_token", "nepa.norm.weight",
+            "nepa.encoder.layers.0.layer_scale1.lambda1", "nepa.encoder.layers.1.attention.q_proj.bias"} <= no_decay_names
+    assert all(name.endswith("weight") and "norm" not in name for name in decay_names)
+    assert "nepa.encoder.layers.0.attention.q_proj.weight" in decay_names
+    assert "nepa.embeddings.patch_embeddings.projection.weight" in decay_names
+    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
+
+    optimizer = create_pretraining_optimizer(model, learning_rate=scaled_learning_rate(3e-4, 4096))
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["lr"] == pytest.approx(4.8e-3)
+    assert warmup_steps_for(1000, 0.025) == 25 and warmup_steps_for(10, 0.0) == 0
+    scheduler = warmup_cosine_schedule(optimizer, num_training_steps=100, num_warmup_steps=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    peak = 4.8e-3
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(peak / 2) and lrs[10] == pytest.approx(peak)
+    assert lrs[55] == pytest.approx(peak / 2) and lrs[99] < peak * 1e-3 and scheduler.get_last_lr()[0] == 0.0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone cosine decay after warmup
+
+
+def test_dataset_skips_and_counts_unreadable_images_across_workers(tmp_path, caplog):
+    import datasets
+
+    folder = write_image_folder(tmp_path / "images", num_good=10)
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    assert len(dataset) == 12
+    wrapped = PretrainingImageDataset(dataset, "image", RandomResizedCropTransform(16, hflip_prob=0.5), seed=1)
+
+    def batches(num_workers):
+        sampler = EpochShuffleSampler(len(wrapped), seed=1)
+        loader = DataLoader(wrapped, batch_size=4, sampler=sampler, num_workers=num_workers,
+                            collate_fn=PretrainingCollator(3, 16))
+        return list(loader)
+
+    in_workers = batches(num_workers=2)
+    valid = torch.cat([b["valid"] for b in in_workers])
+    assert valid.numel() == 12 and int((~valid).sum()) == 2  # counted in the batches, whichever worker decoded
+    for batch in in_workers:
+        assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (4, 3, 16, 16)
+        assert (batch["pixel_values"][~batch["valid"]] == 0).all()
+        inputs, skipped, all_skipped = select_readable(batch)
+        assert inputs["pixel_values"].shape[0] == 4 - skipped and not all_skipped and "valid" not in inputs
+    # Per-sample seeding: the same images and augmentations without workers.
+    in_process = batches(num_workers=0)
+    for a, b in zip(in_workers, in_process):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["valid"], b["valid"])
+    # Decoding in the main process names the file.
+    undecoded = wrapped.dataset
+    bad = [i for i in range(12) if undecoded[i]["image"]["path"].endswith(("garbage.jpg", "truncated.jpg"))]
+    with caplog.at_level("WARNING", logger="nepa_hf.pretraining"):
+        assert all(wrapped[i] is None for i in bad)
+    assert "garbage.jpg" in caplog.text and "truncated.jpg" in caplog.text
+    # A batch with nothing readable keeps its placeholders and says so.
+    empty = PretrainingCollator(3, 16)([None, None])
+    inputs, skipped, all_skipped = select_readable(empty)
+    assert skipped == 2 and all_skipped and inputs["pixel_values"].shape == (2, 3, 16, 16)
+
+
+def test_sharded_batches_equal_the_single_process_batch(photo_images):
+    """What makes 2-process == 1-process provable: the global batch of each step is the same images with the same
+    augmentation and masks, whatever the number of processes (Accelerate's own batch-sampler sharding)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    wrapped = PretrainingImageDataset(photo_images * 4, None, RandomResizedCropTransform(16, hflip_prob=0.5),
+                                      seed=5, mask_ratio=0.5, num_patches=16)
+    collate = PretrainingCollator(3, 16, num_patches=16)
+    sampler = EpochShuffleSampler(len(wrapped), seed=5)
+    sampler.set_epoch(2)
+    single = [collate([wrapped[k] for k in keys]) for keys in BatchSampler(sampler, 8, drop_last=True)]
+    shards = [
+        [collate([wrapped[k] for k in keys])
+         for keys in BatchSamplerShard(BatchSampler(sampler, 4, drop_last=True), num_processes=2, process_index=rank)]
+        for rank in range(2)
+    ]
+    assert len(single) == len(shards[0]) == len(shards[1]) == 3
+    for step, batch in enumerate(single):
+        for key in ("pixel_values", "bool_masked_pos"):
+            assert torch.equal(batch[key], torch.cat([shards[0][step][key], shards[1][step][key]]))
+    assert (single[0]["bool_masked_pos"].sum(1) == 8).all()
+    # The permutation is a function of (seed, epoch) only.
+    order_2 = [index for _, index in sampler]
+    fresh = EpochShuffleSampler(len(wrapped), seed=5)
+    fresh.set_epoch(2)
+    assert order_2 == [index for _, index in fresh]
+    sampler.set_epoch(3)
+    order_3 = [index for _, index in sampler]
+    assert order_2 != order_3 and sorted(order_2) == sorted(order_3) == list(range(len(wrapped)))
+
+
+def test_patchify_matches_the_patch_embedding_order():
+    pixels = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).reshape(2, 3, 8, 12)
+    patches = patchify(pixels, 4)
+    assert patches.shape == (2, 6, 48)
+    row, col = divmod(4, 3)  # patch 4 of a 2x3 grid, row-major
+    expected = pixels[1, :, row * 4:(row + 1) * 4, col * 4:(col + 1) * 4].permute(1, 2, 0).reshape(-1)
+    assert torch.equal(patches[1, 4], expected)
+    normalized = normalize_patches(patches)
+    torch.testing.assert_close(normalized.mean(-1), torch.zeros(2, 6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalized.std(-1, unbiased=False), torch.ones(2, 6), atol=1e-3, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ablations change the objective as specified
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _cosine_loss(predictions, targets):
+    predictions = torch.nn.functional.normalize(predictions, dim=-1)
+    targets = torch.nn.functional.normalize(targets, dim=-1)
+    return -(predictions * targets).sum(-1).mean()
+
+
+def test_no_shift_uses_same_position_targets():
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 16, 16)
+    shifted = NepaForPreTraining(tiny_config())
+    same = NepaForPreTraining(tiny_config(pretraining_shift=False))
+    same.load_state_dict(shifted.state_dict())
+    out_shift, out_same = shifted(pixels), same(pixels)
+    torch.testing.assert_close(out_same.last_hidden_state, out_shift.last_hidden_state)
+    p, z = out_shift.last_hidden_state, out_shift.input_embeddings
+    torch.testing.assert_close(out_shift.loss, _cosine_loss(p[:, :-1], z[:, 1:]))
+    torch.testing.assert_close(out_same.loss, _cosine_loss(p[:, 1:], z[:, 1:]))
+    assert not torch.isclose(out_shift.loss, out_same.loss)
+
+
+def test_no_stop_grad_lets_gradient_reach_the_targets():
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 16, 16)
+    stop = NepaForPreTraining(tiny_config())
+    flow = NepaForPreTraining(tiny_config(pretraining_stop_gradient=False))
+    flow.load_state_dict(stop.state_dict())
+    out_stop, out_flow = stop(pixels), flow(pixels)
+    assert not out_stop.input_embeddings.requires_grad and out_flow.input_embeddings.requires_grad
+    torch.testing.assert_close(out_stop.loss, out_flow.loss)  # same value, different gradient
+    out_stop.loss.backward()
+    out_flow.loss.backward()
+    weight = "nepa.embeddings.patch_embeddings.projection.weight"
+    grad_stop = dict(stop.named_parameters())[weight].grad
+    grad_flow = dict(flow.named_parameters())[weight].grad
+    assert grad_stop.abs().sum() > 0  # the input path still trains the patch embedding under stop-gradient
+    # The extra gradient is exactly the one through the targets (predictions held fixed).
+    target_path = NepaForPreTraining(tiny_config(pretraining_stop_gradient=False))
+    target_path.load_state_dict(stop.state_dict())
+    out = target_path(pixels)
+    nepa_loss(out.last_hidden_state.detach(), out.input_embeddings, stop_gradient=False).backward()
+    grad_target = dict(target_path.named_parameters())[weight].grad
+    assert grad_target.abs().max() > 1e-3 * grad_stop.abs().max()
+    torch.testing.assert_close(grad_flow - grad_stop, grad_target, rtol=1e-4, atol=1e-7)
+
+
+def test_bidirectional_removes_the_causal_mask():
+    torch.manual_seed(0)
+    # LayerScale 1 instead of 1e-5 so attention visibly moves the outputs.
+    causal = NepaForPreTraining(tiny_config(layerscale_value=1.0))
+    bidirectional = NepaForPreTraining(tiny_config(layerscale_value=1.0, is_causal=False))
+    bidirectional.load_state_dict(causal.state_dict())
+    pixels = torch.randn(1, 3, 16, 16)
+    changed = pixels.clone()
+    changed[..., 12:, 12:] += 1.0  # only the last patch
+    with torch.no_grad():
+        causal_a, causal_b = causal(pixels).last_hidden_state, causal(changed).last_hidden_state
+        bi_a, bi_b = bidirectional(pixels).last_hidden_state, bidirectional(changed).last_hidden_state
+    torch.testing.assert_close(causal_a[:, :-1], causal_b[:, :-1])  # earlier tokens cannot see the last patch
+    assert (bi_a[:, 0] - bi_b[:, 0]).abs().max() > 1e-2  # CLS now does
+
+
+def test_input_masking_keeps_clean_targets():
+    torch.manual_seed(0)
+    model = NepaForPreTraining(tiny_config(use_mask_token=True, layerscale_value=1.0))
+    with torch.no_grad():
+        model.nepa.embeddings.mask_token.normal_()
+    pixels = torch.randn(2, 3, 16, 16)
+    mask = random_patch_mask(2, 16, 0.5, torch.Generator().manual_seed(0))
+    clean, masked = model(pixels), model(pixels, bool_masked_pos=mask)
+    torch.testing.assert_close(masked.input_embeddings, clean.input_embeddings)  # targets stay clean
+    assert (masked.last_hidden_state - clean.last_hidden_state).abs().max() > 1e-2
+    assert not torch.isclose(masked.loss, clean.loss)
+    masked.loss.backward()
+    assert model.nepa.embeddings.mask_token.grad.abs().sum() > 0
+
+
+def test_pixel_loss_adds_a_weighted_next_patch_term():
+    torch.manual_seed(0)
+    model = NepaForPreTraining(tiny_config())
+    plain = NepaPretrainingObjective(model)
+    hybrid = NepaPretrainingObjective(model, pixel_loss_weight=0.5)
+    l1 = NepaPretrainingObjective(model, pixel_loss_weight=0.5, pixel_loss_type="l1")
+    pixels = torch.randn(2, 3, 16, 16)
+    out_plain, out_hybrid = plain(pixels), hybrid(pixels)
+    assert out_plain.pixel_loss is None
+    torch.testing.assert_close(out_plain.loss, out_hybrid.embedding_loss)
+    torch.testing.assert_close(out_hybrid.loss, out_hybrid.embedding_loss + 0.5 * out_hybrid.pixel_loss)
+    decoder = hybrid.pixel_decoder
+    predictions = decoder.fc2(decoder.act(decoder.fc1(out_hybrid.last_hidden_state[:, :-1])))
+    targets = normalize_patches(patchify(pixels, 4))  # output t predicts patch t + 1 (CLS -> first patch)
+    torch.testing.assert_close(out_hybrid.pixel_loss, torch.nn.functional.mse_loss(predictions, targets))
+    l1.pixel_decoder.load_state_dict(decoder.state_dict())
+    torch.testing.assert_close(l1(pixels).pixel_loss, torch.nn.functional.l1_loss(predictions, targets))
+    out_hybrid.loss.backward()
+    assert decoder.fc1.weight.grad.abs().sum() > 0 and model.nepa.norm.weight.grad.abs().sum() > 0
+
+
+def test_collapse_monitor_sees_collapse():
+    torch.manual_seed(0)
+    spread_out = torch.randn(4, 17, 64)
+    collapsed = torch.randn(1, 1, 64) + 1e-3 * torch.randn(4, 17, 64)
+    assert 0.9 < embedding_spread(spread_out) <= 1.0 + 1e-6 and abs(mean_pairwise_cosine(spread_out)) < 0.05
+    assert embedding_spread(collapsed) < 0.01 and mean_pairwise_cosine(collapsed) > 0.99
+    monitor = CollapseMonitor(min_spread=0.05)
+    assert not monitor.collapsed and monitor(spread_out)["embedding_spread"] > 0.9 and not monitor.collapsed
+    monitor(collapsed)
+    assert monitor.collapsed
+
+
+def test_jsonl_tracker_writes_steps_and_truncates_on_resume(tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    tracker = JsonlTracker(path)
+    tracker.start()
+    tracker.store_init_configuration({"lr": 1e-3, "name": "x"})
+    for step in range(1, 5):
+        tracker.log({"loss": torch.tensor(-0.5 * step), "nan": float("nan")}, step=step)
+    tracker.finish()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4]
+    assert read_jsonl(path)[1]["loss"] == -1.0 and read_jsonl(path)[0]["nan"] is None
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["lr"] == 1e-3
+    resumed = JsonlTracker(path, resume_step=2)  # steps 3-4 were logged after the checkpoint the run resumes from
+    resumed.start()
+    resumed.log({"loss": 0.0}, step=3)
+    resumed.finish()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    root = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, root, 1, {"epoch": 0})
+    weights_at_1 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    real_save_state = accelerator.save_state
+
+    def crash_mid_save(output_dir, **kwargs):
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(accelerator, "save_state", crash_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, root, 2, {"epoch": 0})
+    assert [step for step, _ in list_checkpoints(root)] == [1]
+    assert latest_checkpoint(root) == root / "checkpoint-1" and read_checkpoint_meta(latest_checkpoint(root))["step"] == 1
+    accelerator.load_state(str(latest_checkpoint(root)))
+    assert torch.equal(model.weight, weights_at_1)
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        read_checkpoint_meta(root / ".tmp-checkpoint-2")
+
+    monkeypatch.setattr(accelerator, "save_state", real_save_state)
+    for step in (2, 3, 4):
+        save_checkpoint(accelerator, root, step, {"epoch": 0}, total_limit=2)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-3", "checkpoint-4"]  # temp dir cleaned, pruned
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The script
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_nepa_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_pretraining():
+    """Run examples/pretrain_nepa.py's main() in this process (one thread: the CI cores are shared)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    script = _load_script()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(argv):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        try:
+            script.main([str(a) for a in argv])
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+
+    yield run
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference_run(run_pretraining, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("reference")
+    run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", output_dir])
+    return output_dir
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_pretraining_loss_falls_on_real_data_and_no_stop_grad_collapses(run_pretraining, tmp_path, capsys):
+    common = TINY_ARGS + ["--dataset", "bundled", "--max_steps", "150", "--per_device_batch_size", "32",
+                          "--learning_rate", "3e-3", "--logging_steps", "25"]
+    run_pretraining(common + ["--output_dir", tmp_path / "nepa"])
+    records = read_jsonl(tmp_path / "nepa" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [25, 50, 75, 100, 125, 150]
+    assert {"step", "loss", "lr", "images_per_s", "grad_norm", "data_wait_fraction", "embedding_spread"} <= set(records[0])
+    first, last = records[0]["loss"], np.mean([r["loss"] for r in records[-2:]])
+    assert last < first - 0.08, [r["loss"] for r in records]  # measured: -0.43 -> -0.58
+    assert min(r["embedding_spread"] for r in records) > 0.3  # stop-gradient: no collapse
+
+    # Without stop-gradient the loss runs to -1 because everything maps to one vector; the monitor says so.
+    run_pretraining(common + ["--output_dir", tmp_path / "collapse", "--no-stop-grad"])
+    collapsed = read_jsonl(tmp_path / "collapse" / "metrics.jsonl")
+    assert collapsed[-1]["loss"] < -0.99 and collapsed[-1]["embedding_spread"] < 0.05
+    assert collapsed[-1]["mean_cosine"] > 0.99
+    assert "predicted embeddings are collapsing" in capsys.readouterr().out
+
+
+def test_resume_mid_epoch_is_bit_exact(run_pretraining, reference_run, tmp_path):
+    # Simulate a run killed after step 5 while writing checkpoint 6: checkpoints 2 and 4, a partial temp folder,
+    # and metrics logged past the last checkpoint.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    for step in (2, 4):
+        shutil.copytree(reference_run / "checkpoints" / f"checkpoint-{step}", resumed / "checkpoints" / f"checkpoint-{step}")
+    partial = resumed / "checkpoints" / ".tmp-checkpoint-6"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    records = read_jsonl(reference_run / "metrics.jsonl")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
+    assert read_checkpoint_meta(resumed / "checkpoints" / "checkpoint-4")["batches_in_epoch"] == 4  # mid-epoch
+
+    run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed,
+                                      "--resume_from_checkpoint", "latest"])
+    for name in ("model.safetensors", "ema.safetensors"):
+        expected, actual = load_file(reference_run / name), load_file(resumed / name)
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), name
+    assert _without_timing(read_jsonl(resumed / "metrics.jsonl")) == _without_timing(records)
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == [
+        "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    for step in (6, 8):  # the re-made checkpoints hold the same weights as the uninterrupted run's
+        a = load_file(reference_run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
+        b = load_file(resumed / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # A fresh run into the same folder would mix two runs' checkpoints: refused unless asked for.
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed])
+
+
+def test_two_processes_match_one_process(reference_run, tmp_path):
+    """torchrun, 2 processes x batch 4 == 1 process x batch 8: same images (see the sharding test), so the loss
+    and the all-reduced gradient agree up to float summation order."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    output_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+               *REFERENCE_ARGS, "--per_device_batch_size", "4", "--output_dir", str(output_dir)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single, double = read_jsonl(reference_run / "metrics.jsonl"), read_jsonl(output_dir / "metrics.jsonl")
+    assert [r["step"] for r in double] == list(range(1, 9))
+    for a, b in zip(single, double):
+        assert b["images_seen"] == a["images_seen"] == 8 * a["step"]
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    assert double[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-6)  # first step: same weights
+    assert double[0]["grad_norm"] == pytest.approx(single[0]["grad_norm"], rel=1e-5)
+    checkpoint = output_dir / "checkpoints" / "checkpoint-8"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    config = json.loads((output_dir / "run_config.json").read_text())
+    assert config["num_processes"] == 2 and config["global_batch_size"] == 8
+
+
+def test_ablation_flags_and_corrupt_images_end_to_end(run_pretraining, tmp_path, capsys):
+    from transformers import AutoImageProcessor, AutoModelForPreTraining
+
+    folder = write_image_folder(tmp_path / "images", num_good=14)
+    output_dir = tmp_path / "ablations"
+    run_pretraining(TINY_ARGS + [
+        "--dataset", folder, "--output_dir", output_dir, "--max_steps", "4", "--per_device_batch_size", "4",
+        "--dataloader_num_workers", "2", "--logging_steps", "2", "--ema_decay", "0.99",
+        "--no-shift", "--bidirectional", "--no-stop-grad", "--mask-ratio", "0.5", "--pixel-loss-weight", "0.5",
+    ])
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["pretraining_shift"] is False and config["is_causal"] is False
+    assert config["pretraining_stop_gradient"] is False and config["use_mask_token"] is True
+    records = read_jsonl(output_dir / "metrics.jsonl")
+    assert records[-1]["images_skipped"] == 2 and records[-1]["images_seen"] == 14  # one full epoch of 16 files
+    for record in records:
+        assert record["loss"] == pytest.approx(record["embedding_loss"] + 0.5 * record["pixel_loss"], abs=1e-5)
+    assert "skipped 2 unreadable image(s)" in capsys.readouterr().out
+    model = AutoModelForPreTraining.from_pretrained(output_dir)
+    assert type(model).__name__ == "NepaForPreTraining" and model.nepa.embeddings.mask_token is not None
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    assert processor.size["height"] == 16
+    pixels = processor(Image.open(REPO / "data" / "photos" / "coffee.jpg"), return_tensors="pt").pixel_values
+    assert model(pixels).loss is not None
+    assert set(load_file(output_dir / "pixel_decoder.safetensors")) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert set(load_file(output_dir / "ema.safetensors")) == set(model.state_dict())
+
+
+def test_streaming_and_grayscale_paths(run_pretraining, tmp_path):
+    output_dir = tmp_path / "streamed"
+    run_pretraining(TINY_ARGS + ["--dataset", "bundled", "--streaming", "--max_train_samples", "64",
+                                 "--num_channels", "1", "--max_steps", "3", "--per_device_batch_size", "8",
+                                 "--logging_steps", "1", "--output_dir", output_dir])
+    records = read_jsonl(output_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["images_seen"] == 24
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["num_channels"] == 1
+
+
+def test_demo_preset_fills_defaults_and_flags_win():
+    script = _load_script()
+    args = script.parse_args(["--demo", "--max_steps", "5"])
+    assert (args.model, args.dataset, args.max_steps, args.per_device_batch_size) == ("nepa-vit-micro", "bundled", 5, 32)
+    assert args.learning_rate == 1e-3 and args.output_dir == "outputs/pretrain-demo"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "nepa-vit-micro", "--dataset", "bundled"])  # no --output_dir
+
+
+def test_missing_tracker_is_a_clear_error(tmp_path):
+    from accelerate.tracking import get_available_trackers
+
+    if "tensorboard" in get_available_trackers():
+        pytest.skip("tensorboard is installed here")
+    script = _load_script()
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        script.main(TINY_ARGS + ["--dataset", "bundled", "--output_dir", str(tmp_path), "--report_to", "tensorboard"])
