@@ -56,7 +56,8 @@ RESAMPLE = {"bilinear": PILImageResampling.BILINEAR, "bicubic": PILImageResampli
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "NEPA checkpoint (folder or Hub id): pretraining (ours or converted) or fine-tuned."},
+        metadata={"help": "NEPA checkpoint (folder or Hub id): pretraining (ours or converted) or fine-tuned; a "
+                          "preset name (e.g. nepa-vit-micro) trains from scratch like --preset."},
     )
     preset: str | None = field(
         default=None, metadata={"help": f"Train from scratch with a preset config: {sorted(NEPA_PRESETS)}."}
@@ -143,6 +144,11 @@ def parse_config_overrides(text: str | None) -> dict:
 
 def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
     """(model, image processor of the source or None, started from pretrained weights?)."""
+    if model_args.model_name_or_path in NEPA_PRESETS and not os.path.isdir(model_args.model_name_or_path):
+        # a preset name where a checkpoint is expected: train that architecture from scratch
+        if model_args.preset not in (None, model_args.model_name_or_path):
+            raise ValueError("Pass either --model_name_or_path or --preset, not both.")
+        model_args.preset, model_args.model_name_or_path = model_args.model_name_or_path, None
     overrides = {"id2label": id2label, "label2id": label2id}
     if model_args.drop_path_rate is not None:
         overrides["drop_path_rate"] = model_args.drop_path_rate
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None):
 
     if not training_args.do_train and training_args.should_save:
         trainer.save_model()  # still give the output folder a servable model + processor
-    card = {"finetuned_from": model_args.model_name_or_path or f"{model_args.preset} (scratch)",
+    card = {"finetuned_from": model_args.model_name_or_path,  # None when trained from scratch
             "tasks": "image-classification", "dataset": data_args.dataset_name, "tags": ["image-classification", "nepa"]}
     if training_args.push_to_hub:
         trainer.push_to_hub(**card)

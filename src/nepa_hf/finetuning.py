@@ -278,18 +278,23 @@ class NepaTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=1e-3, metadata={"help": "Backbone peak lr (block L-1 gets it in full)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on 1-D params/tokens)."})
     warmup_steps: float = field(default=0.2, metadata={"help": "Warmup steps, or a ratio of the total if < 1."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Used only with --layerwise_warmup false."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Schedule when the per-group one is off (see layerwise_warmup)."}
+    )
     label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing (inside the soft targets with Mixup)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for set_transform."})
     layer_decay: float | None = field(
-        default=0.65, metadata={"help": "Layer-wise lr decay (0.65 B / 0.75 L); 1.0 or None disables the groups."}
+        default=0.65,
+        metadata={"help": "Layer-wise lr decay (reference: 0.65 B / 0.75 L); 1.0 gives every block the same lr "
+                          "(the groups still keep 1-D params and tokens free of weight decay)."},
     )
     head_learning_rate: float | None = field(
         default=None, metadata={"help": "lr of the head (classifier, fc_norm, final norm); default learning_rate."}
     )
     layerwise_warmup: bool = field(
         default=True,
-        metadata={"help": "Per-group warmup + cosine of the reference (replaces lr_scheduler_type)."},
+        metadata={"help": "With layer_decay < 1: the reference's per-group warmup + cosine to 0 (replaces "
+                          "lr_scheduler_type). False, or layer_decay 1: lr_scheduler_type with one warmup for all."},
     )
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step; 0 disables the EMA."})
     ema_warmup: bool = field(default=False, metadata={"help": "EMA decay ramp min(decay, (1+n)/(10+n))."})
