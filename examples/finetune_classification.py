@@ -1,0 +1,337 @@
+"""Fine-tune NEPA for image classification with `Trainer` and the paper's recipe (reference §8).
+
+Starts from a NEPA pretraining checkpoint (ours or converted: bidirectional attention, zero head), a fine-tuned
+checkpoint, or a preset (from scratch). Data: a Hub dataset, a local image folder (imagefolder layout), or the
+built-ins `fashion_mnist` (Debian package, else the bundled subset), `fashion_mnist_debian`, `bundled`.
+
+The recipe, all on by default and all switchable by flags: layer-wise lr decay (0.65) with per-group warmup +
+cosine, AdamW (wd 0.05, none on 1-D params), EMA 0.9999 evaluated beside the online weights, frozen patch
+embedding when starting from a pretrained model, RandomResizedCrop + flip, RandAugment rand-m9-mstd0.5-inc1,
+random erasing 0.25, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1, resize + centre-crop evaluation.
+
+Examples:
+    python examples/finetune_classification.py --model_name_or_path outputs/demo/pretrained \\
+        --dataset_name fashion_mnist --output_dir outputs/ft --do_train --do_eval --max_steps 300 \\
+        --per_device_train_batch_size 64 --max_eval_samples 1000
+    python examples/finetune_classification.py --preset nepa-vit-micro --dataset_name path/to/folder ...
+
+Writes to --output_dir: the model (`save_pretrained`) and image processor (the evaluation preprocessing), which
+`pipeline("image-classification", model=output_dir)` serves, `ema.safetensors`, and `*_results.json`.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, set_seed
+from transformers.image_utils import PILImageResampling
+from transformers.trainer_utils import get_last_checkpoint
+
+from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForImageClassification, NepaImageProcessorPil
+from nepa_hf.augmentation import AugmentationArguments
+from nepa_hf.classification_data import (
+    IMAGE_COLUMN_CANDIDATES,
+    LABEL_COLUMN_CANDIDATES,
+    check_labels,
+    collate_image_batch,
+    encode_labels,
+    stratified_subset,
+    train_validation_split,
+    with_image_transform,
+)
+from nepa_hf.data import load_image_dataset, resolve_column
+from nepa_hf.evaluation import classification_metrics
+from nepa_hf.finetuning import NepaTrainer, NepaTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+RESAMPLE = {"bilinear": PILImageResampling.BILINEAR, "bicubic": PILImageResampling.BICUBIC,
+            "nearest": PILImageResampling.NEAREST, "lanczos": PILImageResampling.LANCZOS}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "NEPA checkpoint (folder or Hub id): pretraining (ours or converted) or fine-tuned; a "
+                          "preset name (e.g. nepa-vit-micro) trains from scratch like --preset."},
+    )
+    preset: str | None = field(
+        default=None, metadata={"help": f"Train from scratch with a preset config: {sorted(NEPA_PRESETS)}."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "With --preset: config overrides 'key=value,key=value', e.g. 'hidden_size=64,num_hidden_layers=2'."},
+    )
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor folder or Hub id."})
+    image_size: int | None = field(default=None, metadata={"help": "Training resolution (default: config.image_size)."})
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (reference: 0.1 B / 0.2 L)."})
+    is_causal: bool | None = field(default=None, metadata={"help": "Causal fine-tuning (default: bidirectional)."})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Replace a fine-tuned checkpoint's head of another size with a new one."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models/datasets."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the Hub."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        metadata={"help": "Hub dataset id, local image folder, or fashion_mnist / fashion_mnist_debian / bundled."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Split to evaluate on (default: 'validation' if present, else a stratified hold-out)."},
+    )
+    test_split: str = field(default="test", metadata={"help": "Split for --do_predict."})
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of each class held out when there is no validation split."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: auto-detect)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: auto-detect)."})
+    train_fraction: float | None = field(
+        default=None, metadata={"help": "Keep this fraction of every class of the training set (low-label studies)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of training data."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of evaluation data."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of test data."})
+
+
+def load_split(data_args: DataArguments, model_args: ModelArguments, split: str):
+    kwargs = {}
+    if data_args.dataset_config_name:
+        kwargs["name"] = data_args.dataset_config_name
+    if model_args.cache_dir:
+        kwargs["cache_dir"] = model_args.cache_dir
+    if model_args.token:
+        kwargs["token"] = model_args.token
+    return load_image_dataset(data_args.dataset_name, split=split, **kwargs)
+
+
+def subsample(dataset, max_samples: int | None, seed: int):
+    if max_samples is not None and max_samples < len(dataset):
+        return dataset.shuffle(seed=seed).select(range(max_samples))
+    return dataset
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """'a=1,b=0.5,c=true' -> {"a": 1, "b": 0.5, "c": True}."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config_overrides entries must look like key=value, got {item!r}.")
+        lowered = value.strip().lower()
+        if lowered in ("true", "false"):
+            overrides[key.strip()] = lowered == "true"
+        else:
+            try:
+                overrides[key.strip()] = int(value)
+            except ValueError:
+                try:
+                    overrides[key.strip()] = float(value)
+                except ValueError:
+                    overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
+    """(model, image processor of the source or None, started from pretrained weights?)."""
+    if model_args.model_name_or_path in NEPA_PRESETS and not os.path.isdir(model_args.model_name_or_path):
+        # a preset name where a checkpoint is expected: train that architecture from scratch
+        if model_args.preset not in (None, model_args.model_name_or_path):
+            raise ValueError("Pass either --model_name_or_path or --preset, not both.")
+        model_args.preset, model_args.model_name_or_path = model_args.model_name_or_path, None
+    overrides = {"id2label": id2label, "label2id": label2id}
+    if model_args.drop_path_rate is not None:
+        overrides["drop_path_rate"] = model_args.drop_path_rate
+    if model_args.preset is not None:
+        if model_args.model_name_or_path is not None:
+            raise ValueError("Pass either --model_name_or_path or --preset, not both.")
+        if model_args.image_size is not None:
+            overrides["image_size"] = model_args.image_size
+        overrides.update(parse_config_overrides(model_args.config_overrides))
+        config = NepaConfig.from_preset(model_args.preset, is_causal=bool(model_args.is_causal), **overrides)
+        return NepaForImageClassification(config), None, False
+    if model_args.config_overrides:
+        raise ValueError("--config_overrides only applies to --preset (training from scratch).")
+    if model_args.model_name_or_path is None:
+        raise ValueError("Pass --model_name_or_path (a NEPA checkpoint) or --preset (train from scratch).")
+
+    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+                      trust_remote_code=model_args.trust_remote_code)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+    if config.model_type != NepaConfig.model_type:
+        raise ValueError(f"{model_args.model_name_or_path} is a {config.model_type!r} checkpoint, not a NEPA one "
+                         "(convert reference `vit_nepa` checkpoints first).")
+    fine_tuned = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
+    if fine_tuned and config.num_labels != len(id2label) and not model_args.ignore_mismatched_sizes:
+        raise ValueError(
+            f"{model_args.model_name_or_path} is a classifier with {config.num_labels} labels but the dataset has "
+            f"{len(id2label)}. Pass --ignore_mismatched_sizes to replace its head with a new {len(id2label)}-way one."
+        )
+    if model_args.is_causal is not None:
+        overrides["is_causal"] = model_args.is_causal
+    model = NepaForImageClassification.from_pretrained(
+        model_args.model_name_or_path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, dtype=torch.float32,
+        **overrides, **hub_kwargs,
+    )
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or model_args.model_name_or_path,
+                                                       **hub_kwargs)
+    except (OSError, ValueError):
+        processor = None
+    return model, processor, True
+
+
+def evaluation_processor(source_processor, size: int, augmentation: AugmentationArguments) -> NepaImageProcessorPil:
+    """The image processor saved with the model: the evaluation preprocessing (resize + centre crop), with the
+    source checkpoint's normalisation."""
+    mean = list(getattr(source_processor, "image_mean", None) or [0.5, 0.5, 0.5])
+    std = list(getattr(source_processor, "image_std", None) or [0.5, 0.5, 0.5])
+    resize = augmentation.eval_resize_size(size)
+    resample = RESAMPLE.get(augmentation.interpolation, PILImageResampling.BICUBIC)
+    if resize is None:
+        return NepaImageProcessorPil(size={"height": size, "width": size}, resample=resample, image_mean=mean,
+                                     image_std=std)
+    return NepaImageProcessorPil(size={"shortest_edge": resize}, do_center_crop=True,
+                                 crop_size={"height": size, "width": size}, resample=resample, image_mean=mean,
+                                 image_std=std)
+
+
+def main(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, AugmentationArguments, NepaTrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, aug_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, aug_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info(f"Training arguments: {training_args}")
+
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train and training_args.resume_from_checkpoint is None:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None:
+            logger.info(f"Resuming from {last_checkpoint} (use another --output_dir to start over).")
+    set_seed(training_args.seed)
+
+    # ---- data (every check happens here, before any training) ----
+    train_dataset = load_split(data_args, model_args, data_args.train_split)
+    image_column = resolve_column(train_dataset, data_args.image_column, IMAGE_COLUMN_CANDIDATES, "image")
+    label_column = resolve_column(train_dataset, data_args.label_column, LABEL_COLUMN_CANDIDATES, "label")
+    train_dataset, class_names = encode_labels(train_dataset, label_column)
+    if len(class_names) < 2:
+        raise ValueError(f"The training labels have {len(class_names)} class(es); classification needs at least 2.")
+
+    eval_dataset = None
+    if training_args.do_eval or (training_args.do_train and training_args.eval_strategy != "no"):
+        split = data_args.eval_split
+        if split is None:
+            try:
+                eval_dataset = load_split(data_args, model_args, "validation")
+            except (ValueError, FileNotFoundError, KeyError) as error:
+                logger.info(f"No 'validation' split ({error}); holding out {data_args.validation_fraction:.0%} of "
+                            "every class of the training split.")
+                train_dataset, eval_dataset = train_validation_split(
+                    train_dataset, label_column, data_args.validation_fraction, seed=training_args.seed
+                )
+        else:
+            eval_dataset = load_split(data_args, model_args, split)
+        resolve_column(eval_dataset, image_column, (), "image")
+        resolve_column(eval_dataset, label_column, (), "label")
+        eval_dataset, _ = encode_labels(eval_dataset, label_column, class_names)
+        eval_dataset = subsample(eval_dataset, data_args.max_eval_samples, training_args.seed)
+        check_labels(eval_dataset, label_column, len(class_names), "evaluation")
+
+    if data_args.train_fraction is not None:
+        train_dataset = stratified_subset(train_dataset, label_column, fraction=data_args.train_fraction,
+                                          seed=training_args.seed)
+    train_dataset = subsample(train_dataset, data_args.max_train_samples, training_args.seed)
+    check_labels(train_dataset, label_column, len(class_names), "train")
+
+    predict_dataset = None
+    if training_args.do_predict:
+        predict_dataset = load_split(data_args, model_args, data_args.test_split)
+        resolve_column(predict_dataset, image_column, (), "image")
+        resolve_column(predict_dataset, label_column, (), "label")
+        predict_dataset, _ = encode_labels(predict_dataset, label_column, class_names)
+        predict_dataset = subsample(predict_dataset, data_args.max_predict_samples, training_args.seed)
+        check_labels(predict_dataset, label_column, len(class_names), "test")
+
+    # ---- model ----
+    id2label = dict(enumerate(class_names))
+    label2id = {name: i for i, name in id2label.items()}
+    model, source_processor, pretrained = load_model(model_args, id2label, label2id)
+    if training_args.freeze_patch_embeddings is None:  # reference: frozen when fine-tuning pretrained weights
+        training_args.freeze_patch_embeddings = pretrained
+    size = model_args.image_size or model.config.image_size
+    if size % model.config.patch_size:
+        raise ValueError(f"--image_size {size} is not a multiple of the patch size {model.config.patch_size}.")
+    processor = evaluation_processor(source_processor, size, aug_args)
+    logger.info(f"{len(train_dataset)} training images, {len(class_names)} classes, resolution {size}; "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; from "
+                f"{'pretrained weights' if pretrained else 'scratch'}.")
+
+    # ---- transforms: per-sample crops in the DataLoader, the rest batched on the device ----
+    if training_args.do_train:
+        with_image_transform(train_dataset, aug_args.train_sample_transform(size), image_column, label_column)
+    for dataset in (eval_dataset, predict_dataset):
+        if dataset is not None:
+            with_image_transform(dataset, aug_args.eval_sample_transform(size), image_column, label_column)
+    batch_transform = aug_args.batch_transform(processor.image_mean, processor.image_std, len(class_names),
+                                               label_smoothing=training_args.label_smoothing_factor)
+
+    trainer = NepaTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset,
+        data_collator=collate_image_batch,
+        compute_metrics=classification_metrics(len(class_names)),
+        processing_class=processor,
+        batch_transform=batch_transform,
+    )
+
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    if training_args.do_predict:
+        metrics = trainer.predict(predict_dataset, metric_key_prefix="test").metrics
+        trainer.log_metrics("test", metrics)
+        trainer.save_metrics("test", metrics)
+
+    if not training_args.do_train and training_args.should_save:
+        trainer.save_model()  # still give the output folder a servable model + processor
+    card = {"finetuned_from": model_args.model_name_or_path,  # None when trained from scratch
+            "tasks": "image-classification", "dataset": data_args.dataset_name, "tags": ["image-classification", "nepa"]}
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    elif training_args.should_save:
+        trainer.create_model_card(**card)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""The reference fine-tuning recipe (reference §8) as pieces for `transformers.Trainer`.
+
+* `layer_decay_parameter_groups`: layer-wise lr decay groups for any model holding a NEPA backbone
+  (`embeddings`, `encoder.layers.N`; everything else is "head"), no weight decay on 1-D parameters and tokens.
+* `get_layerwise_cosine_schedule`: per-group warmup (groups with a small lr factor warm up longest) + cosine to 0.
+* `EMACallback`: EMA of the weights (`nepa_hf.ema.ModelEMA`) updated per optimizer step, saved as
+  `ema.safetensors` in every checkpoint and restored on resume; works with any Trainer.
+* `NepaTrainingArguments` + `NepaTrainer`: a Trainer that wires the above together, freezes the patch embedding
+  on request, runs a batched on-device augmentation (`nepa_hf.augmentation`), and evaluates the EMA weights
+  beside the online ones (metrics `eval_ema_*`, usable as `metric_for_best_model="ema_accuracy"`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
+from transformers.utils import logging
+
+from .ema import ModelEMA
+
+logger = logging.get_logger(__name__)
+
+EMA_WEIGHTS_NAME = "ema.safetensors"
+
+# Parameters without weight decay besides every 1-D tensor (biases, norms, LayerScale): learned tokens.
+NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "register_tokens", "position_embeddings")
+
+_EMBEDDINGS_PATTERN = re.compile(r"(?:^|\.)embeddings\.")
+_LAYER_PATTERN = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer-wise lr decay
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def layer_id_for_parameter(name: str, num_layers: int) -> int:
+    """0 for the patch/CLS embeddings, i + 1 for block i (`encoder.layers.i`), num_layers + 1 for everything else.
+
+    Matches by name, so it works for any model containing a NEPA backbone (classifier, segmentation, backbone).
+    """
+    match = _LAYER_PATTERN.search(name)
+    if match is not None:
+        return int(match.group(1)) + 1
+    if _EMBEDDINGS_PATTERN.search(name):
+        return 0
+    return num_layers + 1
+
+
+def layer_lr_scale(layer_id: int, num_layers: int, layer_decay: float) -> float:
+    """Reference factors: embeddings decay^L, block i decay^(L-1-i), head 1."""
+    if layer_id == 0:
+        return layer_decay**num_layers
+    if layer_id <= num_layers:
+        return layer_decay ** (num_layers - layer_id)
+    return 1.0
+
+
+def count_backbone_layers(model: nn.Module) -> int:
+    """Number of NEPA blocks, from the highest `encoder.layers.N` parameter index."""
+    indices = [int(m.group(1)) for name, _ in model.named_parameters() if (m := _LAYER_PATTERN.search(name))]
+    if not indices:
+        raise ValueError(
+            f"{type(model).__name__} has no `encoder.layers.N` parameters: layer-wise lr decay needs a NEPA "
+            "backbone (or pass num_layers and use your own layer naming)."
+        )
+    return max(indices) + 1
+
+
+def uses_weight_decay(name: str, parameter: torch.Tensor, no_weight_decay_names: Iterable[str] = NO_WEIGHT_DECAY_NAMES) -> bool:
+    """Weight decay on matrices/kernels only: not on 1-D params (biases, norms, LayerScale) nor learned tokens."""
+    if parameter.ndim <= 1:
+        return False
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf not in set(no_weight_decay_names)
+
+
+def layer_decay_parameter_groups(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.65,
+    head_learning_rate: float | None = None,
+    num_layers: int | None = None,
+    no_weight_decay_names: Iterable[str] = NO_WEIGHT_DECAY_NAMES,
+) -> list[dict]:
+    """Optimizer parameter groups with layer-wise lr decay (reference §8), for any model with a NEPA backbone.
+
+    Block i gets lr `learning_rate * layer_decay**(L-1-i)`, the embeddings `learning_rate * layer_decay**L`, and
+    every other parameter (final norm, fc_norm, classifier, decode heads) `head_learning_rate` (default:
+    `learning_rate`) with factor 1. 1-D parameters and learned tokens get no weight decay. Frozen parameters
+    (`requires_grad=False`) are left out. Each group carries `lr_scale` (its factor, which sets its warmup length in
+    `get_layerwise_cosine_schedule`), `layer_id` and a readable `name`.
+    """
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}.")
+    num_layers = count_backbone_layers(model) if num_layers is None else num_layers
+    head_learning_rate = learning_rate if head_learning_rate is None else head_learning_rate
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        layer_id = layer_id_for_parameter(name, num_layers)
+        decay = uses_weight_decay(name, parameter, no_weight_decay_names)
+        key = (layer_id, decay)
+        if key not in groups:
+            scale = layer_lr_scale(layer_id, num_layers, layer_decay)
+            is_head = layer_id > num_layers
+            part = "embeddings" if layer_id == 0 else ("head" if is_head else f"layers.{layer_id - 1}")
+            groups[key] = {
+                "params": [],
+                "param_names": [],
+                "lr": head_learning_rate if is_head else learning_rate * scale,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+                "layer_id": layer_id,
+                "name": f"{part}.{'decay' if decay else 'no_decay'}",
+            }
+        groups[key]["params"].append(parameter)
+        groups[key]["param_names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-group warmup + cosine schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def layerwise_warmup_steps(num_warmup_steps: int, lr_scale: float, num_training_steps: int) -> int:
+    """Warmup length of a group with lr factor f: W - round(W * min(f, 1)), at least 1 (0 when W is 0)."""
+    if num_warmup_steps <= 0:
+        return 0
+    steps = num_warmup_steps - int(round(num_warmup_steps * min(max(lr_scale, 0.0), 1.0)))
+    return max(1, min(steps, num_training_steps))
+
+
+def layerwise_lr_multiplier(step: int, warmup_steps: int, num_training_steps: int) -> float:
+    """Linear warmup from 0 over `warmup_steps`, then cosine from 1 to 0 at `num_training_steps`."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if step >= num_training_steps:
+        return 0.0
+    progress = (step - warmup_steps) / max(1, num_training_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def get_layerwise_cosine_schedule(
+    optimizer: torch.optim.Optimizer, num_warmup_steps: int, num_training_steps: int, last_epoch: int = -1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The reference fine-tuning schedule: each group warms up over `layerwise_warmup_steps(W, lr_scale)` steps
+    (deep-in-the-network groups with small factors warm up longest, the head and last block in one step), then
+    decays with a cosine to 0. Group lrs already include their factor (see `layer_decay_parameter_groups`); groups
+    without `lr_scale` count as factor 1."""
+    if num_training_steps <= 0:
+        raise ValueError(f"num_training_steps must be > 0, got {num_training_steps}.")
+    lambdas = []
+    for group in optimizer.param_groups:
+        warmup = layerwise_warmup_steps(num_warmup_steps, float(group.get("lr_scale", 1.0)), num_training_steps)
+        lambdas.append(lambda step, warmup=warmup: layerwise_lr_multiplier(step, warmup, num_training_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=last_epoch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Freezing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def freeze_patch_embeddings(model: nn.Module) -> int:
+    """Freeze every NEPA patch-embedding projection in `model` (the reference fine-tunes with it frozen).
+
+    Returns the number of parameters frozen; raises if the model has no `patch_embeddings` module.
+    """
+    frozen = 0
+    for name, module in model.named_modules():
+        if name == "patch_embeddings" or name.endswith(".patch_embeddings"):
+            for parameter in module.parameters():
+                if parameter.requires_grad:
+                    parameter.requires_grad_(False)
+                    frozen += parameter.numel()
+    if not any(n == "patch_embeddings" or n.endswith(".patch_embeddings") for n, _ in model.named_modules()):
+        raise ValueError(f"{type(model).__name__} has no `patch_embeddings` module to freeze.")
+    return frozen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA as a TrainerCallback
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_ema_metric(metric_name: str | None) -> bool:
+    return bool(metric_name) and (metric_name.startswith("ema_") or metric_name.startswith("eval_ema_"))
+
+
+class EMACallback(TrainerCallback):
+    """Keeps an EMA of the model weights during `Trainer.train` (reference: decay 0.9999, one update per optimizer
+    step, i.e. after gradient accumulation).
+
+    * `on_train_begin`: starts the EMA from the current weights; when resuming (`state.global_step > 0`) loads
+      `ema.safetensors` from the checkpoint being resumed (`resume_from_checkpoint` when set, which `NepaTrainer`
+      does, else `output_dir/checkpoint-{global_step}`).
+    * `on_step_end`: one EMA update.
+    * `on_save`: writes `ema.safetensors` into the new checkpoint folder.
+    * `on_train_end`: with `load_best_model_at_end` and an EMA metric as `metric_for_best_model` (e.g.
+      "ema_accuracy"), the best checkpoint's EMA weights (the ones that scored) are loaded into the model.
+
+    Evaluating the EMA beside the online weights needs `NepaTrainer` (the Trainer has no "before evaluate" hook).
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = False, device=None, filename: str = EMA_WEIGHTS_NAME):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}.")
+        self.decay, self.warmup, self.device, self.filename = decay, warmup, device, filename
+        self.ema: ModelEMA | None = None
+        self.resume_from_checkpoint: str | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.ema = ModelEMA(model, decay=self.decay, warmup=self.warmup, device=self.device)
+        if state.global_step > 0:
+            checkpoint = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = os.path.join(checkpoint, self.filename)
+            if os.path.isfile(path):
+                self.ema.load(path)
+                logger.info(f"Resumed the EMA weights from {path} ({self.ema.num_updates} updates).")
+            else:
+                logger.warning(
+                    f"Resuming at step {state.global_step} but {path} does not exist: the EMA restarts from the "
+                    "resumed weights."
+                )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.ema is not None:
+            self.ema.update(model)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.ema is not None and args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                self.ema.save(os.path.join(folder, self.filename))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if (
+            self.ema is not None
+            and args.load_best_model_at_end
+            and state.best_model_checkpoint is not None
+            and is_ema_metric(args.metric_for_best_model)
+        ):
+            path = os.path.join(state.best_model_checkpoint, self.filename)
+            if os.path.isfile(path):
+                self.ema.load(path)
+                self.ema.copy_to(model)
+                logger.info(f"Loaded the EMA weights of the best checkpoint ({path}) into the model.")
+            else:
+                logger.warning(f"metric_for_best_model is an EMA metric but {path} is missing; keeping online weights.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NepaTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the reference fine-tuning recipe (reference §8) as defaults, plus its extra knobs.
+
+    Changed defaults: learning_rate 1e-3, weight_decay 0.05, warmup_steps 0.2 (a ratio of the total steps),
+    lr_scheduler_type "cosine", label_smoothing_factor 0.1, remove_unused_columns False (image datasets with
+    `set_transform`). The reference scales the backbone lr as 1.5e-3 (B) / 1e-3 (L) x batch / 256.
+    """
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "Backbone peak lr (block L-1 gets it in full)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on 1-D params/tokens)."})
+    warmup_steps: float = field(default=0.2, metadata={"help": "Warmup steps, or a ratio of the total if < 1."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Schedule when the per-group one is off (see layerwise_warmup)."}
+    )
+    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing (inside the soft targets with Mixup)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for set_transform."})
+    layer_decay: float | None = field(
+        default=0.65,
+        metadata={"help": "Layer-wise lr decay (reference: 0.65 B / 0.75 L); 1.0 gives every block the same lr "
+                          "(the groups still keep 1-D params and tokens free of weight decay)."},
+    )
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "lr of the head (classifier, fc_norm, final norm); default learning_rate."}
+    )
+    layerwise_warmup: bool = field(
+        default=True,
+        metadata={"help": "With layer_decay < 1: the reference's per-group warmup + cosine to 0 (replaces "
+                          "lr_scheduler_type). False, or layer_decay 1: lr_scheduler_type with one warmup for all."},
+    )
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step; 0 disables the EMA."})
+    ema_warmup: bool = field(default=False, metadata={"help": "EMA decay ramp min(decay, (1+n)/(10+n))."})
+    ema_on_cpu: bool = field(default=False, metadata={"help": "Keep the EMA copy on the CPU."})
+    freeze_patch_embeddings: bool | None = field(
+        default=None, metadata={"help": "Freeze the patch embedding (reference: yes when fine-tuning a pretrained model)."}
+    )
+
+
+class NepaTrainer(Trainer):
+    """`Trainer` for the reference fine-tuning recipe.
+
+    Reads its extra settings from `NepaTrainingArguments` (plain `TrainingArguments` work too: then only
+    `batch_transform` and an `EMACallback` passed in `callbacks` apply).
+
+    Args:
+        batch_transform: optional `nn.Module` applied to every batch dict on the device, in train mode for training
+            steps and eval mode for prediction steps (e.g. `nepa_hf.augmentation.ClassificationBatchTransform`:
+            RandAugment, random erasing, Mixup/CutMix soft targets, normalisation).
+        All other arguments are the Trainer's.
+    """
+
+    def __init__(self, *args, batch_transform: nn.Module | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_transform = batch_transform
+        if getattr(self.args, "freeze_patch_embeddings", False) and self.model is not None:
+            count = freeze_patch_embeddings(self.model)
+            logger.info(f"Froze the patch embedding ({count} parameters).")
+        ema_decay = getattr(self.args, "ema_decay", 0.0) or 0.0
+        if ema_decay > 0 and self.ema_callback is None:
+            device = "cpu" if getattr(self.args, "ema_on_cpu", False) else None
+            self.add_callback(EMACallback(ema_decay, warmup=getattr(self.args, "ema_warmup", False), device=device))
+        if is_ema_metric(self.args.metric_for_best_model) and self.ema_callback is None:
+            raise ValueError(
+                f"metric_for_best_model={self.args.metric_for_best_model!r} needs an EMA: set ema_decay > 0 "
+                "(NepaTrainingArguments) or pass an EMACallback."
+            )
+        mixup = getattr(batch_transform, "mixup", None)
+        if mixup is not None:
+            smoothing = self.args.label_smoothing_factor
+            if smoothing and not math.isclose(smoothing, mixup.label_smoothing):
+                raise ValueError(
+                    f"label_smoothing_factor={smoothing} but the batch transform's Mixup already smooths its soft "
+                    f"targets with {mixup.label_smoothing}: the two would stack. Use one value: build Mixup with "
+                    f"label_smoothing={smoothing} (AugmentationArguments.batch_transform does) or set "
+                    "label_smoothing_factor=0."
+                )
+            # The soft targets already carry the smoothing: never apply the Trainer's LabelSmoother on top.
+            self.label_smoother = None
+
+    # -- EMA -------------------------------------------------------------------------------------------------------
+
+    @property
+    def ema_callback(self) -> EMACallback | None:
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, EMACallback)), None)
+
+    @property
+    def ema(self) -> ModelEMA | None:
+        callback = self.ema_callback
+        return None if callback is None else callback.ema
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        callback = self.ema_callback
+        if callback is not None:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            callback.resume_from_checkpoint = checkpoint if isinstance(checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        """The online evaluation, then the same with the EMA weights swapped in (metrics `{prefix}_ema_*`)."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        ema = self.ema
+        if ema is None:
+            return output
+        with ema.swapped_into(self.model):
+            ema_output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, f"{metric_key_prefix}_ema"
+            )
+        metrics = dict(output.metrics)
+        metrics.update({k: v for k, v in ema_output.metrics.items() if not k.endswith("_model_preparation_time")})
+        return EvalLoopOutput(output.predictions, output.label_ids, metrics, output.num_samples)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        # Checkpoints get their EMA file from EMACallback.on_save; final saves get it here.
+        if not _internal_call and self.ema is not None and self.args.should_save:
+            self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
+
+    # -- optimizer and schedule ------------------------------------------------------------------------------------
+
+    def _layer_decay(self) -> float | None:
+        """The layer decay in use (None when the arguments have no `layer_decay` field, i.e. plain Trainer rules)."""
+        if not hasattr(self.args, "layer_decay"):
+            return None
+        return 1.0 if self.args.layer_decay is None else float(self.args.layer_decay)
+
+    def create_optimizer(self, model=None):
+        """Layer-wise lr decay groups (`layer_decay_parameter_groups`) with the optimizer the arguments select."""
+        layer_decay = self._layer_decay()
+        if self.optimizer is not None or layer_decay is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        if getattr(self.args, "freeze_patch_embeddings", False):
+            freeze_patch_embeddings(opt_model)  # idempotent; covers models built by model_init
+        groups = layer_decay_parameter_groups(
+            opt_model,
+            learning_rate=self.args.learning_rate,
+            weight_decay=self.args.weight_decay,
+            layer_decay=layer_decay,
+            head_learning_rate=getattr(self.args, "head_learning_rate", None),
+        )
+        for group in groups:
+            group.pop("param_names")
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model")}
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The per-group warmup + cosine of the reference when layer-wise decay is on and `layerwise_warmup` is set;
+        otherwise the Trainer's `lr_scheduler_type` (one warmup for all groups)."""
+        layer_decay = self._layer_decay()
+        if self.lr_scheduler is None and getattr(self.args, "layerwise_warmup", False) and layer_decay is not None and layer_decay < 1.0:
+            optimizer = self.optimizer if optimizer is None else optimizer
+            self.lr_scheduler = get_layerwise_cosine_schedule(
+                optimizer, self.args.get_warmup_steps(num_training_steps), num_training_steps
+            )
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _get_learning_rate(self) -> float:
+        """Log the lr of the last block (factor 1, i.e. `learning_rate` after scheduling), not the embeddings'."""
+        groups = getattr(self.optimizer, "param_groups", [])
+        blocks = [i for i, g in enumerate(groups) if str(g.get("name", "")).startswith("layers.")]
+        if blocks and self.lr_scheduler is not None and hasattr(self.lr_scheduler, "get_last_lr"):
+            last = max(blocks, key=lambda i: groups[i]["layer_id"])
+            return float(self.lr_scheduler.get_last_lr()[last])
+        return super()._get_learning_rate()
+
+    # -- batched augmentation --------------------------------------------------------------------------------------
+
+    def _transform_batch(self, inputs, training: bool):
+        if self.batch_transform is None:
+            return inputs
+        inputs = self._prepare_inputs(inputs)
+        self.batch_transform.to(self.args.device)
+        self.batch_transform.train(training)
+        return self.batch_transform(inputs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return super().training_step(model, self._transform_batch(inputs, training=True), num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        return super().prediction_step(model, self._transform_batch(inputs, training=False), prediction_loss_only,
+                                       ignore_keys=ignore_keys)
+
+
+__all__ = [
+    "EMACallback",
+    "EMA_WEIGHTS_NAME",
+    "NO_WEIGHT_DECAY_NAMES",
+    "NepaTrainer",
+    "NepaTrainingArguments",
+    "count_backbone_layers",
+    "freeze_patch_embeddings",
+    "get_layerwise_cosine_schedule",
+    "is_ema_metric",
+    "layer_decay_parameter_groups",
+    "layer_id_for_parameter",
+    "layer_lr_scale",
+    "layerwise_lr_multiplier",
+    "layerwise_warmup_steps",
+    "uses_weight_decay",
+]
