@@ -6,7 +6,9 @@ Model: `NepaForSemanticSegmentation` (NEPA backbone, bidirectional attention; mu
 FCN auxiliary head), built from a NEPA checkpoint (`--model_name_or_path`) or from scratch (`--config_preset`).
 
 Data (all in the ADE20K `scene_parse_150` layout: an image column and an annotation column of class-index maps):
-  * `--dataset_name scene_parse_150 --do_reduce_labels --num_labels 150` : a Hub dataset (or a local dataset folder);
+  * `--dataset_name scene_parse_150 --do_reduce_labels --num_labels 150` : a Hub dataset with data files (datasets
+    4+ no longer runs loading scripts; use a parquet copy of ADE20K if a repo only has a script), or a local folder
+    of parquet/arrow files that `datasets.load_dataset` reads;
   * `--data_dir DIR` : image/mask pairs in DIR/{train,validation}/{images,masks}/NAME.*;
   * neither : the built-in offline task, Fashion-MNIST items pasted on real-photo crops (11 classes with background).
 
@@ -108,6 +110,12 @@ class DataArguments:
     num_train_scenes: int = field(default=2000, metadata={"help": "Scenes task: number of training scenes."})
     num_eval_scenes: int = field(default=500, metadata={"help": "Scenes task: number of validation scenes."})
     scene_size: int = field(default=64, metadata={"help": "Scenes task: image side."})
+    scene_items: list[int] = field(
+        default_factory=lambda: [2, 4], metadata={"help": "Scenes task: min and max number of items per scene."}
+    )
+    scene_item_size: list[int] | None = field(
+        default=None, metadata={"help": "Scenes task: min and max item side in pixels (default 5/16-5/8 of the scene)."}
+    )
     scenes_source: str = field(default="bundled", metadata={"help": "Fashion-MNIST source: bundled/debian/auto."})
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
@@ -160,7 +168,12 @@ def load_splits(data_args: DataArguments, seed: int):
         train = segmentation_folder_dataset(data_args.data_dir, data_args.train_split)
         validation = segmentation_folder_dataset(data_args.data_dir, data_args.validation_split)
     else:
-        scene_kwargs = dict(image_size=data_args.scene_size, source=data_args.scenes_source)
+        scene_kwargs = dict(
+            image_size=data_args.scene_size,
+            items_per_scene=tuple(data_args.scene_items),
+            item_size=tuple(data_args.scene_item_size) if data_args.scene_item_size else None,
+            source=data_args.scenes_source,
+        )
         train = fashion_scenes_dataset(data_args.num_train_scenes, split="train", seed=seed, **scene_kwargs)
         validation = fashion_scenes_dataset(data_args.num_eval_scenes, split="test", seed=seed + 1, **scene_kwargs)
         return train, validation, dict(enumerate(FASHION_SCENES_LABELS))
