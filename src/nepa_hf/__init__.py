@@ -5,14 +5,16 @@ Importing the package registers `model_type="nepa"` with the transformers Auto c
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
+    AutoModelForSemanticSegmentation,
 )
 
-from .configuration_nepa import NEPA_PRESETS, NepaConfig
+from .configuration_nepa import NEPA_PRESETS, NepaConfig, default_backbone_out_indices
 from .image_processing_nepa import NepaImageProcessor, NepaImageProcessorPil
 from .modeling_nepa import (
     NepaForImageClassification,
@@ -24,6 +26,7 @@ from .modeling_nepa import (
     nepa_loss,
     soft_target_cross_entropy,
 )
+from .modeling_nepa_segmentation import NepaBackbone, NepaForSemanticSegmentation
 
 __version__ = "0.1.0"
 
@@ -31,6 +34,8 @@ AutoConfig.register(NepaConfig.model_type, NepaConfig, exist_ok=True)
 AutoModel.register(NepaConfig, NepaModel, exist_ok=True)
 AutoModelForPreTraining.register(NepaConfig, NepaForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(NepaConfig, NepaForImageClassification, exist_ok=True)
+AutoModelForSemanticSegmentation.register(NepaConfig, NepaForSemanticSegmentation, exist_ok=True)
+AutoBackbone.register(NepaConfig, NepaBackbone, exist_ok=True)
 AutoImageProcessor.register(
     NepaConfig,
     image_processor_classes={"pil": NepaImageProcessorPil, "torchvision": NepaImageProcessor},
@@ -52,6 +57,8 @@ NepaModel.register_for_auto_class("AutoModel")
 NepaForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 NepaForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 NepaImageProcessorPil.register_for_auto_class("AutoImageProcessor")
+NepaForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+NepaBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
     "NEPA_PRESETS",
@@ -66,4 +73,7 @@ __all__ = [
     "NepaForImageClassification",
     "nepa_loss",
     "soft_target_cross_entropy",
+    "NepaBackbone",
+    "NepaForSemanticSegmentation",
+    "default_backbone_out_indices",
 ]

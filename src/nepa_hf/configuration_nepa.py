@@ -46,6 +46,21 @@ NEPA_PRESETS: dict[str, dict] = {
 }
 
 
+def default_backbone_out_indices(num_hidden_layers: int) -> list[int]:
+    """Four evenly spaced backbone stages: after blocks L/3, L/2, 2L/3 and L (1-based; stage 0 is the embeddings).
+
+    This is the plain-ViT dense-prediction convention (BEiT/MAE UperNet: blocks 3, 5, 7, 11 of 12, zero-based,
+    are stages 4, 6, 8, 12; 7, 11, 15, 23 of 24). Nearby indices are spread so all four differ; with fewer than 4
+    blocks the embedding output ("stem") and every block are used.
+    """
+    if num_hidden_layers < 4:
+        return list(range(max(0, num_hidden_layers - 3), num_hidden_layers + 1))
+    stages: list[int] = []
+    for sixths in (2, 3, 4, 6):
+        stages.append(max(num_hidden_layers * sixths // 6, stages[-1] + 1 if stages else 1))
+    return stages
+
+
 class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration of a NEPA Vision Transformer (arXiv 2512.16922).
 
@@ -72,7 +87,15 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
         use_mask_token: build a learned mask token so `bool_masked_pos` can replace input patches.
         pretraining_shift: next-position targets (True, the method) or same-position targets (ablation).
         pretraining_stop_gradient: detach the targets (True, the method); False is the collapse ablation.
-        apply_layernorm, reshape_hidden_states, out_features, out_indices: backbone options.
+        apply_layernorm, reshape_hidden_states, out_features, out_indices: backbone options (`NepaBackbone`).
+            `out_indices` count blocks from 1 (0 is the embedding output, "stem"); unset, they default to four
+            evenly spaced blocks, `default_backbone_out_indices(num_hidden_layers)` (4, 6, 8, 12 of 12 blocks).
+        decode_hidden_size: channels of the UperNet decode head of `NepaForSemanticSegmentation`.
+        pool_scales: output sizes of the decode head's pyramid pooling module.
+        use_auxiliary_head, auxiliary_hidden_size, auxiliary_loss_weight: the FCN auxiliary head on the third
+            pyramid level, used only for the training loss (`loss = decode + weight * auxiliary`).
+        semantic_loss_ignore_index: label value that the segmentation loss ignores (255, the ADE20K convention
+            that `do_reduce_labels` produces).
     """
 
     model_type = "nepa"
@@ -109,6 +132,12 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
     reshape_hidden_states: bool = True
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
+    decode_hidden_size: int = 512
+    pool_scales: list[int] | tuple[int, ...] = (1, 2, 3, 6)
+    use_auxiliary_head: bool = True
+    auxiliary_hidden_size: int = 256
+    auxiliary_loss_weight: float | int = 0.4
+    semantic_loss_ignore_index: int = 255
 
     def __post_init__(self, **kwargs):
         # Accept the reference spellings so a `vit_nepa` config dict can be passed straight in.
@@ -118,9 +147,11 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
             self.pooling = "mean" if kwargs.pop("add_pooling_layer") else "last"
         self._validate_nepa()
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
-        self.set_output_features_output_indices(
-            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
-        )
+        out_indices, out_features = kwargs.pop("out_indices", None), kwargs.pop("out_features", None)
+        if out_indices is None and out_features is None:
+            # Saved configs always store their stages, so this default only applies to new configs.
+            out_indices = default_backbone_out_indices(self.num_hidden_layers)
+        self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
         super().__post_init__(**kwargs)
 
     def _validate_nepa(self):
@@ -141,6 +172,8 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if self.pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}.")
+        if not self.pool_scales or any(int(scale) < 1 for scale in self.pool_scales):
+            raise ValueError(f"pool_scales must be a non-empty list of positive sizes, got {self.pool_scales!r}.")
 
     @property
     def head_dim(self) -> int:
@@ -161,4 +194,4 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
         return cls(**{**NEPA_PRESETS[name], **overrides})
 
 
-__all__ = ["NepaConfig", "NEPA_PRESETS"]
+__all__ = ["NepaConfig", "NEPA_PRESETS", "default_backbone_out_indices"]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
-LOCAL_METRICS = ("accuracy", "top_k_accuracy")
+LOCAL_METRICS = ("accuracy", "top_k_accuracy", "mean_iou")
 
 
 def local_metric_path(name: str) -> str | None:
@@ -32,7 +32,7 @@ def local_metric_path(name: str) -> str | None:
 
 
 def load_metric(name: str = "accuracy", **kwargs):
-    """`evaluate.load` that prefers the local module for "accuracy" / "top_k_accuracy" (works offline); other names
+    """`evaluate.load` that prefers the local module for "accuracy" / "top_k_accuracy" / "mean_iou" (works offline); other names
     (Hub metrics, paths to metric scripts) are passed to `evaluate.load` unchanged."""
     import evaluate
 

@@ -1,0 +1,387 @@
+# Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
+"""NEPA for dense prediction.
+
+`NepaBackbone` turns a NEPA ViT into a transformers backbone: feature maps (B, D, H/p, W/p) after selected blocks,
+usable by any backbone-based head (e.g. transformers' `UperNetForSemanticSegmentation`).
+`NepaForSemanticSegmentation` is the plain-ViT recipe of the paper's ADE20K transfer: four evenly spaced blocks,
+a multi-scale neck (4x up, 2x up, identity, 2x down), a UperNet decode head (pyramid pooling + FPN) and an optional
+FCN auxiliary head for the training loss.
+
+This file is copied next to saved checkpoints for `trust_remote_code=True` users, so it imports only torch,
+transformers and its siblings `configuration_nepa.py` / `modeling_nepa.py`.
+"""
+
+import torch
+from torch import nn
+from transformers import BackboneMixin
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, SemanticSegmenterOutput
+from transformers.utils import logging
+
+from .configuration_nepa import NepaConfig, default_backbone_out_indices
+from .modeling_nepa import (
+    NepaEmbeddings,
+    NepaEncoder,
+    NepaPatchEmbeddings,
+    NepaPreTrainedModel,
+    NepaRopePositionEmbedding,
+    build_attention_mask,
+    can_return_tuple,
+    capture_outputs,
+)
+
+try:
+    from transformers.backbone_utils import filter_output_hidden_states
+except ImportError:  # pragma: no cover - older 5.x
+    from transformers.utils.backbone_utils import filter_output_hidden_states
+
+logger = logging.get_logger(__name__)
+
+# Auto classes that load a saved backbone / segmentation folder through `trust_remote_code`.
+_DENSE_REMOTE_CODE_AUTO_MAP = {
+    **NepaPreTrainedModel.remote_code_auto_map,
+    "AutoBackbone": "modeling_nepa_segmentation.NepaBackbone",
+    "AutoModelForSemanticSegmentation": "modeling_nepa_segmentation.NepaForSemanticSegmentation",
+}
+
+# Head weights of other NEPA checkpoints that a backbone does not use (loaded from a classifier/segmenter).
+_HEAD_KEYS = [r"(^|\.)fc_norm\.", r"(^|\.)classifier\.", r"(^|\.)neck\.", r"(^|\.)decode_head\.", r"(^|\.)auxiliary_head\."]
+
+
+def _use_bidirectional_attention(config: NepaConfig, model_name: str) -> None:
+    """Dense fine-tuning uses bidirectional attention, like the paper's classification fine-tuning.
+
+    A causal config (every pretraining checkpoint, and `NepaConfig()` itself) is switched to `is_causal=False`,
+    unless it was saved by a backbone or segmentation model, whose choice is kept. For causal features, set
+    `model.config.is_causal = True` after building the model, or pass `is_causal=True` per call.
+    """
+    saved_as_dense = any(
+        name == "NepaBackbone" or name.endswith("ForSemanticSegmentation") for name in (config.architectures or [])
+    )
+    if config.is_causal and not saved_as_dense:
+        logger.info(f"Building {model_name}: switching to bidirectional attention (config.is_causal=False).")
+        config.is_causal = False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------------------------
+
+
+class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
+    """NEPA ViT as a transformers backbone.
+
+    Same submodules as `NepaModel` (`embeddings`, `rope_embeddings`, `encoder`, `norm`), so weights load from any
+    NEPA checkpoint: pretrained, fine-tuned, converted (`NepaBackbone.from_pretrained(dir, out_indices=[...])`).
+    For each stage in `config.out_features` (stage i = output of block i, "stem" = embeddings) it returns the patch
+    tokens (CLS dropped), after the final LayerNorm when `config.apply_layernorm`, as (B, D, H/p, W/p) maps when
+    `config.reshape_hidden_states` (else (B, N, D)). Attention is bidirectional by default (see
+    `_use_bidirectional_attention`).
+
+    Note: `AutoBackbone.from_pretrained(local_dir)` fails in transformers 5.x before reaching this class (it asks the
+    Hub whether the path is a repo); use `NepaBackbone.from_pretrained(local_dir)` or `AutoBackbone.from_config`.
+    """
+
+    remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
+    _keys_to_ignore_on_load_unexpected = _HEAD_KEYS
+    _keys_to_ignore_on_load_missing = [r"\.[qk]_norm\.weight"]
+
+    def __init__(self, config: NepaConfig):
+        _use_bidirectional_attention(config, "NepaBackbone")
+        super().__init__(config)
+        self.embeddings = NepaEmbeddings(config)
+        self.rope_embeddings = NepaRopePositionEmbedding(config)
+        self.encoder = NepaEncoder(config)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.post_init()
+
+    def get_input_embeddings(self) -> NepaPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def _attention_backend_for_call(self, kwargs: dict) -> str:
+        # Only eager attention materialises attention maps (same rule as NepaModel).
+        implementation = self.config._attn_implementation
+        if kwargs.get("output_attentions", self.config.output_attentions) and implementation != "eager":
+            logger.warning_once(
+                f"output_attentions=True: computing this call with eager attention instead of {implementation!r}."
+            )
+            return "eager"
+        return implementation
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def _encode(self, pixel_values: torch.Tensor, is_causal: bool | None = None, **kwargs) -> BaseModelOutput:
+        """The NepaModel trunk without pooling; `capture_outputs` collects per-block hidden states / attentions."""
+        self._check_pixel_values(pixel_values)
+        is_causal = self.config.is_causal if is_causal is None else is_causal
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        hidden_states, _ = self.embeddings(pixel_values)
+        patch = self.config.patch_size
+        grid_h, grid_w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+        position_embeddings = self.rope_embeddings(grid_h, grid_w, hidden_states.device, hidden_states.dtype)
+        attn_implementation = self._attention_backend_for_call(kwargs)
+        attention_mask = build_attention_mask(
+            attn_implementation, is_causal, hidden_states.shape[1], hidden_states.dtype, hidden_states.device
+        )
+        hidden_states = self.encoder(
+            hidden_states,
+            position_embeddings,
+            attention_mask=attention_mask,
+            is_causal=is_causal,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(self, pixel_values: torch.Tensor | None = None, is_causal: bool | None = None, **kwargs) -> BackboneOutput:
+        r"""
+        pixel_values: (batch, channels, height, width); height and width multiples of the patch size.
+        is_causal: override `config.is_causal` for this call.
+
+        Returns `BackboneOutput.feature_maps`: one tensor per `config.out_features` stage.
+        """
+        kwargs["output_hidden_states"] = True  # the feature maps are read from the per-block hidden states
+        outputs = self._encode(pixel_values, is_causal=is_causal, **kwargs)
+        batch_size = pixel_values.shape[0]
+        grid_h, grid_w = pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size
+
+        feature_maps = []
+        for stage_name, hidden_state in zip(self.stage_names, outputs.hidden_states):
+            if stage_name not in self.out_features:
+                continue
+            if self.config.apply_layernorm:
+                hidden_state = self.norm(hidden_state)
+            patch_tokens = hidden_state[:, 1:]  # drop CLS
+            if self.config.reshape_hidden_states:
+                patch_tokens = patch_tokens.reshape(batch_size, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+            feature_maps.append(patch_tokens)
+        return BackboneOutput(
+            feature_maps=tuple(feature_maps), hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Neck and heads
+# --------------------------------------------------------------------------------------------------------------
+
+
+class NepaConvNormActivation(nn.Sequential):
+    """Conv2d (no bias) + BatchNorm2d + ReLU, the unit of the UperNet and FCN heads."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class NepaMultiScaleNeck(nn.Module):
+    """Four same-resolution ViT maps (stride p) -> a pyramid with strides p/4, p/2, p, 2p.
+
+    The plain-ViT neck of BEiT/MAE UperNet: two stride-2 transposed convs (with BatchNorm + GELU between) for 4x up,
+    one for 2x up, identity, and 2x2 max pooling for 2x down (odd grids are floored).
+    """
+
+    def __init__(self, config: NepaConfig):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.upsample_4x = nn.Sequential(
+            nn.ConvTranspose2d(hidden_size, hidden_size, kernel_size=2, stride=2),
+            nn.BatchNorm2d(hidden_size),
+            nn.GELU(),
+            nn.ConvTranspose2d(hidden_size, hidden_size, kernel_size=2, stride=2),
+        )
+        self.upsample_2x = nn.ConvTranspose2d(hidden_size, hidden_size, kernel_size=2, stride=2)
+        self.identity = nn.Identity()
+        self.downsample_2x = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if len(feature_maps) != 4:
+            raise ValueError(f"The multi-scale neck takes 4 feature maps, got {len(feature_maps)}.")
+        operations = (self.upsample_4x, self.upsample_2x, self.identity, self.downsample_2x)
+        return [operation(feature_map) for operation, feature_map in zip(operations, feature_maps)]
+
+
+class NepaPyramidPoolingModule(nn.Module):
+    """PSPNet pyramid pooling: average-pool to each scale, 1x1 conv, upsample back to the input size."""
+
+    def __init__(self, pool_scales, in_channels: int, channels: int):
+        super().__init__()
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(int(scale)), NepaConvNormActivation(in_channels, channels, 1))
+            for scale in pool_scales
+        )
+
+    def forward(self, hidden_state: torch.Tensor) -> list[torch.Tensor]:
+        size = hidden_state.shape[-2:]
+        return [
+            nn.functional.interpolate(stage(hidden_state), size=size, mode="bilinear", align_corners=False)
+            for stage in self.stages
+        ]
+
+
+class NepaUperNetHead(nn.Module):
+    """UperNet decode head (Xiao et al., 2018): pyramid pooling on the coarsest level, FPN top-down fusion of all
+    levels, concatenation at the finest level, 3x3 fusion conv, 1x1 classifier. Logits come at the finest
+    level's resolution."""
+
+    def __init__(self, config: NepaConfig, in_channels: list[int]):
+        super().__init__()
+        channels = config.decode_hidden_size
+        self.psp_modules = NepaPyramidPoolingModule(config.pool_scales, in_channels[-1], channels)
+        self.bottleneck = NepaConvNormActivation(in_channels[-1] + len(config.pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(NepaConvNormActivation(c, channels, 1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(NepaConvNormActivation(channels, channels, 3) for _ in in_channels[:-1])
+        self.fpn_bottleneck = NepaConvNormActivation(len(in_channels) * channels, channels, 3)
+        self.classifier = nn.Conv2d(channels, config.num_labels, kernel_size=1)
+
+    def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        coarsest = pyramid[-1]
+        laterals = [conv(level) for conv, level in zip(self.lateral_convs, pyramid)]
+        laterals.append(self.bottleneck(torch.cat([coarsest, *self.psp_modules(coarsest)], dim=1)))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down path
+            laterals[i - 1] = laterals[i - 1] + nn.functional.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="bilinear", align_corners=False
+            )
+        outputs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+        finest_size = outputs[0].shape[-2:]
+        outputs = [outputs[0]] + [
+            nn.functional.interpolate(output, size=finest_size, mode="bilinear", align_corners=False)
+            for output in outputs[1:]
+        ]
+        return self.classifier(self.fpn_bottleneck(torch.cat(outputs, dim=1)))
+
+
+class NepaFCNHead(nn.Module):
+    """Auxiliary FCN head: 3x3 conv + BatchNorm + ReLU and a 1x1 classifier on one pyramid level."""
+
+    def __init__(self, config: NepaConfig, in_channels: int, level: int = 2):
+        super().__init__()
+        self.level = level
+        self.conv = NepaConvNormActivation(in_channels, config.auxiliary_hidden_size, 3)
+        self.classifier = nn.Conv2d(config.auxiliary_hidden_size, config.num_labels, kernel_size=1)
+
+    def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.conv(pyramid[self.level]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Semantic segmentation model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class NepaForSemanticSegmentation(NepaPreTrainedModel):
+    """NEPA ViT + multi-scale neck + UperNet decode head (+ FCN auxiliary head for the loss).
+
+    Built from any NEPA checkpoint (`NepaForSemanticSegmentation.from_pretrained(dir, id2label=..., label2id=...)`):
+    the backbone weights load into `nepa`, the neck and heads start from scratch, attention becomes bidirectional.
+    The backbone always feeds four blocks (`config.out_indices`, default four evenly spaced ones).
+
+    `logits` are (batch, num_labels, 4 * H/p, 4 * W/p), i.e. at stride p/4; the loss and
+    `post_process_semantic_segmentation` upsample them bilinearly. `labels` are (batch, H, W) int64 class indices;
+    `config.semantic_loss_ignore_index` (255) marks pixels without a label.
+    """
+
+    remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
+    # The Trainer counts every label != -100 as an item, including 255 "ignore" pixels: let the loss take its mean.
+    accepts_loss_kwargs = False
+    # Expected when starting from a pretraining or classification checkpoint.
+    _keys_to_ignore_on_load_missing = [r"^neck\.", r"^decode_head\.", r"^auxiliary_head\.", r"\.[qk]_norm\.weight"]
+    _keys_to_ignore_on_load_unexpected = [r"^fc_norm\.", r"^classifier\."]
+
+    def __init__(self, config: NepaConfig):
+        self._select_four_stages(config)
+        _use_bidirectional_attention(config, "NepaForSemanticSegmentation")
+        super().__init__(config)
+        self.nepa = NepaBackbone(config)
+        in_channels = self.nepa.channels
+        self.neck = NepaMultiScaleNeck(config)
+        self.decode_head = NepaUperNetHead(config, in_channels)
+        self.auxiliary_head = NepaFCNHead(config, in_channels[2]) if config.use_auxiliary_head else None
+        self.post_init()
+
+    @staticmethod
+    def _select_four_stages(config: NepaConfig) -> None:
+        if len(config.out_indices) == 4:
+            return
+        default = default_backbone_out_indices(config.num_hidden_layers)
+        if len(default) != 4:
+            raise ValueError(
+                f"NepaForSemanticSegmentation needs four feature maps, but a {config.num_hidden_layers}-block NEPA "
+                "has fewer than four stages. Use num_hidden_layers >= 3."
+            )
+        # Configs saved before the segmentation release store the old backbone default, the last block only.
+        log = logger.info if config.out_indices == [config.num_hidden_layers] else logger.warning
+        log(
+            f"NepaForSemanticSegmentation uses four blocks; config.out_indices={config.out_indices} selects "
+            f"{len(config.out_indices)}. Using the default four evenly spaced blocks {default}."
+        )
+        config.out_indices = default
+
+    def get_input_embeddings(self) -> NepaPatchEmbeddings:
+        return self.nepa.get_input_embeddings()
+
+    def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor) -> None:
+        if labels.ndim != 3 or labels.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"labels must be (batch, height, width) class indices for {pixel_values.shape[0]} image(s), got "
+                f"shape {tuple(labels.shape)}."
+            )
+        if labels.is_floating_point():
+            raise ValueError("labels must be integer class indices (torch.long), got a floating-point tensor.")
+        ignore_index = self.config.semantic_loss_ignore_index
+        valid = labels[labels != ignore_index]
+        if valid.numel() and (valid.min() < 0 or valid.max() >= self.config.num_labels):
+            raise ValueError(
+                f"labels contain values outside [0, {self.config.num_labels - 1}] (num_labels={self.config.num_labels}) "
+                f"other than the ignore index {ignore_index}: found min {int(valid.min())}, max {int(valid.max())}. "
+                "Set id2label/num_labels to cover every class, or use do_reduce_labels=True for ADE20K-style maps "
+                "where 0 means 'no label'."
+            )
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        is_causal: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput:
+        r"""
+        labels: (batch, height, width) int64 class indices; `config.semantic_loss_ignore_index` is ignored.
+        is_causal: override `config.is_causal` for this call.
+        """
+        kwargs.pop("num_items_in_batch", None)  # see accepts_loss_kwargs
+        if self.training and pixel_values is not None and pixel_values.shape[0] < 2:
+            raise ValueError(
+                "Training NepaForSemanticSegmentation needs at least 2 images per batch: the BatchNorm layers of the "
+                "neck and decode head cannot normalise the 1x1 pyramid-pooling level of a single image. Increase the "
+                "(per-device) batch size, or call model.eval() for inference."
+            )
+        if labels is not None:
+            if self.config.num_labels < 2:
+                raise ValueError("Semantic segmentation needs num_labels >= 2 (set id2label / num_labels).")
+            self._check_labels(labels, pixel_values)
+
+        outputs = self.nepa(pixel_values, is_causal=is_causal, **kwargs)
+        pyramid = self.neck(outputs.feature_maps)
+        logits = self.decode_head(pyramid)
+
+        loss = None
+        if labels is not None:
+            auxiliary_logits = self.auxiliary_head(pyramid) if self.auxiliary_head is not None else None
+            loss = self.loss_function(
+                logits,
+                labels,
+                ignore_index=self.config.semantic_loss_ignore_index,
+                auxiliary_logits=auxiliary_logits,
+                auxiliary_loss_weight=self.config.auxiliary_loss_weight,
+            )
+        return SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = ["NepaBackbone", "NepaForSemanticSegmentation"]
