@@ -116,7 +116,8 @@ def test_pretraining_checkpoint_loads_into_every_head(tmp_path):
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import os, sys, torch
+    torch.set_num_threads(int(os.environ["NEPA_TEST_THREADS"]))
     sys.modules["nepa_hf"] = None  # simulate an environment where nepa_hf is not installed
     from transformers import AutoModel, AutoModelForImageClassification, AutoImageProcessor, pipeline
     folder, pixels_path, out_path = sys.argv[1:4]
@@ -142,7 +143,9 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
     torch.save(pixels, tmp_path / "pixels.pt")
     script = tmp_path / "remote.py"
     script.write_text(REMOTE_SCRIPT)
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="",
+               # same thread count as this process, so reductions run in the same order (bit-exact outputs)
+               NEPA_TEST_THREADS=str(torch.get_num_threads()))
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300,

@@ -325,7 +325,8 @@ def test_auto_model_and_image_segmentation_pipeline(tmp_path, photo_images):
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import os, sys, torch
+    torch.set_num_threads(int(os.environ["NEPA_TEST_THREADS"]))
     sys.modules["nepa_hf"] = None  # nepa_hf is not installed
     from transformers import AutoBackbone, AutoConfig, AutoModelForSemanticSegmentation, pipeline
     from PIL import Image
@@ -348,7 +349,9 @@ def test_trust_remote_code_segmentation_without_the_package(tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     torch.save(pixels, tmp_path / "pixels.pt")
     (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="",
+               # same thread count as this process, so reductions run in the same order (bit-exact outputs)
+               NEPA_TEST_THREADS=str(torch.get_num_threads()))
     result = subprocess.run(
         [sys.executable, str(tmp_path / "remote.py"), str(tmp_path / "ckpt"), str(tmp_path / "pixels.pt"),
          str(tmp_path / "out.pt")],
