@@ -1,0 +1,1104 @@
+# Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
+"""Throughput of NEPA against transformers' ViTModel and against the machine's own limit.
+
+Everything that is compared is measured side by side in one run: repetitions of the compared models are
+interleaved (the order rotates every round) and medians are reported, because shared machines are noisy.
+
+    python benchmarks/throughput.py --quick      # a few minutes
+    python benchmarks/throughput.py              # full suite, under half an hour on 2 CPU cores
+
+Sections (select with --sections):
+  peak        fp32 matmul FLOP/s of this machine at the chosen thread count (square and model-shaped GEMMs).
+  inference   images/s of NepaModel vs ViTModel at equal dims and token count, several batch sizes, and the
+              achieved model FLOP/s as a fraction of the matmul peak (re-measured inside the same rounds).
+  train       forward + backward + AdamW step images/s, and peak memory measured in a fresh subprocess per model.
+  resolution  cost per image vs token count (112 -> 448 pixels): the attention term.
+  backends    NEPA with eager / sdpa / flex attention, torch.compile off and on, causal and bidirectional.
+  data        images/s one input-pipeline worker sustains (decode + augment) vs the model's consumption rate.
+
+Results: a JSON file (top-level ratios + detailed rows) and a markdown table next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import io
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+
+import transformers  # noqa: E402
+from transformers import ViTConfig, ViTModel  # noqa: E402
+
+from nepa_hf import NepaConfig, NepaForPreTraining, NepaModel  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------------------
+# Model sizes: the same dims for both families. ViT gets 1 + (image/patch)^2 tokens (CLS + patches), exactly as
+# NEPA, so the two do the same matmul work; they differ only in NEPA's QK-norm, RoPE and LayerScale (and ViT's
+# absolute position embedding).
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_size: int
+    patch_size: int
+    image_size: int
+
+    def tokens(self, image_size: int | None = None) -> int:
+        return 1 + ((image_size or self.image_size) // self.patch_size) ** 2
+
+
+SIZES = {
+    "vit-b16": ModelSize("ViT-B/16", 768, 12, 12, 3072, 16, 224),
+    "vit-b14": ModelSize("ViT-B/14 (reference NEPA-B)", 768, 12, 12, 3072, 14, 224),
+    "vit-s16": ModelSize("ViT-S/16", 384, 12, 6, 1536, 16, 224),
+    "vit-ti16": ModelSize("ViT-Ti/16", 192, 12, 3, 768, 16, 224),
+    "vit-l14": ModelSize("ViT-L/14 (reference NEPA-L)", 1024, 24, 16, 4096, 14, 224),
+    # For smoke tests only.
+    "tiny": ModelSize("tiny (smoke test)", 64, 2, 4, 128, 8, 32),
+}
+
+
+def build_vit(size: ModelSize, attn_implementation: str = "sdpa", image_size: int | None = None) -> ViTModel:
+    config = ViTConfig(
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        intermediate_size=size.mlp_size,
+        patch_size=size.patch_size,
+        image_size=image_size or size.image_size,
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        qkv_bias=True,
+    )
+    # No pooler: the comparison is backbone vs backbone (NEPA's mean pooling has no weights).
+    model = ViTModel(config, add_pooling_layer=False)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def nepa_config(size: ModelSize, image_size: int | None = None, is_causal: bool = False, **overrides) -> NepaConfig:
+    # Defaults of the reference NEPA-B pretraining config (QK-norm without affine, LayerScale 1e-5, RoPE rescale
+    # 2.0 in training), bidirectional unless asked: the same attention pattern as ViT.
+    return NepaConfig(
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        intermediate_size=size.mlp_size,
+        patch_size=size.patch_size,
+        image_size=image_size or size.image_size,
+        is_causal=is_causal,
+        drop_path_rate=0.0,
+        **overrides,
+    )
+
+
+def build_nepa(
+    size: ModelSize, attn_implementation: str = "sdpa", image_size: int | None = None, is_causal: bool = False
+) -> NepaModel:
+    model = NepaModel(nepa_config(size, image_size, is_causal))
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def build_nepa_pretraining(size: ModelSize, attn_implementation: str = "sdpa") -> NepaForPreTraining:
+    model = NepaForPreTraining(nepa_config(size, is_causal=True))
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+_BASELINE_MODULES: dict[str, object] = {}
+
+
+def load_baseline_package(source_dir: str):
+    """Import another copy of `nepa_hf` (e.g. `git archive <rev> src | tar -x -C /tmp/base` -> /tmp/base/src) as
+    `nepa_hf_baseline`, to time a previous revision side by side with this one in the same run."""
+    import importlib.util
+
+    if source_dir not in _BASELINE_MODULES:
+        package_dir = Path(source_dir) / "nepa_hf"
+        if not (package_dir / "__init__.py").exists():
+            raise FileNotFoundError(f"--baseline-src {source_dir}: no nepa_hf/__init__.py there.")
+        spec = importlib.util.spec_from_file_location(
+            "nepa_hf_baseline", package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["nepa_hf_baseline"] = module
+        spec.loader.exec_module(module)
+        _BASELINE_MODULES[source_dir] = module
+    return _BASELINE_MODULES[source_dir]
+
+
+def build_nepa_baseline(size: ModelSize, source_dir: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """NepaModel of the baseline revision with the same config (and, seeded alike, the same init)."""
+    baseline = load_baseline_package(source_dir)
+    config = baseline.NepaConfig(**nepa_config(size).to_diff_dict())
+    model = baseline.NepaModel(config)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def interleaved_timings(
+    cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of each case, `repeats` times, interleaved; the order rotates every round so that no case
+    is always first (cold) or last. Warm-up calls are not recorded."""
+    names = list(cases)
+    for _ in range(warmup):
+        for name in names:
+            cases[name]()
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            cases[name]()
+            timings[name].append(time.perf_counter() - start)
+    return timings
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> float:
+    """Relative spread (max - min) / median: how noisy a measurement was."""
+    return (max(values) - min(values)) / statistics.median(values) if values else float("nan")
+
+
+def matmul_case(n: int, m: int | None = None, k: int | None = None) -> tuple[Callable[[], object], float]:
+    """A fp32 GEMM (n x k) @ (k x m) and its FLOP count."""
+    m = m or n
+    k = k or n
+    a = torch.randn(n, k)
+    b = torch.randn(k, m)
+    out = torch.empty(n, m)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * n * m * k
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOP counting: torch.utils.flop_counter, with the CPU flash-attention ops (not in torch's registry) counted by
+# torch's own sdpa formulas. Attention FLOPs are counted in full even when causal (torch's convention).
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa_flop
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = cpu_sdpa_backward_flop
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with _flop_counter() as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def analytic_forward_flops(size: ModelSize, image_size: int | None = None) -> dict[str, float]:
+    """Per-image forward FLOPs (2 per multiply-add): linear layers, attention matmuls, patch embedding."""
+    n = size.tokens(image_size)
+    d, layers = size.hidden_size, size.num_layers
+    linear = layers * n * (8 * d * d + 4 * d * size.mlp_size)
+    attention = layers * 4 * n * n * d
+    patches = (n - 1) * 2 * d * 3 * size.patch_size**2
+    return {"linear": float(linear), "attention": float(attention), "patch_embed": float(patches)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Machine description
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cpu_model_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_description(threads: int) -> dict:
+    cpu_flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                cpu_flags = line
+                break
+    isa = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {flag}" in cpu_flags]
+    return {
+        "cpu": cpu_model_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": threads,
+        "isa": isa,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_peak(args) -> dict:
+    """fp32 matmul FLOP/s: square GEMMs and the model's own largest GEMM shape; the peak is the best median."""
+    size = SIZES[args.sizes[0]]
+    rows_model = max(args.batch_sizes) * size.tokens()
+    shapes = {f"square {n}": (n, n, n) for n in args.peak_square_sizes}
+    shapes[f"model MLP GEMM ({rows_model}x{size.hidden_size} @ {size.hidden_size}x{size.mlp_size})"] = (
+        rows_model,
+        size.mlp_size,
+        size.hidden_size,
+    )
+    cases, flops = {}, {}
+    for name, (n, m, k) in shapes.items():
+        cases[name], flops[name] = matmul_case(n, m, k)
+    timings = interleaved_timings(cases, repeats=args.repeats + 2, warmup=1)
+    rows = []
+    for name, values in timings.items():
+        rows.append(
+            {
+                "section": "peak",
+                "shape": name,
+                "gflops_median": flops[name] / median(values) / 1e9,
+                "gflops_best": flops[name] / min(values) / 1e9,
+                "spread": spread(values),
+            }
+        )
+    best = max(rows, key=lambda r: r["gflops_median"])
+    n, m, k = shapes[best["shape"]]
+    return {"rows": rows, "peak_gflops": best["gflops_median"], "peak_shape": best["shape"], "probe": (n, m, k)}
+
+
+def run_inference(args, peak: dict) -> dict:
+    """NepaModel vs ViTModel images/s (fp32, sdpa, inference_mode), plus a matmul-peak probe in the same rounds."""
+    rows = []
+    probe_fn, probe_flops = matmul_case(*peak["probe"])
+    for size_key in args.sizes:
+        size = SIZES[size_key]
+        torch.manual_seed(0)
+        models = {
+            "vit": build_vit(size).eval(),
+            "nepa": build_nepa(size).eval(),
+        }
+        if args.causal_rows:
+            models["nepa-causal"] = build_nepa(size, is_causal=True).eval()
+        if args.baseline_src:
+            models["nepa-baseline"] = build_nepa_baseline(size, args.baseline_src).eval()
+        batch_sizes = args.batch_sizes if size_key == args.sizes[0] else [max(args.batch_sizes)]
+        for batch in batch_sizes:
+            pixels = torch.randn(batch, 3, size.image_size, size.image_size)
+            flops = {}
+            with torch.inference_mode():
+                for name, model in models.items():
+                    flops[name] = count_flops(lambda m=model: m(pixels[:1])) * batch
+
+                cases = {name: (lambda m=model: m(pixels)) for name, model in models.items()}
+                cases["matmul-peak"] = probe_fn
+                timings = interleaved_timings(cases, repeats=args.repeats, warmup=1)
+            peak_gflops = probe_flops / median(timings["matmul-peak"]) / 1e9
+            for name in models:
+                seconds = median(timings[name])
+                achieved = flops[name] / seconds / 1e9
+                rows.append(
+                    {
+                        "section": "inference",
+                        "size": size_key,
+                        "model": name,
+                        "tokens": size.tokens(),
+                        "batch": batch,
+                        "attention": "sdpa",
+                        "images_per_s": batch / seconds,
+                        "seconds_median": seconds,
+                        "spread": spread(timings[name]),
+                        "gflop_per_image": flops[name] / batch / 1e9,
+                        "achieved_gflops": achieved,
+                        "peak_gflops_same_rounds": peak_gflops,
+                        "peak_fraction": achieved / peak_gflops,
+                    }
+                )
+            vit_row, nepa_row = rows[-len(models)], rows[-len(models) + 1]
+            log(
+                f"inference {size_key} batch {batch}: ViT {vit_row['images_per_s']:.2f} img/s, NEPA "
+                f"{nepa_row['images_per_s']:.2f} img/s (ratio {nepa_row['images_per_s'] / vit_row['images_per_s']:.3f}), "
+                f"NEPA {nepa_row['peak_fraction']:.1%} of matmul peak {peak_gflops:.0f} GFLOP/s"
+            )
+        del models
+        gc.collect()
+    return {"rows": rows}
+
+
+def _train_step_fn(model, pixels, optimizer, family: str) -> Callable[[], None]:
+    """One optimizer step. Backbones get the same cheap loss; NepaForPreTraining uses its own objective."""
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        outputs = model(pixels)
+        if family == "nepa-pretraining":
+            loss = outputs.loss
+        else:
+            loss = outputs.last_hidden_state.float().square().mean()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def build_for_training(family: str, size: ModelSize, baseline_src: str | None = None):
+    if family == "vit":
+        return build_vit(size)
+    if family == "nepa":
+        return build_nepa(size)
+    if family == "nepa-baseline":
+        return build_nepa_baseline(size, baseline_src)
+    if family == "nepa-pretraining":
+        return build_nepa_pretraining(size)
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # Same optimizer for both (torch's default implementation on this device).
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+
+def run_train(args) -> dict:
+    rows = []
+    size_key = args.sizes[0]
+    size = SIZES[size_key]
+    families = ["vit", "nepa"] + (["nepa-pretraining"] if args.causal_rows else [])
+    families += ["nepa-baseline"] if args.baseline_src else []
+    for batch in args.train_batch_sizes:
+        torch.manual_seed(0)
+        models = {family: build_for_training(family, size, args.baseline_src).train() for family in families}
+        pixels = torch.randn(batch, 3, size.image_size, size.image_size)
+        optimizers = {family: make_optimizer(model) for family, model in models.items()}
+        cases = {family: _train_step_fn(models[family], pixels, optimizers[family], family) for family in families}
+        flops = {}
+        for family, model in models.items():
+            # FLOPs of one step on one image (forward + backward; the optimizer's elementwise work is not counted).
+            one = pixels[:1]
+
+            def fwd_bwd(model=model, family=family):
+                outputs = model(one)
+                loss = outputs.loss if family == "nepa-pretraining" else outputs.last_hidden_state.float().square().mean()
+                loss.backward()
+
+            flops[family] = count_flops(fwd_bwd) * batch
+            model.zero_grad(set_to_none=True)
+        timings = interleaved_timings(cases, repeats=args.train_repeats, warmup=1)
+        del cases, optimizers, models
+        gc.collect()
+        memory = {family: measure_training_memory(args, family, size_key, batch) for family in families}
+        for family in families:
+            seconds = median(timings[family])
+            rows.append(
+                {
+                    "section": "train",
+                    "size": size_key,
+                    "model": family,
+                    "tokens": size.tokens(),
+                    "batch": batch,
+                    "images_per_s": batch / seconds,
+                    "seconds_median": seconds,
+                    "spread": spread(timings[family]),
+                    "gflop_per_image": flops[family] / batch / 1e9,
+                    "achieved_gflops": flops[family] / seconds / 1e9,
+                    **memory[family],
+                }
+            )
+        vit_row, nepa_row = rows[-len(families)], rows[-len(families) + 1]
+        log(
+            f"train {size_key} batch {batch}: ViT {vit_row['images_per_s']:.2f} img/s, NEPA "
+            f"{nepa_row['images_per_s']:.2f} img/s (ratio {nepa_row['images_per_s'] / vit_row['images_per_s']:.3f}); "
+            f"peak tensor memory ViT {vit_row['tensor_peak_mib']:.0f} MiB, NEPA {nepa_row['tensor_peak_mib']:.0f} MiB"
+        )
+    return {"rows": rows}
+
+
+# -- memory: a fresh process per model so that high-water marks do not mix ------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def saved_activation_bytes(model: torch.nn.Module, step_input: Callable[[], torch.Tensor]) -> int:
+    """Bytes of distinct tensor storages autograd saves for backward in one forward, parameters excluded."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages and tensor.device.type != "meta":
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = step_input()
+    del outputs
+    return sum(seen.values())
+
+
+def profiled_step_peak_bytes(model, optimizer, step: Callable[[], None]) -> int:
+    """Peak bytes of tensors allocated during one training step (forward, backward, optimizer), from the CPU
+    allocator's running total that torch.profiler records with `profile_memory=True`. Gradients are released
+    first, so the peak covers activations, gradients and temporaries; allocator fragmentation is not included."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0, *totals])
+
+
+def memory_worker(spec: dict) -> dict:
+    """Runs in its own process: build, train `steps` steps, report the RSS high-water mark."""
+    torch.set_num_threads(spec["threads"])
+    size = SIZES[spec["size"]]
+    family = spec["family"]
+    rss_before_model = _status_kib("VmRSS")
+    torch.manual_seed(0)
+    model = build_for_training(family, size, spec.get("baseline_src")).train()
+    optimizer = make_optimizer(model)
+    pixels = torch.randn(spec["batch"], 3, size.image_size, size.image_size)
+    step = _train_step_fn(model, pixels, optimizer, family)
+    for _ in range(spec["steps"]):
+        step()
+    peak_kib = _status_kib("VmHWM")
+    step_peak = profiled_step_peak_bytes(model, optimizer, step)
+    state_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
+
+    def forward():
+        outputs = model(pixels)
+        return outputs.loss if family == "nepa-pretraining" else outputs.last_hidden_state
+
+    saved = saved_activation_bytes(model, forward)
+    return {
+        "peak_rss_mib": peak_kib / 1024,
+        "rss_before_model_mib": rss_before_model / 1024,
+        "train_memory_mib": (peak_kib - rss_before_model) / 1024,
+        "saved_activations_mib": saved / 2**20,
+        "tensor_peak_mib": (state_bytes + step_peak) / 2**20,
+        "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+
+
+def measure_training_memory(args, family: str, size_key: str, batch: int) -> dict:
+    spec = {"family": family, "size": size_key, "batch": batch, "threads": args.threads, "steps": 2}
+    spec["baseline_src"] = args.baseline_src
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(spec)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory worker for {spec} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_resolution(args) -> dict:
+    """Per-image cost vs token count for NEPA and ViT (ViT built for each resolution, same tokens)."""
+    rows = []
+    size = SIZES[args.sizes[0]]
+    batch = args.resolution_batch
+    for resolution in args.resolutions:
+        if resolution % size.patch_size:
+            raise ValueError(f"resolution {resolution} is not a multiple of the patch size {size.patch_size}")
+        torch.manual_seed(0)
+        models = {"vit": build_vit(size, image_size=resolution).eval(), "nepa": build_nepa(size).eval()}
+        pixels = torch.randn(batch, 3, resolution, resolution)
+        with torch.inference_mode():
+            timings = interleaved_timings(
+                {name: (lambda m=model: m(pixels)) for name, model in models.items()}, repeats=args.repeats, warmup=1
+            )
+        analytic = analytic_forward_flops(size, resolution)
+        total = sum(analytic.values())
+        for name in models:
+            seconds = median(timings[name])
+            rows.append(
+                {
+                    "section": "resolution",
+                    "size": args.sizes[0],
+                    "model": name,
+                    "resolution": resolution,
+                    "tokens": size.tokens(resolution),
+                    "batch": batch,
+                    "ms_per_image": seconds / batch * 1e3,
+                    "us_per_token": seconds / batch / size.tokens(resolution) * 1e6,
+                    "attention_flop_share": analytic["attention"] / total,
+                    "gflop_per_image_analytic": total / 1e9,
+                    "spread": spread(timings[name]),
+                }
+            )
+        log(
+            f"resolution {resolution} ({size.tokens(resolution)} tokens): ViT {rows[-2]['ms_per_image']:.0f} ms/img, "
+            f"NEPA {rows[-1]['ms_per_image']:.0f} ms/img, attention {analytic['attention'] / total:.1%} of FLOPs"
+        )
+        del models
+        gc.collect()
+    return {"rows": rows}
+
+
+def run_backends(args) -> dict:
+    """NEPA inference with each attention backend, torch.compile off/on, causal and bidirectional."""
+    rows = []
+    base = SIZES[args.sizes[0]]
+    size = dataclasses.replace(base, num_layers=args.backend_layers or base.num_layers)
+    batch = args.backend_batch
+    pixels = torch.randn(batch, 3, size.image_size, size.image_size)
+    compile_modes = [False, True] if args.compile else [False]
+    cases, compile_seconds = {}, {}
+    for attn in args.backends:
+        for is_causal in (False, True):
+            for compiled in compile_modes:
+                name = f"{attn}{' causal' if is_causal else ''}{' +compile' if compiled else ''}"
+                torch.manual_seed(0)
+                model = build_nepa(size, attn_implementation=attn, is_causal=is_causal).eval()
+                runner = torch.compile(model, fullgraph=True) if compiled else model
+
+                def call(runner=runner):
+                    with torch.inference_mode():
+                        return runner(pixels)
+
+                start = time.perf_counter()
+                try:
+                    call()  # first call: compiles (torch.compile, flex attention's kernel)
+                except Exception as error:  # a backend this torch/CPU cannot run: record why, keep going
+                    rows.append({"section": "backends", "variant": name, "error": f"{type(error).__name__}: {error}"[:300]})
+                    log(f"backend {name}: failed ({type(error).__name__})")
+                    continue
+                compile_seconds[name] = time.perf_counter() - start
+                cases[name] = call
+    timings = interleaved_timings(cases, repeats=args.repeats, warmup=1)
+    reference = median(timings["sdpa"]) if "sdpa" in timings else None
+    for name, values in timings.items():
+        seconds = median(values)
+        rows.append(
+            {
+                "section": "backends",
+                "size": args.sizes[0],
+                "layers": size.num_layers,
+                "variant": name,
+                "batch": batch,
+                "images_per_s": batch / seconds,
+                "speed_vs_sdpa": (reference / seconds) if reference else None,
+                "first_call_s": compile_seconds[name],
+                "spread": spread(values),
+            }
+        )
+        log(f"backend {name}: {batch / seconds:.2f} img/s (first call {compile_seconds[name]:.1f} s)")
+    return {"rows": rows}
+
+
+# -- data pipeline ------------------------------------------------------------------------------------------------
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop within the ratio range)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def fallback_train_transform(image_size: int, resample=Image.BICUBIC) -> Callable[[Image.Image], torch.Tensor]:
+    """Benchmark-local stand-in for the library's per-sample train transform, used only when `nepa_hf.transforms` is
+    absent: RGB -> RandomResizedCrop(scale 0.08-1) -> uint8 (3, H, W) tensor (flip and normalisation run batched)."""
+    rng = random.Random(0)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        box = random_resized_crop_box(*image.size, rng)
+        image = image.resize((image_size, image_size), resample=resample, box=box)
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+    return transform
+
+
+def fallback_batch_augment(hflip_prob: float = 0.5) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Stand-in for the library's batched part: uint8 -> [0, 1] -> random horizontal flip -> normalise (0.5, 0.5)."""
+
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        images = images.float() / 255.0
+        flip = torch.rand(images.shape[0]) < hflip_prob
+        images[flip] = images[flip].flip(-1)
+        return (images - 0.5) / 0.5
+
+    return augment
+
+
+def input_pipelines(image_size: int) -> dict[str, dict]:
+    """The per-sample (DataLoader worker) and batched (main process) parts of each input pipeline.
+
+    Uses the library's `nepa_hf.transforms` (RandomResizedCropTransform, ResizeTransform, BatchAugment) when it
+    exists, otherwise the benchmark-local stand-ins above, and says which in `source`.
+    """
+    try:
+        from nepa_hf import transforms as library
+    except ImportError:
+        library = None
+    mean = std = (0.5, 0.5, 0.5)
+    if library is not None and hasattr(library, "RandomResizedCropTransform") and hasattr(library, "BatchAugment"):
+        source = "nepa_hf.transforms"
+        pretrain_sample = library.RandomResizedCropTransform(image_size, scale=(0.08, 1.0), interpolation="bicubic")
+        pretrain_batch = library.BatchAugment(mean, std, hflip_prob=0.5).train()
+        eval_sample = library.ResizeTransform(image_size)
+        finetune_extra = []
+        with contextlib.suppress(Exception):  # kornia's RandAugment / RandomErasing, as the fine-tuning recipe
+            import kornia.augmentation as K
+            from kornia.augmentation.auto import RandAugment
+
+            finetune_extra = [RandAugment(n=2, m=9), K.RandomErasing(p=0.25)]
+        finetune_batch = library.BatchAugment(mean, std, hflip_prob=0.5, extra=finetune_extra).train()
+        finetune_label = "flip + RandAugment(2, 9) + RandomErasing(0.25), kornia" if finetune_extra else "flip (kornia)"
+    else:
+        source = "benchmark-local stand-in (nepa_hf.transforms not found)"
+        pretrain_sample = fallback_train_transform(image_size)
+        pretrain_batch = fallback_batch_augment()
+        eval_sample = lambda image: torch.from_numpy(  # noqa: E731
+            np.array(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
+        ).permute(2, 0, 1)
+        finetune_batch = None
+        finetune_label = None
+    pipelines = {
+        "pretraining": {
+            "sample": pretrain_sample,
+            "batch": pretrain_batch,
+            "description": f"{source}: decode + RGB + RandomResizedCrop(0.08-1, bicubic) per sample; flip + normalise batched",
+            "consumer": "train",
+        },
+        "evaluation": {
+            "sample": eval_sample,
+            "batch": lambda images: (images.float() / 255.0 - 0.5) / 0.5,
+            "description": f"{source}: decode + RGB + resize {image_size} per sample; normalise batched",
+            "consumer": "inference",
+        },
+    }
+    if finetune_batch is not None:
+        pipelines["fine-tuning"] = {
+            "sample": pretrain_sample,
+            "batch": finetune_batch,
+            "description": f"{source}: decode + RandomResizedCrop per sample; {finetune_label} batched",
+            "consumer": "train",
+        }
+    return pipelines
+
+
+def run_data(args, consumption: dict) -> dict:
+    """Images/s one input worker sustains (one process, one torch thread: decode + per-sample augmentation) and
+    the batched augmentation's cost on the main process, against the model's consumption rate."""
+    from nepa_hf.data import bundled_photo_paths
+
+    rows = []
+    photos = [Path(path).read_bytes() for path in bundled_photo_paths()]
+    image_size = SIZES[args.sizes[0]].image_size
+    threads = torch.get_num_threads()
+    pipelines = input_pipelines(image_size)
+    samples = args.data_samples
+    for name, pipeline in pipelines.items():
+
+        def per_sample(data, transform=pipeline["sample"]):
+            with Image.open(io.BytesIO(data)) as image:
+                return transform(image)
+
+        torch.set_num_threads(1)  # a DataLoader worker runs one torch thread
+        try:
+            outputs = [per_sample(data) for data in photos]  # warm-up
+            per_round = []
+            for _ in range(3):
+                start = time.perf_counter()
+                outputs = [per_sample(photos[index % len(photos)]) for index in range(samples)]
+                per_round.append(samples / (time.perf_counter() - start))
+        finally:
+            torch.set_num_threads(threads)
+        worker_rate = median(per_round)
+        batch = torch.stack(outputs[:16])
+        with torch.no_grad():
+            batch_timings = interleaved_timings({"batch": lambda b=batch: pipeline["batch"](b)}, repeats=5, warmup=1)
+        batched_rate = batch.shape[0] / median(batch_timings["batch"])
+        consumer = consumption.get(pipeline["consumer"])
+        rows.append(
+            {
+                "section": "data",
+                "pipeline": name,
+                "description": pipeline["description"],
+                "images_per_s_per_worker": worker_rate,
+                "batched_images_per_s": batched_rate,
+                "model_images_per_s": consumer,
+                "workers_needed": math.ceil(consumer / worker_rate) if consumer else None,
+            }
+        )
+        log(
+            f"data {name}: {worker_rate:.1f} img/s per worker, batched part {batched_rate:.0f} img/s "
+            f"(model consumes {consumer or float('nan'):.1f} img/s)"
+        )
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def summarize(results: dict) -> dict:
+    """Top-level ratios: equal dims and tokens, the largest batch of the first size."""
+    summary = {}
+    inference = [r for r in results["rows"] if r["section"] == "inference" and r["size"] == results["config"]["sizes"][0]]
+    if inference:
+        batch = max(r["batch"] for r in inference)
+        by_model = {r["model"]: r for r in inference if r["batch"] == batch}
+        summary["inference_ratio_vs_vit"] = by_model["nepa"]["images_per_s"] / by_model["vit"]["images_per_s"]
+        summary["inference_peak_fraction"] = by_model["nepa"]["peak_fraction"]
+        summary["inference_peak_fraction_vit"] = by_model["vit"]["peak_fraction"]
+        summary["inference_batch"] = batch
+    train = [r for r in results["rows"] if r["section"] == "train"]
+    if train:
+        batch = max(r["batch"] for r in train)
+        by_model = {r["model"]: r for r in train if r["batch"] == batch}
+        summary["train_ratio_vs_vit"] = by_model["nepa"]["images_per_s"] / by_model["vit"]["images_per_s"]
+        summary["train_memory_ratio_vs_vit"] = by_model["nepa"]["tensor_peak_mib"] / by_model["vit"]["tensor_peak_mib"]
+        summary["train_rss_ratio_vs_vit"] = by_model["nepa"]["train_memory_mib"] / by_model["vit"]["train_memory_mib"]
+        summary["train_saved_activations_ratio_vs_vit"] = (
+            by_model["nepa"]["saved_activations_mib"] / by_model["vit"]["saved_activations_mib"]
+        )
+        summary["train_batch"] = batch
+        if "nepa-baseline" in by_model:
+            baseline = by_model["nepa-baseline"]
+            summary["baseline_train_ratio_vs_vit"] = baseline["images_per_s"] / by_model["vit"]["images_per_s"]
+            summary["baseline_train_memory_ratio_vs_vit"] = baseline["tensor_peak_mib"] / by_model["vit"]["tensor_peak_mib"]
+            summary["baseline_train_rss_ratio_vs_vit"] = baseline["train_memory_mib"] / by_model["vit"]["train_memory_mib"]
+    if inference:
+        batch = summary["inference_batch"]
+        by_model = {r["model"]: r for r in inference if r["batch"] == batch}
+        if "nepa-baseline" in by_model:
+            summary["baseline_inference_ratio_vs_vit"] = by_model["nepa-baseline"]["images_per_s"] / by_model["vit"]["images_per_s"]
+    return summary
+
+
+def fmt(value, spec=".2f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return format(value, spec)
+
+
+def markdown_report(results: dict) -> str:
+    machine, config, summary = results["machine"], results["config"], results["summary"]
+    rows = results["rows"]
+    lines = [
+        f"# NEPA throughput ({'quick' if config['quick'] else 'full'} run, {results['date']})",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['torch_threads']} torch threads, "
+        f"ISA {'/'.join(machine['isa']) or '-'}; torch {machine['torch']}, transformers {machine['transformers']}, "
+        f"Python {machine['python']}. Load average before/after: {results['loadavg_before']} / {results['loadavg_after']}.",
+        "",
+        "fp32 throughout. Compared models have identical dims and token counts (CLS + patches); NEPA is bidirectional "
+        "unless marked causal. Timings are medians of interleaved repetitions; `spread` = (max - min) / median.",
+        "",
+    ]
+    if summary:
+        lines += ["## Headline", "", "| metric | value | goal |", "|---|---|---|"]
+        goals = {
+            "inference_ratio_vs_vit": ("NEPA / ViT inference images/s", "≥ 0.97", ".3f"),
+            "inference_peak_fraction": ("NEPA inference FLOP/s ÷ matmul peak", "≥ 0.85", ".1%"),
+            "inference_peak_fraction_vit": ("ViT inference FLOP/s ÷ matmul peak (for scale)", "-", ".1%"),
+            "train_ratio_vs_vit": ("NEPA / ViT training images/s", "≥ 0.95", ".3f"),
+            "train_memory_ratio_vs_vit": ("NEPA / ViT training peak tensor memory (profiler)", "≤ 1.05", ".3f"),
+            "train_rss_ratio_vs_vit": ("NEPA / ViT training memory by RSS (VmHWM − RSS before model)", "-", ".3f"),
+            "train_saved_activations_ratio_vs_vit": ("NEPA / ViT bytes saved for backward", "-", ".3f"),
+            "baseline_inference_ratio_vs_vit": ("baseline revision: inference images/s vs ViT", "-", ".3f"),
+            "baseline_train_ratio_vs_vit": ("baseline revision: training images/s vs ViT", "-", ".3f"),
+            "baseline_train_memory_ratio_vs_vit": ("baseline revision: training peak tensor memory vs ViT", "-", ".3f"),
+            "baseline_train_rss_ratio_vs_vit": ("baseline revision: training memory by RSS vs ViT", "-", ".3f"),
+        }
+        for key, (label, goal, spec) in goals.items():
+            if key in summary:
+                lines.append(f"| {label} | {fmt(summary[key], spec)} | {goal} |")
+        batches = [f"{k.split('_')[0]} batch {summary[k]}" for k in ("inference_batch", "train_batch") if k in summary]
+        lines += ["", f"Ratios at the largest batch of the first size ({', '.join(batches)}).", ""]
+
+    def section(name):
+        return [r for r in rows if r["section"] == name]
+
+    if section("peak"):
+        lines += ["## Matmul peak (fp32)", "", "| GEMM | GFLOP/s median | best | spread |", "|---|---|---|---|"]
+        for r in section("peak"):
+            lines.append(f"| {r['shape']} | {fmt(r['gflops_median'], '.1f')} | {fmt(r['gflops_best'], '.1f')} | {fmt(r['spread'], '.0%')} |")
+        lines.append("")
+    if section("inference"):
+        lines += [
+            "## Inference (sdpa, inference_mode)",
+            "",
+            "| size | tokens | batch | model | images/s | vs ViT | GFLOP/img | GFLOP/s | of peak | spread |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        vit_rate = {}
+        for r in section("inference"):
+            if r["model"] == "vit":
+                vit_rate[(r["size"], r["batch"])] = r["images_per_s"]
+        for r in section("inference"):
+            ratio = r["images_per_s"] / vit_rate[(r["size"], r["batch"])]
+            lines.append(
+                f"| {r['size']} | {r['tokens']} | {r['batch']} | {r['model']} | {fmt(r['images_per_s'])} | {fmt(ratio, '.3f')} | "
+                f"{fmt(r['gflop_per_image'], '.1f')} | {fmt(r['achieved_gflops'], '.1f')} | {fmt(r['peak_fraction'], '.1%')} | {fmt(r['spread'], '.0%')} |"
+            )
+        lines += ["", "FLOPs: `torch.utils.flop_counter` (CPU flash-attention ops counted with torch's sdpa formula; causal attention counted in full). Peak: the matmul probe timed in the same rounds.", ""]
+    if section("train"):
+        lines += [
+            "## Training step (forward + backward + AdamW, sdpa)",
+            "",
+            "| size | batch | model | images/s | vs ViT | GFLOP/s | peak tensor MiB | vs ViT | RSS memory MiB | vs ViT | saved for backward MiB | spread |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        vit = {r["batch"]: r for r in section("train") if r["model"] == "vit"}
+        for r in section("train"):
+            v = vit[r["batch"]]
+            lines.append(
+                f"| {r['size']} | {r['batch']} | {r['model']} | {fmt(r['images_per_s'])} | {fmt(r['images_per_s'] / v['images_per_s'], '.3f')} | "
+                f"{fmt(r['achieved_gflops'], '.1f')} | {fmt(r['tensor_peak_mib'], '.0f')} | {fmt(r['tensor_peak_mib'] / v['tensor_peak_mib'], '.3f')} | "
+                f"{fmt(r['train_memory_mib'], '.0f')} | {fmt(r['train_memory_mib'] / v['train_memory_mib'], '.3f')} | "
+                f"{fmt(r['saved_activations_mib'], '.0f')} | {fmt(r['spread'], '.0%')} |"
+            )
+        lines += [
+            "",
+            "Backbones use the same loss (mean square of `last_hidden_state`); `nepa-pretraining` is `NepaForPreTraining` "
+            "(causal, its own loss). Memory is measured in a fresh subprocess per model (2 warm-up steps, then one "
+            "profiled step). Peak tensor memory = weights + AdamW state + the peak of the CPU allocator's running total "
+            "during one step (torch.profiler, `profile_memory=True`: activations, gradients, temporaries). RSS memory = "
+            "process high-water mark (VmHWM) − RSS before the model is built; it also counts allocator fragmentation. "
+            "Saved for backward: distinct storages autograd saves in one forward (parameters excluded).",
+            "",
+        ]
+    if section("resolution"):
+        lines += [
+            "## Cost vs resolution (inference)",
+            "",
+            "| resolution | tokens | model | ms/image | µs/token | attention share of FLOPs |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in section("resolution"):
+            lines.append(
+                f"| {r['resolution']} | {r['tokens']} | {r['model']} | {fmt(r['ms_per_image'], '.1f')} | {fmt(r['us_per_token'], '.0f')} | {fmt(r['attention_flop_share'], '.1%')} |"
+            )
+        lines.append("")
+    if section("backends"):
+        lines += ["## Attention backends and torch.compile (NEPA inference)", "", "| variant | layers | batch | images/s | vs sdpa | first call s |", "|---|---|---|---|---|---|"]
+        for r in section("backends"):
+            if "error" in r:
+                lines.append(f"| {r['variant']} | - | - | failed: {r['error'][:80]} | - | - |")
+            else:
+                lines.append(
+                    f"| {r['variant']} | {r['layers']} | {r['batch']} | {fmt(r['images_per_s'])} | {fmt(r['speed_vs_sdpa'], '.3f')} | {fmt(r['first_call_s'], '.1f')} |"
+                )
+        lines.append("")
+    if section("data"):
+        lines += [
+            "## Input pipeline vs model consumption",
+            "",
+            "| pipeline | per-sample images/s per worker | batched part images/s (main process) | model consumes images/s | workers needed |",
+            "|---|---|---|---|---|",
+        ]
+        for r in section("data"):
+            lines.append(
+                f"| {r['pipeline']} | {fmt(r['images_per_s_per_worker'], '.1f')} | {fmt(r['batched_images_per_s'], '.0f')} | "
+                f"{fmt(r['model_images_per_s'], '.2f')} | {fmt(r['workers_needed'], 'd')} |"
+            )
+        lines += ["", "A worker = one process with one torch thread decoding the bundled JPEG photos (≤ 512 px). The model rate is NEPA's training (pre-/fine-tuning) or inference images/s above."]
+        lines += [""] + [f"- {r['pipeline']}: {r['description']}" for r in section("data")] + [""]
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small, fast run (a few minutes)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
+    parser.add_argument("--sizes", type=lambda s: s.split(","), default=None, help=f"comma list of {sorted(SIZES)}")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--train-batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--resolutions", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--resolution-batch", type=int, default=None)
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=["eager", "sdpa", "flex_attention"])
+    parser.add_argument("--backend-layers", type=int, default=None, help="depth of the model in the backends section")
+    parser.add_argument("--backend-batch", type=int, default=None)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="include torch.compile")
+    parser.add_argument("--causal-rows", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--train-repeats", type=int, default=None)
+    parser.add_argument("--peak-square-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096])
+    parser.add_argument("--data-samples", type=int, default=None)
+    parser.add_argument(
+        "--sections", type=lambda s: s.split(","), default=["peak", "inference", "train", "resolution", "backends", "data"]
+    )
+    parser.add_argument(
+        "--baseline-src",
+        default=None,
+        help="a directory holding another revision's nepa_hf/ package: adds interleaved 'nepa-baseline' rows "
+        "(before/after comparisons), e.g. after `git archive REV src | tar -x -C /tmp/base`: /tmp/base/src",
+    )
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (markdown written next to it)")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {
+        "sizes": ["vit-b16"] if quick else ["vit-b16", "vit-b14"],
+        "batch_sizes": [1, 16] if quick else [1, 16, 32],
+        "train_batch_sizes": [8] if quick else [8, 32],
+        "resolutions": [112, 224, 448] if quick else [112, 160, 224, 320, 448],
+        "resolution_batch": 2 if quick else 4,
+        "backend_layers": 2 if quick else None,
+        "backend_batch": 8 if quick else 16,
+        "compile": not quick,
+        "causal_rows": not quick,
+        "repeats": 3 if quick else 5,
+        "train_repeats": 3 if quick else 4,
+        "data_samples": 21 if quick else 70,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = [s for s in args.sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
+    if args.output is None:
+        args.output = REPO_ROOT / "benchmarks" / "results" / ("throughput-quick.json" if quick else "throughput.json")
+    return args
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    results = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
+        "machine": machine_description(args.threads),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_worker"},
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "rows": [],
+    }
+    start = time.perf_counter()
+    peak = None
+    if "peak" in args.sections or "inference" in args.sections:
+        peak = run_peak(args)
+        results["rows"] += peak["rows"]
+        results["matmul_peak_gflops"] = peak["peak_gflops"]
+        log(f"matmul peak {peak['peak_gflops']:.1f} GFLOP/s ({peak['peak_shape']}) with {args.threads} threads")
+    if "inference" in args.sections:
+        results["rows"] += run_inference(args, peak)["rows"]
+    if "train" in args.sections:
+        results["rows"] += run_train(args)["rows"]
+    if "resolution" in args.sections:
+        results["rows"] += run_resolution(args)["rows"]
+    if "backends" in args.sections:
+        results["rows"] += run_backends(args)["rows"]
+    if "data" in args.sections:
+        consumption = {}
+        train_rows = [r for r in results["rows"] if r["section"] == "train" and r["model"] == "nepa"]
+        inference_rows = [r for r in results["rows"] if r["section"] == "inference" and r["model"] == "nepa"]
+        if train_rows:
+            consumption["train"] = max(train_rows, key=lambda r: r["batch"])["images_per_s"]
+        if inference_rows:
+            consumption["inference"] = max(inference_rows, key=lambda r: r["batch"])["images_per_s"]
+        results["rows"] += run_data(args, consumption)["rows"]
+    results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    results["wall_seconds"] = time.perf_counter() - start
+    results["summary"] = summarize(results)
+    results.update(results["summary"])  # the top-level numeric keys
+    return results
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.memory_worker is not None:
+        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return {}
+    results = run(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    markdown = markdown_report(results)
+    args.output.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+    log(f"wrote {args.output} and {args.output.with_suffix('.md')} in {results['wall_seconds'] / 60:.1f} min")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Smoke tests of the throughput benchmark's helpers on a tiny config (the benchmark itself is not part of the suite)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("nepa_throughput_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_interleaved_timings_rotate_the_order(bench):
+    calls = []
+    cases = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    timings = bench.interleaved_timings(cases, repeats=3, warmup=1)
+    assert {name: len(values) for name, values in timings.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+
+
+@pytest.mark.parametrize("family", ["vit", "nepa"])
+def test_flop_counter_counts_attention_and_matches_the_analytic_count(bench, family):
+    size = bench.SIZES["tiny"]
+    model = (bench.build_vit(size) if family == "vit" else bench.build_nepa(size)).eval()
+    with torch.inference_mode():
+        counted = bench.count_flops(lambda: model(torch.randn(1, 3, size.image_size, size.image_size)))
+    assert counted == sum(bench.analytic_forward_flops(size).values())
+
+
+def test_memory_helpers_on_a_training_step(bench):
+    size = bench.SIZES["tiny"]
+    model = bench.build_nepa(size).train()
+    optimizer = bench.make_optimizer(model)
+    pixels = torch.randn(4, 3, size.image_size, size.image_size)
+    step = bench._train_step_fn(model, pixels, optimizer, "nepa")
+    step()
+    saved = bench.saved_activation_bytes(model, lambda: model(pixels).last_hidden_state)
+    peak = bench.profiled_step_peak_bytes(model, optimizer, step)
+    gradients = sum(p.numel() * 4 for p in model.parameters())
+    # The step's peak holds at least the saved activations, and later all the gradients.
+    assert peak >= max(saved, gradients) > 0
+
+
+def test_input_pipelines_produce_model_inputs(bench):
+    pipelines = bench.input_pipelines(32)
+    image = Image.new("RGB", (64, 48), (200, 100, 50))
+    for name, pipeline in pipelines.items():
+        sample = pipeline["sample"](image)
+        assert sample.dtype == torch.uint8 and sample.shape == (3, 32, 32), name
+        batch = pipeline["batch"](torch.stack([sample, sample]))
+        assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32, name
+        assert -1.0 - 1e-6 <= batch.min() and batch.max() <= 1.0 + 1e-6, name
+
+
+def test_quick_style_run_writes_the_headline_keys(bench, tmp_path):
+    output = tmp_path / "throughput.json"
+    args = bench.parse_args(
+        [
+            "--quick", "--sizes", "tiny", "--batch-sizes", "2", "--sections", "peak,inference",
+            "--peak-square-sizes", "64", "--repeats", "1", "--threads", "1", "--output", str(output),
+        ]
+    )
+    results = bench.run(args)
+    assert 0 < results["inference_ratio_vs_vit"] < 100
+    assert 0 < results["inference_peak_fraction"]
+    markdown = bench.markdown_report(results)
+    assert "NEPA / ViT inference images/s" in markdown and "| tiny | 17 | 2 | nepa |" in markdown
+    json.dumps(results)  # serialisable
