@@ -61,7 +61,7 @@ def finetune_arguments(source: list[str], output_dir: str, args) -> list[str]:
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "250",
         "--learning_rate", "1e-3", "--ema_decay", "0.99", "--rand_augment", "none", "--random_erasing_prob", "0",
         "--mixup_alpha", "0", "--cutmix_alpha", "0", "--save_strategy", "no", "--logging_steps", "10",
-        "--report_to", "none", "--use_cpu", "true", "--seed", str(args.seed), "--overwrite_output_dir", "true",
+        "--report_to", "none", "--use_cpu", "true", "--seed", str(args.seed),
     ]
 
 
