@@ -42,7 +42,8 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from nepa_hf import NepaConfig, NepaForSemanticSegmentation, NepaImageProcessorPil
 from nepa_hf.evaluation import local_metric_path
-from nepa_hf.segmentation import segmentation_layer_decay_param_groups, sliding_window_inference, whole_inference
+from nepa_hf.finetuning import layer_decay_parameter_groups
+from nepa_hf.segmentation import sliding_window_inference, whole_inference
 from nepa_hf.segmentation_data import (
     FASHION_SCENES_LABELS,
     fashion_scenes_dataset,
@@ -295,7 +296,7 @@ def main():
     class SegmentationTrainer(Trainer):
         def create_optimizer(self, model=None):
             if self.optimizer is None:
-                groups = segmentation_layer_decay_param_groups(
+                groups = layer_decay_parameter_groups(  # the same rule as classification fine-tuning
                     model or self.model, self.args.learning_rate, self.args.weight_decay, model_args.layer_decay
                 )
                 optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from nepa_hf.evaluation import local_metric_path
+from nepa_hf.finetuning import layer_decay_parameter_groups
 from nepa_hf import (
     NepaBackbone,
     NepaConfig,
@@ -36,7 +37,6 @@ from nepa_hf import (
     default_backbone_out_indices,
 )
 from nepa_hf.segmentation import (
-    segmentation_layer_decay_param_groups,
     sliding_window_inference,
     whole_inference,
 )
@@ -486,7 +486,7 @@ def test_sliding_window_stitches_overlapping_windows():
 
 def test_layer_decay_param_groups():
     model = NepaForSemanticSegmentation(tiny_config())
-    groups = segmentation_layer_decay_param_groups(model, learning_rate=1.0, weight_decay=0.05, layer_decay=0.5)
+    groups = layer_decay_parameter_groups(model, learning_rate=1.0, weight_decay=0.05, layer_decay=0.5)
     by_parameter = {id(p): group for group in groups for p in group["params"]}
     named = dict(model.named_parameters())
     assert len(by_parameter) == len(named) == sum(len(g["params"]) for g in groups)
@@ -501,7 +501,7 @@ def test_layer_decay_param_groups():
                  "nepa.encoder.layers.1.layer_scale1.lambda1", "decode_head.fpn_bottleneck.1.weight"):
         assert decay[name] == 0.0, name
     # The same rule for transformers' UperNet on a NEPA backbone.
-    upernet_groups = segmentation_layer_decay_param_groups(UperNetForSemanticSegmentation(tiny_upernet_config()), 1.0)
+    upernet_groups = layer_decay_parameter_groups(UperNetForSemanticSegmentation(tiny_upernet_config()), 1.0)
     assert min(group["lr"] for group in upernet_groups) == pytest.approx(0.65**4)
 
 

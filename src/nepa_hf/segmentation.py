@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["whole_inference", "sliding_window_inference", "segmentation_layer_decay_param_groups"]
+__all__ = ["whole_inference", "sliding_window_inference"]
 
 
 def _patch_size(model: nn.Module) -> int:
@@ -74,53 +74,3 @@ def sliding_window_inference(
     return logits_sum / counts
 
 
-def _find_nepa_trunk(model: nn.Module) -> tuple[str, nn.Module]:
-    """(prefix, module) of the NEPA trunk: `nepa` (NepaForSemanticSegmentation) or `backbone` (UperNet)."""
-    for prefix in ("nepa", "backbone", ""):
-        module = getattr(model, prefix, None) if prefix else model
-        if module is not None and hasattr(module, "embeddings") and hasattr(getattr(module, "encoder", None), "layers"):
-            return prefix, module
-    raise ValueError(
-        f"{type(model).__name__} has no NEPA trunk (a `nepa` or `backbone` attribute with `embeddings` and "
-        "`encoder.layers`): layer-wise lr decay needs one."
-    )
-
-
-def segmentation_layer_decay_param_groups(
-    model: nn.Module, learning_rate: float, weight_decay: float = 0.05, layer_decay: float = 0.65
-) -> list[dict]:
-    """AdamW param groups with layer-wise lr decay for a segmentation model with a NEPA backbone.
-
-    Same rule as the reference classification fine-tuning: with L blocks, block i gets lr factor
-    `layer_decay ** (L - 1 - i)`, the embeddings `layer_decay ** L`, everything else (the backbone's final norm,
-    neck, decode and auxiliary heads) 1. No weight decay on 1-D parameters (biases, norms, LayerScale) and on the
-    CLS / mask tokens. Each group carries `lr` (= learning_rate * factor), `lr_scale` and `weight_decay`.
-
-    Note: a general fine-tuning version of this rule belongs in the fine-tuning library; this one is specific to
-    segmentation models (trunk under `nepa` or `backbone`).
-    """
-    prefix, trunk = _find_nepa_trunk(model)
-    prefix = f"{prefix}." if prefix else ""
-    num_layers = len(trunk.encoder.layers)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if name.startswith(f"{prefix}embeddings."):
-            layer_id = 0
-        elif name.startswith(f"{prefix}encoder.layers."):
-            layer_id = int(name[len(f"{prefix}encoder.layers.") :].split(".")[0]) + 1
-        else:
-            layer_id = num_layers
-        no_decay = parameter.ndim <= 1 or name.endswith(("cls_token", "mask_token"))
-        key = (layer_id, no_decay)
-        if key not in groups:
-            scale = layer_decay ** (num_layers - layer_id)
-            groups[key] = {
-                "params": [],
-                "lr": learning_rate * scale,
-                "lr_scale": scale,
-                "weight_decay": 0.0 if no_decay else weight_decay,
-            }
-        groups[key]["params"].append(parameter)
-    return [groups[key] for key in sorted(groups)]
