@@ -661,6 +661,44 @@ class NepaPreTrainedModel(PreTrainedModel):
             # Non-persistent buffer: recomputed here, otherwise garbage after from_pretrained (meta-device load).
             init.copy_(module.inv_freq, NepaRopePositionEmbedding.compute_inv_freq(self.config))
 
+    def _attention_backend_for_call(self, kwargs: dict) -> str:
+        """Only eager attention materialises attention maps: use it for calls that ask for them."""
+        implementation = self.config._attn_implementation
+        if kwargs.get("output_attentions", self.config.output_attentions) and implementation != "eager":
+            logger.warning_once(
+                f"output_attentions=True: computing this call with eager attention instead of {implementation!r}, "
+                "which cannot return attention maps. Load with attn_implementation='eager' to silence this."
+            )
+            return "eager"
+        return implementation
+
+    def _run_trunk(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, is_causal: bool | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings, RoPE and blocks (before the final norm), for models holding the trunk's submodules directly
+        (`NepaModel`, `NepaBackbone`). Returns (hidden states, clean input embeddings)."""
+        self._check_pixel_values(pixel_values)
+        is_causal = self.config.is_causal if is_causal is None else is_causal
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        hidden_states, input_embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+        patch = self.config.patch_size
+        grid_h, grid_w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+        position_embeddings = self.rope_embeddings(grid_h, grid_w, hidden_states.device, hidden_states.dtype)
+        attn_implementation = self._attention_backend_for_call(kwargs)
+        attention_mask = build_attention_mask(
+            attn_implementation, is_causal, hidden_states.shape[1], hidden_states.dtype, hidden_states.device
+        )
+        hidden_states = self.encoder(
+            hidden_states,
+            position_embeddings,
+            attention_mask=attention_mask,
+            is_causal=is_causal,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+        return hidden_states, input_embeddings
+
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
         config = self.config
         if pixel_values is None:
@@ -700,17 +738,6 @@ class NepaModel(NepaPreTrainedModel):
     def get_input_embeddings(self) -> NepaPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    def _attention_backend_for_call(self, kwargs: dict) -> str:
-        """Only eager attention materialises attention maps: use it for calls that ask for them."""
-        implementation = self.config._attn_implementation
-        if kwargs.get("output_attentions", self.config.output_attentions) and implementation != "eager":
-            logger.warning_once(
-                f"output_attentions=True: computing this call with eager attention instead of {implementation!r}, "
-                "which cannot return attention maps. Load with attn_implementation='eager' to silence this."
-            )
-            return "eager"
-        return implementation
-
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
@@ -724,26 +751,7 @@ class NepaModel(NepaPreTrainedModel):
         bool_masked_pos: (batch, num_patches) bool; True replaces that patch's input with the mask token.
         is_causal: override `config.is_causal` for this call.
         """
-        self._check_pixel_values(pixel_values)
-        is_causal = self.config.is_causal if is_causal is None else is_causal
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden_states, input_embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-
-        patch = self.config.patch_size
-        grid_h, grid_w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
-        position_embeddings = self.rope_embeddings(grid_h, grid_w, hidden_states.device, hidden_states.dtype)
-        attn_implementation = self._attention_backend_for_call(kwargs)
-        attention_mask = build_attention_mask(
-            attn_implementation, is_causal, hidden_states.shape[1], hidden_states.dtype, hidden_states.device
-        )
-        hidden_states = self.encoder(
-            hidden_states,
-            position_embeddings,
-            attention_mask=attention_mask,
-            is_causal=is_causal,
-            attn_implementation=attn_implementation,
-            **kwargs,
-        )
+        hidden_states, input_embeddings = self._run_trunk(pixel_values, bool_masked_pos, is_causal, **kwargs)
         sequence_output = self.norm(hidden_states)
         if self.config.pooling == "mean":
             pooled_output = sequence_output[:, 1:].mean(dim=1)

@@ -24,7 +24,6 @@ from .modeling_nepa import (
     NepaPatchEmbeddings,
     NepaPreTrainedModel,
     NepaRopePositionEmbedding,
-    build_attention_mask,
     can_return_tuple,
     capture_outputs,
 )
@@ -98,38 +97,10 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     def get_input_embeddings(self) -> NepaPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    def _attention_backend_for_call(self, kwargs: dict) -> str:
-        # Only eager attention materialises attention maps (same rule as NepaModel).
-        implementation = self.config._attn_implementation
-        if kwargs.get("output_attentions", self.config.output_attentions) and implementation != "eager":
-            logger.warning_once(
-                f"output_attentions=True: computing this call with eager attention instead of {implementation!r}."
-            )
-            return "eager"
-        return implementation
-
     @capture_outputs(tie_last_hidden_states=False)
     def _encode(self, pixel_values: torch.Tensor, is_causal: bool | None = None, **kwargs) -> BaseModelOutput:
         """The NepaModel trunk without pooling; `capture_outputs` collects per-block hidden states / attentions."""
-        self._check_pixel_values(pixel_values)
-        is_causal = self.config.is_causal if is_causal is None else is_causal
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden_states, _ = self.embeddings(pixel_values)
-        patch = self.config.patch_size
-        grid_h, grid_w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
-        position_embeddings = self.rope_embeddings(grid_h, grid_w, hidden_states.device, hidden_states.dtype)
-        attn_implementation = self._attention_backend_for_call(kwargs)
-        attention_mask = build_attention_mask(
-            attn_implementation, is_causal, hidden_states.shape[1], hidden_states.dtype, hidden_states.device
-        )
-        hidden_states = self.encoder(
-            hidden_states,
-            position_embeddings,
-            attention_mask=attention_mask,
-            is_causal=is_causal,
-            attn_implementation=attn_implementation,
-            **kwargs,
-        )
+        hidden_states, _ = self._run_trunk(pixel_values, is_causal=is_causal, **kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
     @can_return_tuple
