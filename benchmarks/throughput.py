@@ -13,6 +13,7 @@ Sections (select with --sections):
               achieved model FLOP/s as a fraction of the matmul peak (re-measured inside the same rounds).
   train       forward + backward + AdamW step images/s, and peak memory measured in a fresh subprocess per model.
   resolution  cost per image vs token count (112 -> 448 pixels): the attention term.
+  profile     torch.profiler breakdown of one forward per model: which op groups take the time.
   backends    NEPA with eager / sdpa / flex attention, torch.compile off and on, causal and bidirectional.
   data        images/s one input-pipeline worker sustains (decode + augment) vs the model's consumption rate.
 
@@ -171,21 +172,27 @@ def build_nepa_baseline(size: ModelSize, source_dir: str, attn_implementation: s
 
 
 def interleaved_timings(
-    cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+    cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, cpu_timings: dict | None = None
 ) -> dict[str, list[float]]:
     """Wall-clock seconds of each case, `repeats` times, interleaved; the order rotates every round so that no case
-    is always first (cold) or last. Warm-up calls are not recorded."""
+    is always first (cold) or last. Warm-up calls are not recorded. `cpu_timings`, if given, receives the process
+    CPU seconds of the same calls (with one thread, a measure of the work that other load on the machine barely
+    disturbs)."""
     names = list(cases)
     for _ in range(warmup):
         for name in names:
             cases[name]()
     timings: dict[str, list[float]] = {name: [] for name in names}
+    if cpu_timings is not None:
+        cpu_timings.update({name: [] for name in names})
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             cases[name]()
             timings[name].append(time.perf_counter() - start)
+            if cpu_timings is not None:
+                cpu_timings[name].append(time.process_time() - cpu_start)
     return timings
 
 
@@ -327,11 +334,12 @@ def run_inference(args, peak: dict) -> dict:
             "vit": build_vit(size).eval(),
             "nepa": build_nepa(size).eval(),
         }
-        if args.causal_rows:
+        first_size = size_key == args.sizes[0]  # extra rows and all batch sizes for the first size only
+        if args.causal_rows and first_size:
             models["nepa-causal"] = build_nepa(size, is_causal=True).eval()
-        if args.baseline_src:
+        if args.baseline_src and first_size:
             models["nepa-baseline"] = build_nepa_baseline(size, args.baseline_src).eval()
-        batch_sizes = args.batch_sizes if size_key == args.sizes[0] else [max(args.batch_sizes)]
+        batch_sizes = args.batch_sizes if first_size else [max(args.batch_sizes)]
         for batch in batch_sizes:
             pixels = torch.randn(batch, 3, size.image_size, size.image_size)
             flops = {}
@@ -341,7 +349,8 @@ def run_inference(args, peak: dict) -> dict:
 
                 cases = {name: (lambda m=model: m(pixels)) for name, model in models.items()}
                 cases["matmul-peak"] = probe_fn
-                timings = interleaved_timings(cases, repeats=args.repeats, warmup=1)
+                cpu_timings: dict[str, list[float]] = {}
+                timings = interleaved_timings(cases, repeats=args.repeats, warmup=1, cpu_timings=cpu_timings)
             peak_gflops = probe_flops / median(timings["matmul-peak"]) / 1e9
             for name in models:
                 seconds = median(timings[name])
@@ -357,6 +366,7 @@ def run_inference(args, peak: dict) -> dict:
                         "images_per_s": batch / seconds,
                         "seconds_median": seconds,
                         "spread": spread(timings[name]),
+                        "images_per_cpu_s": batch / median(cpu_timings[name]),
                         "gflop_per_image": flops[name] / batch / 1e9,
                         "achieved_gflops": achieved,
                         "peak_gflops_same_rounds": peak_gflops,
@@ -431,7 +441,8 @@ def run_train(args) -> dict:
 
             flops[family] = count_flops(fwd_bwd) * batch
             model.zero_grad(set_to_none=True)
-        timings = interleaved_timings(cases, repeats=args.train_repeats, warmup=1)
+        cpu_timings: dict[str, list[float]] = {}
+        timings = interleaved_timings(cases, repeats=args.train_repeats, warmup=1, cpu_timings=cpu_timings)
         del cases, optimizers, models
         gc.collect()
         memory = {family: measure_training_memory(args, family, size_key, batch) for family in families}
@@ -447,6 +458,7 @@ def run_train(args) -> dict:
                     "images_per_s": batch / seconds,
                     "seconds_median": seconds,
                     "spread": spread(timings[family]),
+                    "images_per_cpu_s": batch / median(cpu_timings[family]),
                     "gflop_per_image": flops[family] / batch / 1e9,
                     "achieved_gflops": flops[family] / seconds / 1e9,
                     **memory[family],
@@ -518,10 +530,11 @@ def memory_worker(spec: dict) -> dict:
     optimizer = make_optimizer(model)
     pixels = torch.randn(spec["batch"], 3, size.image_size, size.image_size)
     step = _train_step_fn(model, pixels, optimizer, family)
-    for _ in range(spec["steps"]):
+    for _ in range(spec["steps"] - 1):
         step()
-    peak_kib = _status_kib("VmHWM")
+    # The last step runs with the AdamW state allocated, so its backward is the process's high-water mark.
     step_peak = profiled_step_peak_bytes(model, optimizer, step)
+    peak_kib = _status_kib("VmHWM")
     state_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
     )
@@ -594,6 +607,78 @@ def run_resolution(args) -> dict:
     return {"rows": rows}
 
 
+def op_category(name: str) -> str:
+    """Group ATen ops into what a ViT block spends time on."""
+    name = name.replace("aten::", "")
+    groups = {
+        "matmul (linear layers)": ("addmm", "mm", "bmm", "linear", "matmul"),
+        "attention kernel": ("_scaled_dot_product", "scaled_dot_product", "_efficient_attention", "_flash_attention"),
+        "bias broadcast / copies": ("copy_", "clone", "contiguous", "_to_copy", "cat", "index_select"),
+        "layer norm": ("native_layer_norm", "layer_norm"),
+        "gelu": ("gelu",),
+        "elementwise (add/mul/addcmul/neg)": ("add", "mul", "addcmul", "neg", "sub", "div"),
+        "softmax (eager attention)": ("softmax", "_softmax"),
+        "patch embedding": ("convolution", "mkldnn_convolution", "conv2d"),
+    }
+    for group, prefixes in groups.items():
+        if name.startswith(prefixes):
+            return group
+    return "other"
+
+
+def run_profile(args) -> dict:
+    """Where the time goes: torch.profiler self CPU time per op group for one inference forward of each model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    size_key = args.sizes[0]
+    size = SIZES[size_key]
+    batch = args.profile_batch
+    torch.manual_seed(0)
+    models = {"vit": build_vit(size).eval(), "nepa": build_nepa(size).eval()}
+    if args.baseline_src:
+        models["nepa-baseline"] = build_nepa_baseline(size, args.baseline_src).eval()
+    pixels = torch.randn(batch, 3, size.image_size, size.image_size)
+    # Interleaved like the timings; per op group the smallest of the repetitions (least disturbed by other load).
+    best: dict[str, dict[str, float]] = {name: {} for name in models}
+    calls: dict[str, dict[str, int]] = {name: {} for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(pixels)
+        for _ in range(args.profile_repeats):
+            for name, model in models.items():
+                with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                    model(pixels)
+                totals: dict[str, float] = {}
+                counts: dict[str, int] = {}
+                for event in profiler.key_averages():
+                    if event.self_cpu_time_total <= 0 or not event.key.startswith("aten::"):
+                        continue
+                    group = op_category(event.key)
+                    totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total / 1e3
+                    counts[group] = counts.get(group, 0) + event.count
+                for group, value in totals.items():
+                    best[name][group] = min(best[name].get(group, float("inf")), value)
+                    calls[name][group] = counts[group]
+    for name in models:
+        total = sum(best[name].values())
+        for group, milliseconds in sorted(best[name].items(), key=lambda item: -item[1]):
+            rows.append(
+                {
+                    "section": "profile",
+                    "size": size_key,
+                    "model": name,
+                    "batch": batch,
+                    "op_group": group,
+                    "ms": milliseconds,
+                    "share": milliseconds / total,
+                    "calls": calls[name][group],
+                }
+            )
+        log(f"profile {name}: {total:.0f} ms of ATen self time per forward (batch {batch})")
+    return {"rows": rows}
+
+
 def run_backends(args) -> dict:
     """NEPA inference with each attention backend, torch.compile off/on, causal and bidirectional."""
     rows = []
@@ -601,11 +686,11 @@ def run_backends(args) -> dict:
     size = dataclasses.replace(base, num_layers=args.backend_layers or base.num_layers)
     batch = args.backend_batch
     pixels = torch.randn(batch, 3, size.image_size, size.image_size)
-    compile_modes = [False, True] if args.compile else [False]
     cases, compile_seconds = {}, {}
     for attn in args.backends:
         for is_causal in (False, True):
-            for compiled in compile_modes:
+            # torch.compile for sdpa only: flex attention is compiled either way, eager is the slow reference.
+            for compiled in [False, True] if (args.compile and attn == "sdpa") else [False]:
                 name = f"{attn}{' causal' if is_causal else ''}{' +compile' if compiled else ''}"
                 torch.manual_seed(0)
                 model = build_nepa(size, attn_implementation=attn, is_causal=is_causal).eval()
@@ -821,6 +906,7 @@ def summarize(results: dict) -> dict:
         batch = max(r["batch"] for r in inference)
         by_model = {r["model"]: r for r in inference if r["batch"] == batch}
         summary["inference_ratio_vs_vit"] = by_model["nepa"]["images_per_s"] / by_model["vit"]["images_per_s"]
+        summary["inference_cpu_time_ratio_vs_vit"] = by_model["nepa"]["images_per_cpu_s"] / by_model["vit"]["images_per_cpu_s"]
         summary["inference_peak_fraction"] = by_model["nepa"]["peak_fraction"]
         summary["inference_peak_fraction_vit"] = by_model["vit"]["peak_fraction"]
         summary["inference_batch"] = batch
@@ -829,6 +915,7 @@ def summarize(results: dict) -> dict:
         batch = max(r["batch"] for r in train)
         by_model = {r["model"]: r for r in train if r["batch"] == batch}
         summary["train_ratio_vs_vit"] = by_model["nepa"]["images_per_s"] / by_model["vit"]["images_per_s"]
+        summary["train_cpu_time_ratio_vs_vit"] = by_model["nepa"]["images_per_cpu_s"] / by_model["vit"]["images_per_cpu_s"]
         summary["train_memory_ratio_vs_vit"] = by_model["nepa"]["tensor_peak_mib"] / by_model["vit"]["tensor_peak_mib"]
         summary["train_rss_ratio_vs_vit"] = by_model["nepa"]["train_memory_mib"] / by_model["vit"]["train_memory_mib"]
         summary["train_saved_activations_ratio_vs_vit"] = (
@@ -876,9 +963,11 @@ def markdown_report(results: dict) -> str:
         lines += ["## Headline", "", "| metric | value | goal |", "|---|---|---|"]
         goals = {
             "inference_ratio_vs_vit": ("NEPA / ViT inference images/s", "≥ 0.97", ".3f"),
+            "inference_cpu_time_ratio_vs_vit": ("same, by process CPU time (load-robust with 1 thread)", "-", ".3f"),
             "inference_peak_fraction": ("NEPA inference FLOP/s ÷ matmul peak", "≥ 0.85", ".1%"),
             "inference_peak_fraction_vit": ("ViT inference FLOP/s ÷ matmul peak (for scale)", "-", ".1%"),
             "train_ratio_vs_vit": ("NEPA / ViT training images/s", "≥ 0.95", ".3f"),
+            "train_cpu_time_ratio_vs_vit": ("same, by process CPU time (load-robust with 1 thread)", "-", ".3f"),
             "train_memory_ratio_vs_vit": ("NEPA / ViT training peak tensor memory (profiler)", "≤ 1.05", ".3f"),
             "train_rss_ratio_vs_vit": ("NEPA / ViT training memory by RSS (VmHWM − RSS before model)", "-", ".3f"),
             "train_saved_activations_ratio_vs_vit": ("NEPA / ViT bytes saved for backward", "-", ".3f"),
@@ -905,17 +994,16 @@ def markdown_report(results: dict) -> str:
         lines += [
             "## Inference (sdpa, inference_mode)",
             "",
-            "| size | tokens | batch | model | images/s | vs ViT | GFLOP/img | GFLOP/s | of peak | spread |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| size | tokens | batch | model | images/s | vs ViT | vs ViT by CPU time | GFLOP/img | GFLOP/s | of peak | spread |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        vit_rate = {}
+        vit_row = {(r["size"], r["batch"]): r for r in section("inference") if r["model"] == "vit"}
         for r in section("inference"):
-            if r["model"] == "vit":
-                vit_rate[(r["size"], r["batch"])] = r["images_per_s"]
-        for r in section("inference"):
-            ratio = r["images_per_s"] / vit_rate[(r["size"], r["batch"])]
+            v = vit_row[(r["size"], r["batch"])]
+            ratio = r["images_per_s"] / v["images_per_s"]
+            cpu_ratio = r["images_per_cpu_s"] / v["images_per_cpu_s"]
             lines.append(
-                f"| {r['size']} | {r['tokens']} | {r['batch']} | {r['model']} | {fmt(r['images_per_s'])} | {fmt(ratio, '.3f')} | "
+                f"| {r['size']} | {r['tokens']} | {r['batch']} | {r['model']} | {fmt(r['images_per_s'])} | {fmt(ratio, '.3f')} | {fmt(cpu_ratio, '.3f')} | "
                 f"{fmt(r['gflop_per_image'], '.1f')} | {fmt(r['achieved_gflops'], '.1f')} | {fmt(r['peak_fraction'], '.1%')} | {fmt(r['spread'], '.0%')} |"
             )
         lines += ["", "FLOPs: `torch.utils.flop_counter` (CPU flash-attention ops counted with torch's sdpa formula; causal attention counted in full). Peak: the matmul probe timed in the same rounds.", ""]
@@ -923,14 +1011,15 @@ def markdown_report(results: dict) -> str:
         lines += [
             "## Training step (forward + backward + AdamW, sdpa)",
             "",
-            "| size | batch | model | images/s | vs ViT | GFLOP/s | peak tensor MiB | vs ViT | RSS memory MiB | vs ViT | saved for backward MiB | spread |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| size | batch | model | images/s | vs ViT | vs ViT by CPU time | GFLOP/s | peak tensor MiB | vs ViT | RSS memory MiB | vs ViT | saved for backward MiB | spread |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         vit = {r["batch"]: r for r in section("train") if r["model"] == "vit"}
         for r in section("train"):
             v = vit[r["batch"]]
             lines.append(
                 f"| {r['size']} | {r['batch']} | {r['model']} | {fmt(r['images_per_s'])} | {fmt(r['images_per_s'] / v['images_per_s'], '.3f')} | "
+                f"{fmt(r['images_per_cpu_s'] / v['images_per_cpu_s'], '.3f')} | "
                 f"{fmt(r['achieved_gflops'], '.1f')} | {fmt(r['tensor_peak_mib'], '.0f')} | {fmt(r['tensor_peak_mib'] / v['tensor_peak_mib'], '.3f')} | "
                 f"{fmt(r['train_memory_mib'], '.0f')} | {fmt(r['train_memory_mib'] / v['train_memory_mib'], '.3f')} | "
                 f"{fmt(r['saved_activations_mib'], '.0f')} | {fmt(r['spread'], '.0%')} |"
@@ -938,8 +1027,8 @@ def markdown_report(results: dict) -> str:
         lines += [
             "",
             "Backbones use the same loss (mean square of `last_hidden_state`); `nepa-pretraining` is `NepaForPreTraining` "
-            "(causal, its own loss). Memory is measured in a fresh subprocess per model (2 warm-up steps, then one "
-            "profiled step). Peak tensor memory = weights + AdamW state + the peak of the CPU allocator's running total "
+            "(causal, its own loss). Memory is measured in a fresh subprocess per model (one step, then a profiled step "
+            "whose backward, with the AdamW state allocated, is the high-water mark). Peak tensor memory = weights + AdamW state + the peak of the CPU allocator's running total "
             "during one step (torch.profiler, `profile_memory=True`: activations, gradients, temporaries). RSS memory = "
             "process high-water mark (VmHWM) − RSS before the model is built; it also counts allocator fragmentation. "
             "Saved for backward: distinct storages autograd saves in one forward (parameters excluded).",
@@ -957,6 +1046,26 @@ def markdown_report(results: dict) -> str:
                 f"| {r['resolution']} | {r['tokens']} | {r['model']} | {fmt(r['ms_per_image'], '.1f')} | {fmt(r['us_per_token'], '.0f')} | {fmt(r['attention_flop_share'], '.1%')} |"
             )
         lines.append("")
+    if section("profile"):
+        profile_rows = section("profile")
+        models = list(dict.fromkeys(r["model"] for r in profile_rows))
+        groups = list(dict.fromkeys(r["op_group"] for r in profile_rows))
+        table = {(r["model"], r["op_group"]): r for r in profile_rows}
+        lines += [
+            f"## Where the time goes (torch.profiler, one inference forward, batch {profile_rows[0]['batch']})",
+            "",
+            "| op group | " + " | ".join(f"{m} ms (calls)" for m in models) + " |",
+            "|---|" + "---|" * len(models),
+        ]
+        for group in groups:
+            cells = []
+            for m in models:
+                r = table.get((m, group))
+                cells.append(f"{r['ms']:.0f} ({r['calls']})" if r else "-")
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
+        totals = [sum(r["ms"] for r in profile_rows if r["model"] == m) for m in models]
+        lines += ["| **total** | " + " | ".join(f"**{t:.0f}**" for t in totals) + " |", ""]
+        lines += ["Self CPU time of ATen ops, per group the minimum over interleaved repetitions.", ""]
     if section("backends"):
         lines += ["## Attention backends and torch.compile (NEPA inference)", "", "| variant | layers | batch | images/s | vs sdpa | first call s |", "|---|---|---|---|---|---|"]
         for r in section("backends"):
@@ -1007,8 +1116,12 @@ def parse_args(argv=None):
     parser.add_argument("--peak-square-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096])
     parser.add_argument("--data-samples", type=int, default=None)
     parser.add_argument(
-        "--sections", type=lambda s: s.split(","), default=["peak", "inference", "train", "resolution", "backends", "data"]
+        "--sections",
+        type=lambda s: s.split(","),
+        default=["peak", "inference", "train", "resolution", "profile", "backends", "data"],
     )
+    parser.add_argument("--profile-batch", type=int, default=None)
+    parser.add_argument("--profile-repeats", type=int, default=None)
     parser.add_argument(
         "--baseline-src",
         default=None,
@@ -1022,16 +1135,18 @@ def parse_args(argv=None):
     defaults = {
         "sizes": ["vit-b16"] if quick else ["vit-b16", "vit-b14"],
         "batch_sizes": [1, 16] if quick else [1, 16, 32],
-        "train_batch_sizes": [8] if quick else [8, 32],
+        "train_batch_sizes": [8] if quick else [32],
         "resolutions": [112, 224, 448] if quick else [112, 160, 224, 320, 448],
         "resolution_batch": 2 if quick else 4,
-        "backend_layers": 2 if quick else None,
+        "backend_layers": 2 if quick else 4,
         "backend_batch": 8 if quick else 16,
         "compile": not quick,
         "causal_rows": not quick,
         "repeats": 3 if quick else 5,
-        "train_repeats": 3 if quick else 4,
+        "train_repeats": 3,
         "data_samples": 21 if quick else 70,
+        "profile_batch": 8 if quick else 16,
+        "profile_repeats": 2 if quick else 3,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -1067,6 +1182,8 @@ def run(args) -> dict:
         results["rows"] += run_train(args)["rows"]
     if "resolution" in args.sections:
         results["rows"] += run_resolution(args)["rows"]
+    if "profile" in args.sections:
+        results["rows"] += run_profile(args)["rows"]
     if "backends" in args.sections:
         results["rows"] += run_backends(args)["rows"]
     if "data" in args.sections:
