@@ -6,7 +6,8 @@
 #
 # Backbones (all nepa-vit-micro): (a) the demo's NEPA pretraining (200 steps on single bundled Fashion-MNIST items);
 # (b) NEPA pretraining on the unlabelled training scenes (benchmarks/pretrain_nepa_on_scenes.py, 400 steps);
-# (c) random init. Each is fine-tuned with identical arguments (COMMON below).
+# (c) random init. Each is fine-tuned with identical arguments (COMMON below), end to end and, as a probe of the
+# backbone features, with the backbone frozen (--freeze_backbone: only the neck and heads train).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/bench_seg}
@@ -31,19 +32,23 @@ COMMON=(
 if [ ! -f "$OUT/pretrained-scenes/model.safetensors" ]; then
     "$PYTHON" benchmarks/pretrain_nepa_on_scenes.py --output_dir "$OUT/pretrained-scenes" --steps 400 --warmup_steps 40
 fi
-"$PYTHON" examples/finetune_segmentation.py --model_name_or_path outputs/demo/pretrained \
-    --output_dir "$OUT/nepa" "${COMMON[@]}" "$@"
-"$PYTHON" examples/finetune_segmentation.py --model_name_or_path "$OUT/pretrained-scenes" \
-    --output_dir "$OUT/nepa-scenes" "${COMMON[@]}" "$@"
-"$PYTHON" examples/finetune_segmentation.py --config_preset nepa-vit-micro \
-    --output_dir "$OUT/scratch" "${COMMON[@]}" "$@"
+for MODE in finetune frozen; do
+    EXTRA=(); PREFIX=""
+    if [ "$MODE" = frozen ]; then EXTRA=(--freeze_backbone); PREFIX="frozen-"; fi
+    "$PYTHON" examples/finetune_segmentation.py --model_name_or_path outputs/demo/pretrained \
+        --output_dir "$OUT/${PREFIX}nepa" "${COMMON[@]}" "${EXTRA[@]}" "$@"
+    "$PYTHON" examples/finetune_segmentation.py --model_name_or_path "$OUT/pretrained-scenes" \
+        --output_dir "$OUT/${PREFIX}nepa-scenes" "${COMMON[@]}" "${EXTRA[@]}" "$@"
+    "$PYTHON" examples/finetune_segmentation.py --config_preset nepa-vit-micro \
+        --output_dir "$OUT/${PREFIX}scratch" "${COMMON[@]}" "${EXTRA[@]}" "$@"
+done
 
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-for name in ("nepa", "nepa-scenes", "scratch"):
+for name in ("nepa", "nepa-scenes", "scratch", "frozen-nepa", "frozen-nepa-scenes", "frozen-scratch"):
     r = json.load(open(f"{out}/{name}/eval_results.json"))
     t = json.load(open(f"{out}/{name}/train_results.json"))
-    print(f"{name:12s} mIoU {r['eval_mean_iou']:.4f}  pixel acc {r['eval_overall_accuracy']:.4f}  "
+    print(f"{name:18s} mIoU {r['eval_mean_iou']:.4f}  pixel acc {r['eval_overall_accuracy']:.4f}  "
           f"mean acc {r['eval_mean_accuracy']:.4f}  train loss {t['train_loss']:.3f}  train time {t['train_runtime']:.0f}s")
 PY
