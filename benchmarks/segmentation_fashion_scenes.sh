@@ -4,8 +4,10 @@
 #
 #   bash benchmarks/segmentation_fashion_scenes.sh [OUT_DIR] [extra finetune_segmentation.py args...]
 #
-# Step 1 reuses the demo's NEPA pretraining (nepa-vit-micro, 200 steps on bundled Fashion-MNIST, ~3 min on 2 free
-# cores); steps 2-3 fine-tune the same architecture from that checkpoint and from scratch with identical arguments.
+# Backbones (all nepa-vit-micro): (a) the demo's NEPA pretraining (200 steps on single bundled Fashion-MNIST items);
+# (b) NEPA pretraining on the unlabelled training scenes (benchmarks/pretrain_nepa_on_scenes.py, 400 steps);
+# (c) random init. Each is fine-tuned with identical arguments (COMMON below), end to end and, as a probe of the
+# backbone features, with the backbone frozen (--freeze_backbone: only the neck and heads train).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/bench_seg}
@@ -23,21 +25,30 @@ COMMON=(
     --num_train_scenes 2000 --num_eval_scenes 500 --scene_size 32 --scene_items 1 2 --scene_item_size 16 28
     --min_scale 0.75 --max_scale 1.5
     --config_overrides decode_hidden_size=32,auxiliary_hidden_size=32
-    --max_steps 300 --per_device_train_batch_size 8 --per_device_eval_batch_size 50
-    --learning_rate 3e-3 --layer_decay 0.75 --weight_decay 0.05 --warmup_steps 30 --lr_scheduler_type cosine
-    --logging_steps 50 --eval_strategy no --save_strategy no --final_eval_mode none --dataloader_num_workers 0
+    --max_steps 1200 --per_device_train_batch_size 8 --per_device_eval_batch_size 50
+    --learning_rate 3e-3 --layer_decay 0.75 --weight_decay 0.05 --warmup_steps 60 --lr_scheduler_type cosine
+    --logging_steps 100 --eval_strategy no --save_strategy no --final_eval_mode none --dataloader_num_workers 0
 )
-"$PYTHON" examples/finetune_segmentation.py --model_name_or_path outputs/demo/pretrained \
-    --output_dir "$OUT/nepa" "${COMMON[@]}" "$@"
-"$PYTHON" examples/finetune_segmentation.py --config_preset nepa-vit-micro \
-    --output_dir "$OUT/scratch" "${COMMON[@]}" "$@"
+if [ ! -f "$OUT/pretrained-scenes/model.safetensors" ]; then
+    "$PYTHON" benchmarks/pretrain_nepa_on_scenes.py --output_dir "$OUT/pretrained-scenes" --steps 400 --warmup_steps 40
+fi
+for MODE in finetune frozen; do
+    EXTRA=(); PREFIX=""
+    if [ "$MODE" = frozen ]; then EXTRA=(--freeze_backbone); PREFIX="frozen-"; fi
+    "$PYTHON" examples/finetune_segmentation.py --model_name_or_path outputs/demo/pretrained \
+        --output_dir "$OUT/${PREFIX}nepa" "${COMMON[@]}" "${EXTRA[@]}" "$@"
+    "$PYTHON" examples/finetune_segmentation.py --model_name_or_path "$OUT/pretrained-scenes" \
+        --output_dir "$OUT/${PREFIX}nepa-scenes" "${COMMON[@]}" "${EXTRA[@]}" "$@"
+    "$PYTHON" examples/finetune_segmentation.py --config_preset nepa-vit-micro \
+        --output_dir "$OUT/${PREFIX}scratch" "${COMMON[@]}" "${EXTRA[@]}" "$@"
+done
 
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-for name in ("nepa", "scratch"):
+for name in ("nepa", "nepa-scenes", "scratch", "frozen-nepa", "frozen-nepa-scenes", "frozen-scratch"):
     r = json.load(open(f"{out}/{name}/eval_results.json"))
     t = json.load(open(f"{out}/{name}/train_results.json"))
-    print(f"{name:8s} mIoU {r['eval_mean_iou']:.4f}  pixel acc {r['eval_overall_accuracy']:.4f}  "
+    print(f"{name:18s} mIoU {r['eval_mean_iou']:.4f}  pixel acc {r['eval_overall_accuracy']:.4f}  "
           f"mean acc {r['eval_mean_accuracy']:.4f}  train loss {t['train_loss']:.3f}  train time {t['train_runtime']:.0f}s")
 PY

@@ -76,6 +76,9 @@ class ModelArguments:
     layer_decay: float = field(
         default=0.65, metadata={"help": "Layer-wise lr decay: block i gets decay^(L-1-i), heads 1. 1.0 disables."}
     )
+    freeze_backbone: bool = field(
+        default=False, metadata={"help": "Train only the neck and heads (a probe of the backbone's features)."}
+    )
 
 
 @dataclass
@@ -84,6 +87,7 @@ class DataArguments:
         default=None, metadata={"help": "Hub dataset (e.g. scene_parse_150) or a local dataset folder."}
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches downloaded data."})
     data_dir: str | None = field(
         default=None, metadata={"help": "Folder with {train,validation}/{images,masks}/ image/mask pairs."}
     )
@@ -162,7 +166,9 @@ def load_splits(data_args: DataArguments, seed: int):
     if data_args.dataset_name:
         import datasets
 
-        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        raw = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, cache_dir=data_args.cache_dir
+        )
         train, validation = raw[data_args.train_split], raw[data_args.validation_split]
         train = train.rename_columns({data_args.image_column: "image", data_args.label_column: "annotation"})
         validation = validation.rename_columns({data_args.image_column: "image", data_args.label_column: "annotation"})
@@ -227,6 +233,8 @@ def main():
         )
     else:
         model = NepaForSemanticSegmentation(config)
+    if model_args.freeze_backbone:
+        model.nepa.requires_grad_(False)
     crop = (data_args.crop_size, data_args.crop_size)
     if crop[0] % config.patch_size:
         raise ValueError(f"--crop_size {crop[0]} must be a multiple of the patch size {config.patch_size}.")

@@ -560,7 +560,7 @@ def test_example_on_a_hub_layout_dataset_with_reduced_labels(tmp_path, monkeypat
         "--config_preset", "nepa-vit-micro", "--config_overrides",
         "hidden_size=32,num_hidden_layers=3,num_attention_heads=2,intermediate_size=64,decode_hidden_size=8,"
         "auxiliary_hidden_size=8,pool_scales=1:2",
-        "--output_dir", str(output), "--slide_stride", "16", *COMMON_ARGS,
+        "--output_dir", str(output), "--slide_stride", "16", "--cache_dir", str(tmp_path / "cache"), *COMMON_ARGS,
     ])
     final = json.loads((output / "final_eval_results.json").read_text())
     assert set(final) >= {"slide_mean_iou", "slide_overall_accuracy", "slide_iou_class_2"}
