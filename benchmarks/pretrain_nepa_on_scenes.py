@@ -8,7 +8,6 @@ with `examples/finetune_segmentation.py --model_name_or_path OUT`, as in benchma
 """
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -16,7 +15,9 @@ import torch
 from PIL import Image
 
 from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessorPil
+from nepa_hf.pretraining import create_pretraining_optimizer, warmup_cosine_schedule
 from nepa_hf.segmentation_data import make_fashion_scenes
+from nepa_hf.transforms import RandomResizedCropTransform, batch_normalize
 
 
 def parse_args():
@@ -35,53 +36,30 @@ def parse_args():
     return parser.parse_args()
 
 
-def random_resized_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> Image.Image:
-    """RandomResizedCrop(scale 0.35-1, ratio 3/4-4/3) + horizontal flip, the reference pretraining augmentation."""
-    height, width = image.shape[:2]
-    for _ in range(10):
-        area = height * width * rng.uniform(0.35, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        crop_w, crop_h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            break
-    else:
-        crop_w, crop_h = width, height
-    top, left = int(rng.integers(height - crop_h + 1)), int(rng.integers(width - crop_w + 1))
-    crop = Image.fromarray(image[top : top + crop_h, left : left + crop_w]).resize((size, size), Image.Resampling.BICUBIC)
-    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
-
-
 def main():
     args = parse_args()
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
     images, _ = make_fashion_scenes(
         args.num_scenes, split="train", image_size=args.scene_size, items_per_scene=tuple(args.scene_items),
         item_size=tuple(args.scene_item_size), seed=args.seed,
     )
+    scenes = [Image.fromarray(image) for image in images]
     processor = NepaImageProcessorPil(size={"height": args.scene_size, "width": args.scene_size})
+    # The reference pretraining augmentation, with a milder minimum scale for 32-pixel scenes.
+    crop = RandomResizedCropTransform(args.scene_size, scale=(0.35, 1.0), interpolation="bicubic", hflip_prob=0.5)
     if args.init_from:
         model = NepaForPreTraining.from_pretrained(args.init_from)
     else:
         model = NepaForPreTraining(NepaConfig.from_preset("nepa-vit-micro", image_size=args.scene_size))
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith("cls_token")]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith("cls_token")]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate, betas=(0.9, 0.95),
-    )
-
-    def lr_factor(step):  # linear warmup, then cosine to 0
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    optimizer = create_pretraining_optimizer(model, args.learning_rate, weight_decay=0.05)
+    schedule = warmup_cosine_schedule(optimizer, args.steps, args.warmup_steps)
     model.train()
     start, losses = time.time(), []
     for step in range(1, args.steps + 1):
-        batch = [random_resized_crop_flip(images[i], args.scene_size, rng) for i in rng.integers(len(images), size=args.batch_size)]
-        loss = model(processor(batch, return_tensors="pt").pixel_values).loss
+        picks = torch.randint(len(scenes), (args.batch_size,), generator=generator).tolist()
+        batch = torch.stack([crop(scenes[i], generator) for i in picks])
+        loss = model(batch_normalize(batch, processor.image_mean, processor.image_std)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -89,6 +89,27 @@ def test_layer_decay_groups_are_generic_and_skip_frozen_parameters():
         freeze_patch_embeddings(nn.Linear(2, 2))
 
 
+def test_layer_decay_groups_also_read_transformers_vit_block_names():
+    """Baselines such as an MAE-pretrained transformers ViT get the same recipe (benchmarks compare them)."""
+    from transformers import ViTConfig, ViTModel
+
+    vit = ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                             image_size=8, patch_size=4), add_pooling_layer=False)
+    groups = layer_decay_parameter_groups(vit, learning_rate=1.0, layer_decay=0.5)
+    by_name = {name: group for group in groups for name in group["param_names"]}
+    assert by_name["embeddings.position_embeddings"]["lr"] == 0.5**3
+    assert by_name["embeddings.position_embeddings"]["weight_decay"] == 0.0
+    block = {name.split(".")[0] for name in by_name if "0." in name and "attention" in name}.pop()
+    assert block in ("layers", "encoder")  # transformers 5.23 `layers.N`; earlier releases `encoder.layer.N`
+    prefix = "layers" if block == "layers" else "encoder.layer"
+    first = [name for name in by_name if name.startswith(f"{prefix}.0.")]
+    last = [name for name in by_name if name.startswith(f"{prefix}.2.") and name.endswith("weight")]
+    assert first and last
+    assert all(by_name[name]["lr"] == 0.5**2 for name in first)
+    assert all(by_name[name]["lr"] == 1.0 for name in last)
+    assert by_name["layernorm.weight"]["lr_scale"] == 1.0
+
+
 def test_per_group_warmup_worked_example():
     """Reference §8: L=4, decay 0.65, 100 steps, warmup ratio 0.2 -> W=20; a group with factor f warms up over
     W - round(W * f) steps (>= 1): embeddings 16, blocks 0-3: 15, 12, 7, 1, head 1."""

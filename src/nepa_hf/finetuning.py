@@ -34,7 +34,8 @@ EMA_WEIGHTS_NAME = "ema.safetensors"
 NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "register_tokens", "position_embeddings")
 
 _EMBEDDINGS_PATTERN = re.compile(r"(?:^|\.)embeddings\.")
-_LAYER_PATTERN = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+# Blocks are `encoder.layers.N` in NEPA, `layers.N` in transformers 5's ViT/ViTMAE (`encoder.layer.N` before).
+_LAYER_PATTERN = re.compile(r"(?:^|\.)(?:encoder\.layers?|layers)\.(\d+)\.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,7 +44,8 @@ _LAYER_PATTERN = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
 def layer_id_for_parameter(name: str, num_layers: int) -> int:
-    """0 for the patch/CLS embeddings, i + 1 for block i (`encoder.layers.i`), num_layers + 1 for everything else.
+    """0 for the patch/CLS embeddings, i + 1 for block i (`encoder.layers.i`, or transformers ViT's `layers.i`),
+    num_layers + 1 for everything else.
 
     Matches by name, so it works for any model containing a NEPA backbone (classifier, segmentation, backbone).
     """
