@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -129,15 +130,6 @@ def mentioned_flags(text: str) -> set[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def command_line(*argv: str):
-    saved, sys.argv = sys.argv, list(argv)
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 @cache
 def help_text(program: str) -> str:
     """What `python <program> --help` prints. Run in this process: a fresh interpreter per script costs ~9 s of
@@ -147,10 +139,10 @@ def help_text(program: str) -> str:
         with contextlib.redirect_stdout(stdout), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # runpy: "found in sys.modules" for an already imported module
             if program.startswith("-m "):
-                with command_line(program[3:], "--help"):
+                with mock.patch.object(sys, "argv", [program[3:], "--help"]):
                     runpy.run_module(program[3:], run_name="__main__", alter_sys=True)
             else:
-                with command_line(str(REPO / program), "--help"):
+                with mock.patch.object(sys, "argv", [str(REPO / program), "--help"]):
                     runpy.run_path(str(REPO / program), run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code
@@ -165,7 +157,7 @@ def launcher_help(launcher: str) -> str:
     if launcher == "accelerate":
         from accelerate.commands.launch import launch_command_parser
 
-        with command_line("accelerate", "launch", "--help"):
+        with mock.patch.object(sys, "argv", ["accelerate", "launch", "--help"]):
             return launch_command_parser().format_help()
     from torch.distributed.run import get_args_parser
 
