@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -257,6 +255,12 @@ def analytic_forward_flops(size: ModelSize, image_size: int | None = None) -> di
 # --------------------------------------------------------------------------------------------------------------
 # Machine description
 # --------------------------------------------------------------------------------------------------------------
+
+
+def repo_relative(path: Path) -> str:
+    """The path relative to the repository when it lies inside it, so results files carry no machine paths."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def cpu_model_name() -> str:
@@ -1165,7 +1169,8 @@ def run(args) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
         "machine": machine_description(args.threads),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_worker"},
+        "config": {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k != "memory_worker"},
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         "rows": [],
     }
