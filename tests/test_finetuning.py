@@ -8,9 +8,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaModel
-from nepa_hf.augmentation import ClassificationBatchTransform, Mixup
+from nepa_hf.augmentation import AugmentationArguments
 from nepa_hf.classification_data import collate_image_batch
-from nepa_hf.ema import ModelEMA
+from nepa_hf.ema import create_ema, load_ema
 from nepa_hf.evaluation import classification_metrics
 from nepa_hf.finetuning import (
     EMA_WEIGHTS_NAME,
@@ -144,9 +144,9 @@ def test_per_group_warmup_worked_example():
 def pixel_dataset(count: int, num_labels: int = 3, size: int = 8, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(count) % num_labels
-    images = torch.randint(0, 256, (count, 3, size, size), generator=generator, dtype=torch.uint8)
+    images = torch.rand((count, 3, size, size), generator=generator) * 2 - 1
     for i, label in enumerate(labels.tolist()):
-        images[i, label] = 255  # learnable: the class is the saturated channel
+        images[i, label] = 1.0  # learnable: the class is the saturated channel
     return [{"pixel_values": images[i], "labels": int(labels[i])} for i in range(count)]
 
 
@@ -158,10 +158,9 @@ def make_trainer(output_dir, max_steps=4, **overrides) -> NepaTrainer:
     )
     options.update(overrides)
     args = NepaTrainingArguments(**options)
-    transform = ClassificationBatchTransform([0.5] * 3, [0.5] * 3)
     return NepaTrainer(model=tiny_classifier(num_layers=2), args=args, train_dataset=pixel_dataset(8),
                        eval_dataset=pixel_dataset(6, seed=1), data_collator=collate_image_batch,
-                       compute_metrics=classification_metrics(3), batch_transform=transform)
+                       compute_metrics=classification_metrics(3))
 
 
 def test_ema_callback_updates_per_step_saves_and_resumes(tmp_path):
@@ -176,25 +175,25 @@ def test_ema_callback_updates_per_step_saves_and_resumes(tmp_path):
     first.add_callback(Recorder())
     first.train()
     ema = first.ema
-    assert ema.num_updates == 4
+    assert len(recorded) == 4
     expected = {k: v.float() for k, v in initial.items() if v.is_floating_point()}
     for weights in recorded:  # ema = 0.5 * ema + 0.5 * w, once per optimizer step
         expected = {k: 0.5 * v + 0.5 * weights[k].float() for k, v in expected.items()}
     for name, value in expected.items():
-        torch.testing.assert_close(ema.shadow[name], value)
+        torch.testing.assert_close(ema.module.state_dict()[name], value)
     checkpoint = tmp_path / "a" / "checkpoint-2"
     assert (checkpoint / EMA_WEIGHTS_NAME).is_file() and (tmp_path / "a" / "checkpoint-4" / EMA_WEIGHTS_NAME).is_file()
 
     # Resume from step 2 in a fresh trainer: the EMA comes back from ema.safetensors and ends where run A ended.
     second = make_trainer(tmp_path / "b")
     second.train(resume_from_checkpoint=str(checkpoint))
-    for name, value in ema.shadow.items():
-        torch.testing.assert_close(second.ema.shadow[name], value, rtol=1e-5, atol=1e-6)
+    for name, value in ema.module.state_dict().items():
+        torch.testing.assert_close(second.ema.module.state_dict()[name], value, rtol=1e-5, atol=1e-6)
     for name, value in first.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
-    loaded = ModelEMA(tiny_classifier(num_layers=2))
-    loaded.load(checkpoint / EMA_WEIGHTS_NAME)
-    assert loaded.num_updates == 2
+    loaded = create_ema(tiny_classifier(num_layers=2))
+    load_ema(loaded, checkpoint / EMA_WEIGHTS_NAME)
+    assert not torch.equal(loaded.module.classifier.weight, ema.module.classifier.weight)  # step 2, not step 4
 
 
 def test_ema_is_evaluated_beside_the_online_model_and_can_be_the_best(tmp_path):
@@ -236,13 +235,12 @@ def test_nepa_trainer_builds_llrd_optimizer_and_layerwise_schedule(tmp_path):
 
 
 def test_label_smoothing_is_never_applied_twice(tmp_path):
-    mixup = Mixup(num_classes=3, label_smoothing=0.1)
-    transform = ClassificationBatchTransform([0.5] * 3, [0.5] * 3, mixup=mixup)
+    collator = AugmentationArguments().collator(3, label_smoothing=0.1)
     args = NepaTrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.2, report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="would stack"):
-        NepaTrainer(model=tiny_classifier(), args=args, batch_transform=transform)
+        NepaTrainer(model=tiny_classifier(), args=args, data_collator=collator)
     args = NepaTrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to="none", use_cpu=True)
-    trainer = NepaTrainer(model=tiny_classifier(), args=args, batch_transform=transform)
+    trainer = NepaTrainer(model=tiny_classifier(), args=args, data_collator=collator)
     assert trainer.label_smoother is None  # smoothing lives in the soft targets only
     args = NepaTrainingArguments(output_dir=str(tmp_path), metric_for_best_model="ema_accuracy", ema_decay=0.0,
                                  report_to="none", use_cpu=True)

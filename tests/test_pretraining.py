@@ -45,7 +45,7 @@ from nepa_hf.pretraining import (
     warmup_cosine_schedule,
     warmup_steps_for,
 )
-from nepa_hf.transforms import RandomResizedCropTransform
+from nepa_hf.transforms import pretraining_transform
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "pretrain_nepa.py"
@@ -139,7 +139,7 @@ def test_dataset_skips_and_counts_unreadable_images_across_workers(tmp_path, cap
     folder = write_image_folder(tmp_path / "images", num_good=10)
     dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
     assert len(dataset) == 12
-    wrapped = PretrainingImageDataset(dataset, "image", RandomResizedCropTransform(16, hflip_prob=0.5), seed=1)
+    wrapped = PretrainingImageDataset(dataset, "image", pretraining_transform(16, [0.5] * 3, [0.5] * 3), seed=1)
 
     def batches(num_workers):
         sampler = EpochShuffleSampler(len(wrapped), seed=1)
@@ -151,7 +151,7 @@ def test_dataset_skips_and_counts_unreadable_images_across_workers(tmp_path, cap
     valid = torch.cat([b["valid"] for b in in_workers])
     assert valid.numel() == 12 and int((~valid).sum()) == 2  # counted in the batches, whichever worker decoded
     for batch in in_workers:
-        assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (4, 3, 16, 16)
+        assert batch["pixel_values"].dtype == torch.float32 and batch["pixel_values"].shape == (4, 3, 16, 16)
         assert (batch["pixel_values"][~batch["valid"]] == 0).all()
         inputs, skipped, all_skipped = select_readable(batch)
         assert inputs["pixel_values"].shape[0] == 4 - skipped and not all_skipped and "valid" not in inputs
@@ -176,7 +176,7 @@ def test_sharded_batches_equal_the_single_process_batch(photo_images):
     augmentation and masks, whatever the number of processes (Accelerate's own batch-sampler sharding)."""
     from accelerate.data_loader import BatchSamplerShard
 
-    wrapped = PretrainingImageDataset(photo_images * 4, None, RandomResizedCropTransform(16, hflip_prob=0.5),
+    wrapped = PretrainingImageDataset(photo_images * 4, None, pretraining_transform(16, [0.5] * 3, [0.5] * 3),
                                       seed=5, mask_ratio=0.5, num_patches=16)
     collate = PretrainingCollator(3, 16, num_patches=16)
     sampler = EpochShuffleSampler(len(wrapped), seed=5)

@@ -3,11 +3,12 @@
 * `layer_decay_parameter_groups`: layer-wise lr decay groups for any model holding a NEPA backbone
   (`embeddings`, `encoder.layers.N`; everything else is "head"), no weight decay on 1-D parameters and tokens.
 * `get_layerwise_cosine_schedule`: per-group warmup (groups with a small lr factor warm up longest) + cosine to 0.
-* `EMACallback`: EMA of the weights (`nepa_hf.ema.ModelEMA`) updated per optimizer step, saved as
-  `ema.safetensors` in every checkpoint and restored on resume; works with any Trainer.
+* `EMACallback`: EMA of the weights (timm's `ModelEmaV3`, fp32, see `nepa_hf.ema`) updated per optimizer step,
+  saved as `ema.safetensors` in every checkpoint and restored on resume; works with any Trainer.
 * `NepaTrainingArguments` + `NepaTrainer`: a Trainer that wires the above together, freezes the patch embedding
-  on request, runs a batched on-device augmentation (`nepa_hf.augmentation`), and evaluates the EMA weights
-  beside the online ones (metrics `eval_ema_*`, usable as `metric_for_best_model="ema_accuracy"`).
+  on request, and evaluates the EMA weights beside the online ones (metrics `eval_ema_*`, usable as
+  `metric_for_best_model="ema_accuracy"`). Augmentation lives in the data: timm transforms per sample and timm
+  Mixup in the collator (`nepa_hf.augmentation`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
 from transformers.utils import logging
 
-from .ema import ModelEMA
+from timm.utils import ModelEmaV3
+
+from .ema import create_ema, ema_weights, load_ema, save_ema
 
 logger = logging.get_logger(__name__)
 
@@ -202,8 +205,8 @@ def is_ema_metric(metric_name: str | None) -> bool:
 
 
 class EMACallback(TrainerCallback):
-    """Keeps an EMA of the model weights during `Trainer.train` (reference: decay 0.9999, one update per optimizer
-    step, i.e. after gradient accumulation).
+    """Keeps an EMA of the model weights during `Trainer.train` (the authors': decay 0.9999, fp32, one update per
+    optimizer step, i.e. after gradient accumulation).
 
     * `on_train_begin`: starts the EMA from the current weights; when resuming (`state.global_step > 0`) loads
       `ema.safetensors` from the checkpoint being resumed (`resume_from_checkpoint` when set, which `NepaTrainer`
@@ -216,21 +219,21 @@ class EMACallback(TrainerCallback):
     Evaluating the EMA beside the online weights needs `NepaTrainer` (the Trainer has no "before evaluate" hook).
     """
 
-    def __init__(self, decay: float = 0.9999, warmup: bool = False, device=None, filename: str = EMA_WEIGHTS_NAME):
+    def __init__(self, decay: float = 0.9999, device=None, filename: str = EMA_WEIGHTS_NAME):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}.")
-        self.decay, self.warmup, self.device, self.filename = decay, warmup, device, filename
-        self.ema: ModelEMA | None = None
+        self.decay, self.device, self.filename = decay, device, filename
+        self.ema: ModelEmaV3 | None = None
         self.resume_from_checkpoint: str | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.ema = ModelEMA(model, decay=self.decay, warmup=self.warmup, device=self.device)
+        self.ema = create_ema(model, decay=self.decay, device=self.device)
         if state.global_step > 0:
             checkpoint = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(checkpoint, self.filename)
             if os.path.isfile(path):
-                self.ema.load(path)
-                logger.info(f"Resumed the EMA weights from {path} ({self.ema.num_updates} updates).")
+                load_ema(self.ema, path)
+                logger.info(f"Resumed the EMA weights from {path}.")
             else:
                 logger.warning(
                     f"Resuming at step {state.global_step} but {path} does not exist: the EMA restarts from the "
@@ -245,7 +248,7 @@ class EMACallback(TrainerCallback):
         if self.ema is not None and args.should_save:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                self.ema.save(os.path.join(folder, self.filename))
+                save_ema(self.ema, os.path.join(folder, self.filename))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if (
@@ -256,8 +259,8 @@ class EMACallback(TrainerCallback):
         ):
             path = os.path.join(state.best_model_checkpoint, self.filename)
             if os.path.isfile(path):
-                self.ema.load(path)
-                self.ema.copy_to(model)
+                load_ema(self.ema, path)
+                model.load_state_dict(self.ema.module.state_dict())
                 logger.info(f"Loaded the EMA weights of the best checkpoint ({path}) into the model.")
             else:
                 logger.warning(f"metric_for_best_model is an EMA metric but {path} is missing; keeping online weights.")
@@ -299,7 +302,6 @@ class NepaTrainingArguments(TrainingArguments):
                           "lr_scheduler_type). False, or layer_decay 1: lr_scheduler_type with one warmup for all."},
     )
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step; 0 disables the EMA."})
-    ema_warmup: bool = field(default=False, metadata={"help": "EMA decay ramp min(decay, (1+n)/(10+n))."})
     ema_on_cpu: bool = field(default=False, metadata={"help": "Keep the EMA copy on the CPU."})
     freeze_patch_embeddings: bool | None = field(
         default=None, metadata={"help": "Freeze the patch embedding (reference: yes when fine-tuning a pretrained model)."}
@@ -309,39 +311,33 @@ class NepaTrainingArguments(TrainingArguments):
 class NepaTrainer(Trainer):
     """`Trainer` for the reference fine-tuning recipe.
 
-    Reads its extra settings from `NepaTrainingArguments` (plain `TrainingArguments` work too: then only
-    `batch_transform` and an `EMACallback` passed in `callbacks` apply).
-
-    Args:
-        batch_transform: optional `nn.Module` applied to every batch dict on the device, in train mode for training
-            steps and eval mode for prediction steps (e.g. `nepa_hf.augmentation.ClassificationBatchTransform`:
-            RandAugment, random erasing, Mixup/CutMix soft targets, normalisation).
-        All other arguments are the Trainer's.
+    Reads its extra settings from `NepaTrainingArguments` (plain `TrainingArguments` work too: then only an
+    `EMACallback` passed in `callbacks` applies). Takes the Trainer's arguments; with a `MixupCollator` as
+    `data_collator` the label smoothing lives in its soft targets and the Trainer's own smoother is switched off.
     """
 
-    def __init__(self, *args, batch_transform: nn.Module | None = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batch_transform = batch_transform
         if getattr(self.args, "freeze_patch_embeddings", False) and self.model is not None:
             count = freeze_patch_embeddings(self.model)
             logger.info(f"Froze the patch embedding ({count} parameters).")
         ema_decay = getattr(self.args, "ema_decay", 0.0) or 0.0
         if ema_decay > 0 and self.ema_callback is None:
             device = "cpu" if getattr(self.args, "ema_on_cpu", False) else None
-            self.add_callback(EMACallback(ema_decay, warmup=getattr(self.args, "ema_warmup", False), device=device))
+            self.add_callback(EMACallback(ema_decay, device=device))
         if is_ema_metric(self.args.metric_for_best_model) and self.ema_callback is None:
             raise ValueError(
                 f"metric_for_best_model={self.args.metric_for_best_model!r} needs an EMA: set ema_decay > 0 "
                 "(NepaTrainingArguments) or pass an EMACallback."
             )
-        mixup = getattr(batch_transform, "mixup", None)
+        mixup = getattr(self.data_collator, "mixup", None)
         if mixup is not None:
             smoothing = self.args.label_smoothing_factor
             if smoothing and not math.isclose(smoothing, mixup.label_smoothing):
                 raise ValueError(
-                    f"label_smoothing_factor={smoothing} but the batch transform's Mixup already smooths its soft "
-                    f"targets with {mixup.label_smoothing}: the two would stack. Use one value: build Mixup with "
-                    f"label_smoothing={smoothing} (AugmentationArguments.batch_transform does) or set "
+                    f"label_smoothing_factor={smoothing} but the collator's Mixup already smooths its soft targets "
+                    f"with {mixup.label_smoothing}: the two would stack. Use one value: build the collator with "
+                    f"label_smoothing={smoothing} (AugmentationArguments.collator does) or set "
                     "label_smoothing_factor=0."
                 )
             # The soft targets already carry the smoothing: never apply the Trainer's LabelSmoother on top.
@@ -354,7 +350,7 @@ class NepaTrainer(Trainer):
         return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, EMACallback)), None)
 
     @property
-    def ema(self) -> ModelEMA | None:
+    def ema(self) -> ModelEmaV3 | None:
         callback = self.ema_callback
         return None if callback is None else callback.ema
 
@@ -374,7 +370,7 @@ class NepaTrainer(Trainer):
         ema = self.ema
         if ema is None:
             return output
-        with ema.swapped_into(self.model):
+        with ema_weights(ema, self.model):
             ema_output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, f"{metric_key_prefix}_ema"
             )
@@ -386,7 +382,7 @@ class NepaTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         # Checkpoints get their EMA file from EMACallback.on_save; final saves get it here.
         if not _internal_call and self.ema is not None and self.args.should_save:
-            self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
+            save_ema(self.ema, os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
 
     # -- optimizer and schedule ------------------------------------------------------------------------------------
 
@@ -439,23 +435,6 @@ class NepaTrainer(Trainer):
             last = max(blocks, key=lambda i: groups[i]["layer_id"])
             return float(self.lr_scheduler.get_last_lr()[last])
         return super()._get_learning_rate()
-
-    # -- batched augmentation --------------------------------------------------------------------------------------
-
-    def _transform_batch(self, inputs, training: bool):
-        if self.batch_transform is None:
-            return inputs
-        inputs = self._prepare_inputs(inputs)
-        self.batch_transform.to(self.args.device)
-        self.batch_transform.train(training)
-        return self.batch_transform(inputs)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        return super().training_step(model, self._transform_batch(inputs, training=True), num_items_in_batch)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        return super().prediction_step(model, self._transform_batch(inputs, training=False), prediction_loss_only,
-                                       ignore_keys=ignore_keys)
 
 
 __all__ = [

@@ -69,7 +69,7 @@ def _is_floating(image) -> bool:
     return np.issubdtype(image.dtype, np.floating)
 
 
-def _pil_high_bit_depth_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+def to_8bit_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """
     Convert 16/32-bit integer and float PIL images to 8-bit RGB.
 
@@ -235,7 +235,7 @@ class _NepaImageProcessorMixin:
     ):
         if isinstance(image, PIL.Image.Image):
             if do_convert_rgb and (image.mode.startswith("I;16") or image.mode in ("I", "F")):
-                image = _pil_high_bit_depth_to_rgb(image)
+                image = to_8bit_rgb(image)
         elif image.ndim == 2:
             # The backends' RGB conversion cannot infer the layout of a 2-D array: make the channel axis explicit.
             image = image[None]
