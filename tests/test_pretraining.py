@@ -111,11 +111,21 @@ def test_param_groups_lr_scaling_and_schedule():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert {"nepa.embeddings.cls_token", "nepa.embeddings.mask_token", "nepa.norm.weight",
-            "nepa.encoder.layers.0.layer_scale1.lambda1", "nepa.encoder.layers.1.attention.q_proj.bias"} <= no_decay_names
-    assert all(name.endswith("weight") and "norm" not in name for name in decay_names)
-    assert "nepa.encoder.layers.0.attention.q_proj.weight" in decay_names
-    assert "nepa.embeddings.patch_embeddings.projection.weight" in decay_names
+    # Reference §8: every parameter is decayed except biases, norms and LayerScale; the tokens and the patch
+    # embedding ARE decayed.
+    assert {"nepa.norm.weight", "nepa.norm.bias", "nepa.encoder.layers.0.norm1.weight",
+            "nepa.encoder.layers.0.layer_scale1.lambda1", "nepa.encoder.layers.1.layer_scale2.lambda1",
+            "nepa.encoder.layers.1.attention.q_proj.bias"} <= no_decay_names
+    assert {"nepa.embeddings.cls_token", "nepa.embeddings.mask_token",
+            "nepa.embeddings.patch_embeddings.projection.weight", "nepa.encoder.layers.0.attention.q_proj.weight",
+            "nepa.encoder.layers.1.mlp.down_proj.weight"} <= decay_names
+    modules = dict(model.named_modules())
+    for name in decay_names:
+        owner = modules[name.rpartition(".")[0]]
+        assert name.endswith("_token") or (isinstance(owner, (torch.nn.Linear, torch.nn.Conv2d))
+                                           and name.endswith(".weight")), name
+    for name in no_decay_names:
+        assert name.endswith((".bias", ".lambda1")) or isinstance(modules[name.rpartition(".")[0]], torch.nn.LayerNorm)
     assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
 
     optimizer = create_pretraining_optimizer(model, learning_rate=scaled_learning_rate(3e-4, 4096))

@@ -485,20 +485,29 @@ def test_sliding_window_stitches_overlapping_windows():
 
 
 def test_layer_decay_param_groups():
+    """Head lr for the task heads (decode_head, auxiliary_head) and the backbone's final norm; the neck trains at the
+    backbone lr with factor 1; weight decay on >1-D parameters except norms (the CLS token is decayed)."""
     model = NepaForSemanticSegmentation(tiny_config())
-    groups = layer_decay_parameter_groups(model, learning_rate=1.0, weight_decay=0.05, layer_decay=0.5)
+    groups = layer_decay_parameter_groups(model, learning_rate=1.0, weight_decay=0.05, layer_decay=0.5,
+                                          head_learning_rate=2.0)
     by_parameter = {id(p): group for group in groups for p in group["params"]}
     named = dict(model.named_parameters())
     assert len(by_parameter) == len(named) == sum(len(g["params"]) for g in groups)
     lr = {name: by_parameter[id(p)]["lr"] for name, p in named.items()}
+    scale = {name: by_parameter[id(p)]["lr_scale"] for name, p in named.items()}
     decay = {name: by_parameter[id(p)]["weight_decay"] for name, p in named.items()}
     assert lr["nepa.embeddings.patch_embeddings.projection.weight"] == 0.5**4
     assert lr["nepa.encoder.layers.0.attention.q_proj.weight"] == 0.5**3
     assert lr["nepa.encoder.layers.3.mlp.up_proj.weight"] == 1.0
-    assert lr["nepa.norm.weight"] == lr["decode_head.classifier.weight"] == lr["neck.upsample_2x.weight"] == 1.0
-    assert decay["nepa.encoder.layers.1.attention.q_proj.weight"] == 0.05
-    for name in ("nepa.embeddings.cls_token", "nepa.encoder.layers.1.attention.q_proj.bias",
-                 "nepa.encoder.layers.1.layer_scale1.lambda1", "decode_head.fpn_bottleneck.1.weight"):
+    head = [name for name in named if name.startswith(("decode_head.", "auxiliary_head.", "nepa.norm."))]
+    assert head and all(lr[name] == 2.0 and scale[name] == 1.0 for name in head)
+    neck = [name for name in named if name.startswith("neck.")]
+    assert neck and all(lr[name] == 1.0 and scale[name] == 1.0 for name in neck)
+    for name in ("nepa.encoder.layers.1.attention.q_proj.weight", "nepa.embeddings.cls_token",
+                 "neck.upsample_2x.weight", "decode_head.fpn_bottleneck.0.weight", "auxiliary_head.classifier.weight"):
+        assert decay[name] == 0.05, name
+    for name in ("nepa.encoder.layers.1.attention.q_proj.bias", "nepa.encoder.layers.1.layer_scale1.lambda1",
+                 "nepa.norm.weight", "decode_head.fpn_bottleneck.1.weight", "neck.upsample_4x.1.weight"):
         assert decay[name] == 0.0, name
     # The same rule for transformers' UperNet on a NEPA backbone.
     upernet_groups = layer_decay_parameter_groups(UperNetForSemanticSegmentation(tiny_upernet_config()), 1.0)

@@ -10,9 +10,9 @@
   the augmented data do not depend on the number of workers or processes, nor on where a run was resumed.
 - Objective: `NepaPretrainingObjective` wraps `NepaForPreTraining` and optionally adds the hybrid next-patch pixel
   loss of timm's NEPA task through a small MLP `NepaPixelDecoder`; `random_patch_mask` for input masking.
-- Recipe: AdamW parameter groups without weight decay on biases, norms, LayerScale and tokens
-  (`pretraining_param_groups`), lr = base x global batch / 256 (`scaled_learning_rate`), linear warmup then cosine
-  to 0 (`warmup_cosine_schedule`).
+- Recipe: AdamW parameter groups with weight decay on everything but biases, norms and LayerScale (the CLS token
+  and the patch embedding are decayed; `pretraining_param_groups`, rule in `nepa_hf.weight_decay`), lr = base x
+  global batch / 256 (`scaled_learning_rate`), linear warmup then cosine to 0 (`warmup_cosine_schedule`).
 - Monitoring: `CollapseMonitor` (spread of the predicted embeddings), `JsonlTracker` (an Accelerate tracker that
   writes one JSON object per logged step, always available offline).
 - Checkpoints: `save_checkpoint` writes `accelerator.save_state` into a temporary folder and renames it into place,
@@ -38,6 +38,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .transforms import seeded, to_rgb
+from .weight_decay import NO_WEIGHT_DECAY_NAMES, decays_in_pretraining, weight_decay_flags
 
 logger = logging.getLogger(__name__)
 
@@ -446,23 +447,23 @@ class NepaPretrainingObjective(nn.Module):
 # Recipe: optimizer groups, learning rate, schedule
 # --------------------------------------------------------------------------------------------------------------
 
-# Multi-dimensional parameters that are not weights either: tokens (and LayerScale, which is 1-D anyway).
-NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "register_tokens", "lambda1")
-
-
-def no_weight_decay(name: str, parameter: torch.Tensor, extra_names: Sequence[str] = NO_WEIGHT_DECAY_NAMES) -> bool:
-    """Biases, norm weights, LayerScale and every other 1-D parameter, plus learned tokens, take no weight decay."""
-    return parameter.ndim <= 1 or name.endswith(".bias") or any(part in name for part in extra_names)
+def no_weight_decay(name: str, parameter: torch.Tensor | None = None, in_norm_module: bool = False) -> bool:
+    """True for a parameter the reference pretraining keeps free of weight decay: biases, norms (and any parameter of
+    a LayerNorm module, `in_norm_module`), LayerScale. Learned tokens and the patch embedding ARE decayed. The rule
+    lives in `nepa_hf.weight_decay` (one rule for pretraining and fine-tuning); `parameter` is not needed."""
+    return not decays_in_pretraining(name, in_norm_module)
 
 
 def pretraining_param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
-    """Two AdamW groups of the reference pretraining recipe: weights with `weight_decay`, the rest (biases, norms,
-    LayerScale `lambda1`, `cls_token`, `mask_token`, any 1-D parameter) without."""
+    """Two AdamW groups of the reference pretraining recipe (`nepa_hf.weight_decay.weight_decay_flags`): every
+    parameter with `weight_decay` (CLS/mask token, patch embedding, linear weights) except biases, norms and
+    LayerScale, which get none. Frozen parameters are left out."""
+    flags = weight_decay_flags(model)
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (no_decay if no_weight_decay(name, parameter) else decay).append(parameter)
+        (decay if flags[name] else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
