@@ -13,6 +13,21 @@
 # limitations under the License.
 """Image processor classes for NEPA.
 
+Two classes with the same defaults and behaviour, one per transformers image-processing backend:
+`NepaImageProcessor` (torchvision; the default, as for transformers' own models) and `NepaImageProcessorPil`
+(PIL/numpy; no torchvision needed). Which one a saved folder loads as follows this rule:
+
+* Both classes save the same `preprocessor_config.json`: `"image_processor_type": "NepaImageProcessor"` and, when
+  registered for `AutoImageProcessor` (importing `nepa_hf` does that), an `auto_map` entry naming both backends,
+  `{"AutoImageProcessor": {"pil": "image_processing_nepa.NepaImageProcessorPil", "torchvision":
+  "image_processing_nepa.NepaImageProcessor"}}`, next to a copy of this file.
+* `AutoImageProcessor.from_pretrained(folder)` (and every pipeline) then returns `NepaImageProcessor` where
+  torchvision is installed and `NepaImageProcessorPil` where it is not, with `nepa_hf` imported or through
+  `trust_remote_code=True` without it. `backend="pil"` asks for `NepaImageProcessorPil` explicitly.
+* The two differ only by resampling arithmetic: resized pixel values by at most 2 uint8 steps (2/127.5 after the
+  [-1, 1] normalisation) and nearest-neighbour label maps only where a pixel centre falls exactly on a source pixel
+  edge (torchvision takes the exact pixel, PIL's float arithmetic sometimes the one before).
+
 This module only imports from transformers, torch, numpy, PIL and the standard library: it is copied flat next to
 saved checkpoints so that it can be loaded with `trust_remote_code=True`.
 """
@@ -48,6 +63,9 @@ SEGMENTATION_IGNORE_INDEX = 255
 
 _VALID_CHANNELS = (1, 3, 4)
 
+# The class of each backend, as written in a saved `auto_map` (PIL first: the fallback for an unknown backend).
+_BACKEND_CLASS_NAMES = {"pil": "NepaImageProcessorPil", "torchvision": "NepaImageProcessor"}
+
 
 class NepaImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
@@ -69,20 +87,37 @@ def _is_floating(image) -> bool:
     return np.issubdtype(image.dtype, np.floating)
 
 
+def _sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
+    """
+    Scale 16-bit values (0..65535) to uint8 (0..255): divide by 257 (= 65535 / 255) and round.
+
+    The one rule for 16-bit images in both backends: PIL modes "I;16*" (and "I" images with values above 255, e.g.
+    16-bit PNGs) as well as uint16 numpy arrays and torch tensors.
+    """
+    return np.clip(np.round(np.asarray(array, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
+def _is_uint16(image) -> bool:
+    if _is_torch_tensor(image):
+        return image.dtype == torch.uint16
+    return isinstance(image, np.ndarray) and image.dtype == np.uint16
+
+
 def _pil_high_bit_depth_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """
     Convert 16/32-bit integer and float PIL images to 8-bit RGB.
 
     Pillow's `convert("RGB")` clips these modes at 255 instead of scaling them, which turns a 16-bit photo white.
-    16-bit modes (and "I" images whose values exceed 255, e.g. 16-bit PNGs) are scaled by 255 / 65535; "F" images
-    with values in [0, 1] are scaled by 255; anything else is clipped to [0, 255].
+    16-bit modes (and "I" images whose values exceed 255, e.g. 16-bit PNGs) go through `_sixteen_bit_to_uint8`;
+    "F" images with values in [0, 1] are scaled by 255; anything else is clipped to [0, 255].
     """
     array = np.asarray(image).astype(np.float64)
     if image.mode.startswith("I;16") or (image.mode == "I" and array.size and array.max() > 255):
-        array = array / 257.0
-    elif image.mode == "F" and array.size and array.min() >= 0.0 and array.max() <= 1.0:
-        array = array * 255.0
-    array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+        array = _sixteen_bit_to_uint8(array)
+    else:
+        if image.mode == "F" and array.size and array.min() >= 0.0 and array.max() <= 1.0:
+            array = array * 255.0
+        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
     return PIL.Image.fromarray(np.stack([array] * 3, axis=-1))
 
 
@@ -149,7 +184,8 @@ class _NepaImageProcessorMixin:
             images (`ImageInput`):
                 A PIL image (any mode), a numpy array or torch tensor of shape (H, W), (H, W, C) or (C, H, W) with
                 C in {1, 3, 4}, a 4-D batch of those, or a list of any of these (sizes may differ). Integer inputs
-                are expected in [0, 255]; pass `do_rescale=False` for float inputs already in [0, 1].
+                are expected in [0, 255], except 16-bit ones (uint16 arrays and tensors, PIL modes "I;16*"), which
+                are scaled to [0, 255] by 1/257 first; pass `do_rescale=False` for float inputs already in [0, 1].
             segmentation_maps (`ImageInput`, *optional*):
                 One label map per image, of shape (H, W) and the same size as its image (PIL image, numpy array or
                 torch tensor; a 3-D array is a batch of maps). Returned as int64 `labels` of shape (B, H, W),
@@ -236,10 +272,13 @@ class _NepaImageProcessorMixin:
         if isinstance(image, PIL.Image.Image):
             if do_convert_rgb and (image.mode.startswith("I;16") or image.mode in ("I", "F")):
                 image = _pil_high_bit_depth_to_rgb(image)
-        elif image.ndim == 2:
-            # The backends' RGB conversion cannot infer the layout of a 2-D array: make the channel axis explicit.
-            image = image[None]
-            input_data_format = ChannelDimension.FIRST
+        else:
+            if _is_uint16(image):
+                image = _sixteen_bit_to_uint8(image.detach().cpu().numpy() if _is_torch_tensor(image) else image)
+            if image.ndim == 2:
+                # The backends' RGB conversion cannot infer the layout of a 2-D array: make the channel axis explicit.
+                image = image[None]
+                input_data_format = ChannelDimension.FIRST
         return super().process_image(
             image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs
         )
@@ -297,6 +336,24 @@ class _NepaImageProcessorMixin:
 
     def _preprocess_segmentation_maps(self, maps: list, **kwargs) -> list:
         raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """
+        The processor's settings, as saved in `preprocessor_config.json`.
+
+        Registration for `AutoImageProcessor` makes `save_pretrained` record the saving class in `auto_map`; a
+        NEPA class is replaced by both (`{"pil": ...NepaImageProcessorPil, "torchvision": ...NepaImageProcessor}`),
+        so that `AutoImageProcessor` picks the backend at load time (see the module docstring).
+        """
+        output = super().to_dict()
+        auto_map = output.get("auto_map")
+        entry = auto_map.get("AutoImageProcessor") if isinstance(auto_map, dict) else None
+        if isinstance(entry, str):
+            module_name, _, class_name = entry.rpartition(".")
+            if class_name in _BACKEND_CLASS_NAMES.values():
+                both = {backend: f"{module_name}.{name}" for backend, name in _BACKEND_CLASS_NAMES.items()}
+                output["auto_map"] = {**auto_map, "AutoImageProcessor": both}
+        return output
 
     def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> "list[torch.Tensor]":
         """
