@@ -87,6 +87,13 @@ def _is_floating(image) -> bool:
     return np.issubdtype(image.dtype, np.floating)
 
 
+def _looks_rescaled(image) -> bool:
+    """Whether `image` holds floats that all lie in [0, 1], i.e. was probably rescaled already."""
+    if _is_torch_tensor(image):
+        image = image.detach()  # the torchvision backend keeps tensors as given, possibly requiring grad
+    return _is_floating(image) and float(image.min()) >= 0 and float(image.max()) <= 1
+
+
 def _sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
     """
     Scale 16-bit values (0..65535) to uint8 (0..255): divide by 257 (= 65535 / 255) and round.
@@ -302,9 +309,7 @@ class _NepaImageProcessorMixin:
                     f" {tuple(image.shape)} after moving channels first). Keep `do_convert_rgb=True` to convert"
                     " grayscale, RGBA, CMYK and palette images."
                 )
-        if kwargs.get("do_rescale") and any(
-            _is_floating(image) and float(image.min()) >= 0 and float(image.max()) <= 1 for image in images
-        ):
+        if kwargs.get("do_rescale") and any(_looks_rescaled(image) for image in images):
             logger.warning_once(
                 "It looks like you are trying to rescale already rescaled images (float values in [0, 1]). If the"
                 " input images have pixel values between 0 and 1, set `do_rescale=False` to avoid rescaling them"
