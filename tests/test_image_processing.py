@@ -420,6 +420,11 @@ def test_segmentation_label_values_are_preserved_beyond_uint8(processor):
         labels = processor(SMALL, segmentation_maps=maps, return_tensors="pt")["labels"]
         assert set(labels.unique().tolist()) <= {-1, 999, 1999, 2999}
         assert len(labels.unique()) > 1
+    # 16-bit maps keep their values: the 16-bit image rule (scale by 1/257) is not for labels.
+    sixteen = (label_map + 1).astype(np.uint16)  # 0, 1000, 2000, 3000
+    for maps in (sixteen, torch.from_numpy(sixteen), PIL.Image.fromarray(sixteen)):
+        labels = processor(SMALL, segmentation_maps=maps, return_tensors="pt")["labels"]
+        assert set(labels.unique().tolist()) <= {0, 1000, 2000, 3000} and len(labels.unique()) > 1, type(maps)
 
 
 def test_segmentation_maps_pil_palette_and_batches(processor):

@@ -15,7 +15,7 @@
 
 Two classes with the same defaults and behaviour, one per transformers image-processing backend:
 `NepaImageProcessor` (torchvision; the default, as for transformers' own models) and `NepaImageProcessorPil`
-(PIL/numpy; no torchvision needed). Which one a saved folder loads as follows this rule:
+(PIL/numpy; no torchvision needed). Which one a saved folder loads follows this rule:
 
 * Both classes save the same `preprocessor_config.json`: `"image_processor_type": "NepaImageProcessor"` and, when
   registered for `AutoImageProcessor` (importing `nepa_hf` does that), an `auto_map` entry naming both backends,
@@ -98,7 +98,8 @@ def _sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
     """
     Scale 16-bit values (0..65535) to uint8 (0..255): divide by 257 (= 65535 / 255) and round.
 
-    The one rule for 16-bit images in both backends: PIL modes "I;16*" (and "I" images with values above 255, e.g.
+    The one rule for 16-bit images in both backends, applied with the RGB conversion (`do_convert_rgb`, on by
+    default; segmentation maps are never converted): PIL modes "I;16*" (and "I" images with values above 255, e.g.
     16-bit PNGs) as well as uint16 numpy arrays and torch tensors.
     """
     return np.clip(np.round(np.asarray(array, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
@@ -192,7 +193,7 @@ class _NepaImageProcessorMixin:
                 A PIL image (any mode), a numpy array or torch tensor of shape (H, W), (H, W, C) or (C, H, W) with
                 C in {1, 3, 4}, a 4-D batch of those, or a list of any of these (sizes may differ). Integer inputs
                 are expected in [0, 255], except 16-bit ones (uint16 arrays and tensors, PIL modes "I;16*"), which
-                are scaled to [0, 255] by 1/257 first; pass `do_rescale=False` for float inputs already in [0, 1].
+                the RGB conversion scales to [0, 255] by 1/257; pass `do_rescale=False` for floats in [0, 1].
             segmentation_maps (`ImageInput`, *optional*):
                 One label map per image, of shape (H, W) and the same size as its image (PIL image, numpy array or
                 torch tensor; a 3-D array is a batch of maps). Returned as int64 `labels` of shape (B, H, W),
@@ -280,7 +281,7 @@ class _NepaImageProcessorMixin:
             if do_convert_rgb and (image.mode.startswith("I;16") or image.mode in ("I", "F")):
                 image = _pil_high_bit_depth_to_rgb(image)
         else:
-            if _is_uint16(image):
+            if do_convert_rgb and _is_uint16(image):  # as for 16-bit PIL images; never for label maps
                 image = _sixteen_bit_to_uint8(image.detach().cpu().numpy() if _is_torch_tensor(image) else image)
             if image.ndim == 2:
                 # The backends' RGB conversion cannot infer the layout of a 2-D array: make the channel axis explicit.
@@ -490,8 +491,9 @@ if is_torchvision_available():
         """
         Constructs a NEPA image processor (torchvision backend).
 
-        Same defaults and behaviour as [`NepaImageProcessorPil`]; see its docstring. Bilinear/bicubic resizing of
-        tensors differs from PIL by small rounding amounts.
+        Same defaults and behaviour as [`NepaImageProcessorPil`]; see its docstring. This is the class that
+        `AutoImageProcessor` and the pipelines load where torchvision is installed (rule in the module docstring).
+        Tensor resizing rounds differently from PIL's: at most 1 uint8 step bilinear, 2 steps bicubic.
         """
 
         def __init__(self, **kwargs: Unpack[NepaImageProcessorKwargs]):
