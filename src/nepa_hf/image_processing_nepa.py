@@ -52,9 +52,6 @@ from transformers.utils import TensorType, is_torch_available, is_torchvision_av
 if is_torch_available():
     import torch
 
-if is_torchvision_available():
-    from torchvision.transforms.v2 import functional as tvF
-
 
 logger = logging.get_logger(__name__)
 
@@ -515,11 +512,10 @@ if is_torchvision_available():
                 if do_reduce_labels:
                     label_map = _reduce_labels(label_map)
                 if do_resize:
-                    # NEAREST_EXACT samples pixel centres like PIL's NEAREST. Resize a float32 copy because
-                    # nearest interpolation is not implemented for int64; values up to 2**24 stay exact.
-                    label_map = self.resize(
-                        label_map.to(torch.float32), size, resample=tvF.InterpolationMode.NEAREST_EXACT
-                    )
+                    # The backend maps NEAREST to torchvision's NEAREST_EXACT, which samples pixel centres like
+                    # PIL's NEAREST. Resize a float32 copy because nearest interpolation is not implemented for
+                    # int64; values up to 2**24 stay exact.
+                    label_map = self.resize(label_map.to(torch.float32), size, resample=PILImageResampling.NEAREST)
                     label_map = label_map.round().to(torch.int64)
                 if do_center_crop:
                     label_map = self.center_crop(label_map, crop_size)
