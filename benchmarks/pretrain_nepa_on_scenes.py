@@ -17,7 +17,7 @@ from PIL import Image
 from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessorPil
 from nepa_hf.pretraining import create_pretraining_optimizer, warmup_cosine_schedule
 from nepa_hf.segmentation_data import make_fashion_scenes
-from nepa_hf.transforms import RandomResizedCropTransform, batch_normalize
+from nepa_hf.transforms import pretraining_transform, seeded
 
 
 def parse_args():
@@ -47,7 +47,7 @@ def main():
     scenes = [Image.fromarray(image) for image in images]
     processor = NepaImageProcessorPil(size={"height": args.scene_size, "width": args.scene_size})
     # The reference pretraining augmentation, with a milder minimum scale for 32-pixel scenes.
-    crop = RandomResizedCropTransform(args.scene_size, scale=(0.35, 1.0), interpolation="bicubic", hflip_prob=0.5)
+    augment = pretraining_transform(args.scene_size, processor.image_mean, processor.image_std, scale=(0.35, 1.0))
     if args.init_from:
         model = NepaForPreTraining.from_pretrained(args.init_from)
     else:
@@ -58,8 +58,9 @@ def main():
     start, losses = time.time(), []
     for step in range(1, args.steps + 1):
         picks = torch.randint(len(scenes), (args.batch_size,), generator=generator).tolist()
-        batch = torch.stack([crop(scenes[i], generator) for i in picks])
-        loss = model(batch_normalize(batch, processor.image_mean, processor.image_std)).loss
+        with seeded(int(torch.randint(2**31, (1,), generator=generator))):
+            batch = torch.stack([augment(scenes[i]) for i in picks])
+        loss = model(batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -52,11 +52,11 @@ def data_pipeline_images_per_s(dataset_name: str, image_size: int, seconds: floa
 
     from nepa_hf.data import load_image_dataset
     from nepa_hf.pretraining import PretrainingImageDataset
-    from nepa_hf.transforms import RandomResizedCropTransform
+    from nepa_hf.transforms import pretraining_transform
 
     torch.set_num_threads(1)
     dataset = load_image_dataset(dataset_name, max_samples=2000)
-    wrapped = PretrainingImageDataset(dataset, "image", RandomResizedCropTransform(image_size, hflip_prob=0.5))
+    wrapped = PretrainingImageDataset(dataset, "image", pretraining_transform(image_size, [0.5] * 3, [0.5] * 3))
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         assert wrapped[(0, count % len(wrapped))] is not None

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -737,118 +735,39 @@ def run_backends(args) -> dict:
 # -- data pipeline ------------------------------------------------------------------------------------------------
 
 
-def random_resized_crop_box(
-    width: int, height: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
-) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop within the ratio range)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left = rng.randint(0, width - w)
-            top = rng.randint(0, height - h)
-            return left, top, left + w, top + h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def fallback_train_transform(image_size: int, resample=Image.BICUBIC) -> Callable[[Image.Image], torch.Tensor]:
-    """Benchmark-local stand-in for the library's per-sample train transform, used only when `nepa_hf.transforms` is
-    absent: RGB -> RandomResizedCrop(scale 0.08-1) -> uint8 (3, H, W) tensor (flip and normalisation run batched)."""
-    rng = random.Random(0)
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
-        box = random_resized_crop_box(*image.size, rng)
-        image = image.resize((image_size, image_size), resample=resample, box=box)
-        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
-
-    return transform
-
-
-def fallback_batch_augment(hflip_prob: float = 0.5) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Stand-in for the library's batched part: uint8 -> [0, 1] -> random horizontal flip -> normalise (0.5, 0.5)."""
-
-    def augment(images: torch.Tensor) -> torch.Tensor:
-        images = images.float() / 255.0
-        flip = torch.rand(images.shape[0]) < hflip_prob
-        images[flip] = images[flip].flip(-1)
-        return (images - 0.5) / 0.5
-
-    return augment
-
-
 def input_pipelines(image_size: int) -> dict[str, dict]:
-    """The per-sample (DataLoader worker) and batched (main process) parts of each input pipeline.
+    """The library's per-sample transforms (what one DataLoader worker runs per image) for each recipe: everything,
+    normalisation included, happens per sample; Mixup in the fine-tuning collator is a cheap batch blend."""
+    from nepa_hf.augmentation import AugmentationArguments
+    from nepa_hf.transforms import ImageProcessorTransform, pretraining_transform, to_rgb
 
-    Uses the library's `nepa_hf.transforms` (RandomResizedCropTransform, ResizeTransform, BatchAugment) when it
-    exists, otherwise the benchmark-local stand-ins above, and says which in `source`.
-    """
-    try:
-        from nepa_hf import transforms as library
-    except ImportError:
-        library = None
     mean = std = (0.5, 0.5, 0.5)
-    if library is not None and hasattr(library, "RandomResizedCropTransform") and hasattr(library, "BatchAugment"):
-        source = "nepa_hf.transforms"
-        pretrain_sample = library.RandomResizedCropTransform(image_size, scale=(0.08, 1.0), interpolation="bicubic")
-        pretrain_batch = library.BatchAugment(mean, std, hflip_prob=0.5).train()
-        eval_sample = library.ResizeTransform(image_size)
-        finetune_extra = []
-        with contextlib.suppress(Exception):  # kornia's RandAugment / RandomErasing, as the fine-tuning recipe
-            import kornia.augmentation as K
-            from kornia.augmentation.auto import RandAugment
-
-            finetune_extra = [RandAugment(n=2, m=9), K.RandomErasing(p=0.25)]
-        finetune_batch = library.BatchAugment(mean, std, hflip_prob=0.5, extra=finetune_extra).train()
-        finetune_label = "flip + RandAugment(2, 9) + RandomErasing(0.25), kornia" if finetune_extra else "flip (kornia)"
-    else:
-        source = "benchmark-local stand-in (nepa_hf.transforms not found)"
-        pretrain_sample = fallback_train_transform(image_size)
-        pretrain_batch = fallback_batch_augment()
-        eval_sample = lambda image: torch.from_numpy(  # noqa: E731
-            np.array(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
-        ).permute(2, 0, 1)
-        finetune_batch = None
-        finetune_label = None
-    pipelines = {
+    pretrain = pretraining_transform(image_size, mean, std)
+    recipe = AugmentationArguments()
+    return {
         "pretraining": {
-            "sample": pretrain_sample,
-            "batch": pretrain_batch,
-            "description": f"{source}: decode + RGB + RandomResizedCrop(0.08-1, bicubic) per sample; flip + normalise batched",
+            "sample": lambda image: pretrain(to_rgb(image)),
+            "description": "torchvision v2: RGB + RandomResizedCrop(0.08-1, bilinear) + flip + normalise",
+            "consumer": "train",
+        },
+        "fine-tuning": {
+            "sample": recipe.train_transform(image_size, mean, std),
+            "description": "timm create_transform: RandomResizedCrop (bicubic) + flip + RandAugment m9 + normalise + "
+                           "random erasing 0.25",
             "consumer": "train",
         },
         "evaluation": {
-            "sample": eval_sample,
-            "batch": lambda images: (images.float() / 255.0 - 0.5) / 0.5,
-            "description": f"{source}: decode + RGB + resize {image_size} per sample; normalise batched",
+            "sample": ImageProcessorTransform(recipe.eval_image_processor(image_size, mean, std)),
+            "description": f"NepaImageProcessor: resize short side to {int(image_size / 0.875)} (bicubic) + centre "
+                           f"crop {image_size} + normalise",
             "consumer": "inference",
         },
     }
-    if finetune_batch is not None:
-        pipelines["fine-tuning"] = {
-            "sample": pretrain_sample,
-            "batch": finetune_batch,
-            "description": f"{source}: decode + RandomResizedCrop per sample; {finetune_label} batched",
-            "consumer": "train",
-        }
-    return pipelines
 
 
 def run_data(args, consumption: dict) -> dict:
     """Images/s one input worker sustains (one process, one torch thread: decode + per-sample augmentation) and
-    the batched augmentation's cost on the main process, against the model's consumption rate."""
+    against the model's consumption rate."""
     from nepa_hf.data import bundled_photo_paths
 
     rows = []
@@ -865,19 +784,17 @@ def run_data(args, consumption: dict) -> dict:
 
         torch.set_num_threads(1)  # a DataLoader worker runs one torch thread
         try:
-            outputs = [per_sample(data) for data in photos]  # warm-up
+            for data in photos:  # warm-up
+                per_sample(data)
             per_round = []
             for _ in range(3):
                 start = time.perf_counter()
-                outputs = [per_sample(photos[index % len(photos)]) for index in range(samples)]
+                for index in range(samples):
+                    per_sample(photos[index % len(photos)])
                 per_round.append(samples / (time.perf_counter() - start))
         finally:
             torch.set_num_threads(threads)
         worker_rate = median(per_round)
-        batch = torch.stack(outputs[:16])
-        with torch.no_grad():
-            batch_timings = interleaved_timings({"batch": lambda b=batch: pipeline["batch"](b)}, repeats=5, warmup=1)
-        batched_rate = batch.shape[0] / median(batch_timings["batch"])
         consumer = consumption.get(pipeline["consumer"])
         rows.append(
             {
@@ -885,13 +802,12 @@ def run_data(args, consumption: dict) -> dict:
                 "pipeline": name,
                 "description": pipeline["description"],
                 "images_per_s_per_worker": worker_rate,
-                "batched_images_per_s": batched_rate,
                 "model_images_per_s": consumer,
                 "workers_needed": math.ceil(consumer / worker_rate) if consumer else None,
             }
         )
         log(
-            f"data {name}: {worker_rate:.1f} img/s per worker, batched part {batched_rate:.0f} img/s "
+            f"data {name}: {worker_rate:.1f} img/s per worker "
             f"(model consumes {consumer or float('nan'):.1f} img/s)"
         )
     return {"rows": rows}
@@ -1084,12 +1000,12 @@ def markdown_report(results: dict) -> str:
         lines += [
             "## Input pipeline vs model consumption",
             "",
-            "| pipeline | per-sample images/s per worker | batched part images/s (main process) | model consumes images/s | workers needed |",
-            "|---|---|---|---|---|",
+            "| pipeline | per-sample images/s per worker | model consumes images/s | workers needed |",
+            "|---|---|---|---|",
         ]
         for r in section("data"):
             lines.append(
-                f"| {r['pipeline']} | {fmt(r['images_per_s_per_worker'], '.1f')} | {fmt(r['batched_images_per_s'], '.0f')} | "
+                f"| {r['pipeline']} | {fmt(r['images_per_s_per_worker'], '.1f')} | "
                 f"{fmt(r['model_images_per_s'], '.2f')} | {fmt(r['workers_needed'], 'd')} |"
             )
         lines += ["", "A worker = one process with one torch thread decoding the bundled JPEG photos (≤ 512 px). The model rate is NEPA's training (pre-/fine-tuning) or inference images/s above."]

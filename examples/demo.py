@@ -54,12 +54,14 @@ def run_example(script: str, arguments: list[str], threads: int | None) -> None:
 
 
 def finetune_arguments(source: list[str], output_dir: str, args) -> list[str]:
-    # Same budget and recipe for both runs; the light recipe (no RandAugment/Mixup/CutMix) suits a few hundred steps.
+    # Same budget and recipe for both runs; the light recipe (crop + flip: no RandAugment, colour jitter, erasing,
+    # Mixup or CutMix) suits a few hundred steps.
     return [
         *source, "--dataset_name", "bundled", "--eval_split", "test", "--output_dir", output_dir,
         "--do_train", "--do_eval", "--max_steps", str(args.finetune_steps),
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "250",
-        "--learning_rate", "1e-3", "--ema_decay", "0.99", "--rand_augment", "none", "--random_erasing_prob", "0",
+        "--learning_rate", "1e-3", "--ema_decay", "0.99", "--rand_augment", "none", "--color_jitter", "0",
+        "--random_erasing_prob", "0",
         "--mixup_alpha", "0", "--cutmix_alpha", "0", "--save_strategy", "no", "--logging_steps", "10",
         "--report_to", "none", "--use_cpu", "true", "--seed", str(args.seed),
     ]

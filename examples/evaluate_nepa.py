@@ -40,7 +40,7 @@ from nepa_hf.evaluation import (
     knn_accuracy,
     linear_probe_accuracy,
 )
-from nepa_hf.transforms import ResizeTransform
+from nepa_hf.transforms import INTERPOLATIONS, ImageProcessorTransform, evaluation_image_processor
 
 TASKS = ("accuracy", "knn", "linear_probe", "all")
 
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--image_size", type=int, default=None, help="Default: the model's config.image_size.")
     parser.add_argument("--crop_pct", type=float, default=0.875, help="1.0: resize straight to the size.")
-    parser.add_argument("--interpolation", default="bicubic")
+    parser.add_argument("--interpolation", default="bicubic", choices=INTERPOLATIONS)
     parser.add_argument("--pooling", default="mean", choices=POOLINGS)
     parser.add_argument("--layer", type=int, default=None, help="Block whose output to pool (default: final).")
     parser.add_argument("--is_causal", choices=("config", "true", "false"), default="config",
@@ -111,9 +111,9 @@ def main(argv=None):
     except (OSError, ValueError):
         mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     size = args.image_size or config.image_size
-    resize = None if args.crop_pct >= 1 else int(round(size / args.crop_pct))
-    transform = ResizeTransform(size, resize_size=resize, interpolation=args.interpolation)
-    normalize = (mean, std)
+    transform = ImageProcessorTransform(
+        evaluation_image_processor(size, mean, std, crop_pct=args.crop_pct, interpolation=args.interpolation)
+    )
 
     eval_set, image_column, label_column, names = load_labeled_split(args, args.eval_split,
                                                                      max_samples=args.max_eval_samples)
@@ -126,7 +126,7 @@ def main(argv=None):
         if model.config.num_labels != len(names):
             raise ValueError(f"The classifier has {model.config.num_labels} labels, the dataset {len(names)}.")
         data = batches(eval_set, image_column, label_column, transform, args, "accuracy")
-        results.update({f"eval_{k}": v for k, v in classification_accuracy(model, data, normalize=normalize).items()})
+        results.update({f"eval_{k}": v for k, v in classification_accuracy(model, data).items()})
 
     if tasks & {"knn", "linear_probe"}:
         backbone = AutoModel.from_pretrained(args.model_name_or_path).to(args.device)
@@ -134,7 +134,7 @@ def main(argv=None):
         train_set, train_image_column, train_label_column, _ = load_labeled_split(
             args, args.train_split, class_names=names, max_samples=args.max_train_samples
         )
-        feature_kwargs = dict(pooling=args.pooling, layer=args.layer, is_causal=is_causal, normalize=normalize)
+        feature_kwargs = dict(pooling=args.pooling, layer=args.layer, is_causal=is_causal)
         train_features, train_labels = extract_features(
             backbone, batches(train_set, train_image_column, train_label_column, transform, args, "train features"),
             **feature_kwargs,

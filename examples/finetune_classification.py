@@ -4,10 +4,12 @@ Starts from a NEPA pretraining checkpoint (ours or converted: bidirectional atte
 checkpoint, or a preset (from scratch). Data: a Hub dataset, a local image folder (imagefolder layout), or the
 built-ins `fashion_mnist` (Debian package, else the bundled subset), `fashion_mnist_debian`, `bundled`.
 
-The recipe, all on by default and all switchable by flags: layer-wise lr decay (0.65) with per-group warmup +
-cosine, AdamW (wd 0.05, none on 1-D params), EMA 0.9999 evaluated beside the online weights, frozen patch
-embedding when starting from a pretrained model, RandomResizedCrop + flip, RandAugment rand-m9-mstd0.5-inc1,
-random erasing 0.25, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1, resize + centre-crop evaluation.
+The authors' recipe, all on by default and all switchable by flags: layer-wise lr decay (0.65) with per-group
+warmup + cosine, AdamW (wd 0.05 on matrices and the CLS token), EMA 0.9999 evaluated beside the online weights,
+frozen patch embedding when starting from a pretrained model; timm's `create_transform` (RandomResizedCrop bicubic +
+flip + RandAugment rand-m9-mstd0.5-inc1 + random erasing 0.25) per sample and timm's Mixup 0.8 / CutMix 1.0 with
+label smoothing 0.1 in the collator; evaluation through the saved image processor (resize 256 bicubic + centre
+crop 224 at 224 px).
 
 Examples:
     python examples/finetune_classification.py --model_name_or_path outputs/demo/pretrained \\
@@ -27,16 +29,14 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, set_seed
-from transformers.image_utils import PILImageResampling
 from transformers.trainer_utils import get_last_checkpoint
 
-from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForImageClassification, NepaImageProcessorPil
+from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForImageClassification
 from nepa_hf.augmentation import AugmentationArguments
 from nepa_hf.classification_data import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
     check_labels,
-    collate_image_batch,
     encode_labels,
     stratified_subset,
     train_validation_split,
@@ -45,11 +45,9 @@ from nepa_hf.classification_data import (
 from nepa_hf.data import load_image_dataset, resolve_column
 from nepa_hf.evaluation import classification_metrics
 from nepa_hf.finetuning import NepaTrainer, NepaTrainingArguments
+from nepa_hf.transforms import ImageProcessorTransform
 
 logger = logging.getLogger(__name__)
-
-RESAMPLE = {"bilinear": PILImageResampling.BILINEAR, "bicubic": PILImageResampling.BICUBIC,
-            "nearest": PILImageResampling.NEAREST, "lanczos": PILImageResampling.LANCZOS}
 
 
 @dataclass
@@ -191,21 +189,6 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
     return model, processor, True
 
 
-def evaluation_processor(source_processor, size: int, augmentation: AugmentationArguments) -> NepaImageProcessorPil:
-    """The image processor saved with the model: the evaluation preprocessing (resize + centre crop), with the
-    source checkpoint's normalisation."""
-    mean = list(getattr(source_processor, "image_mean", None) or [0.5, 0.5, 0.5])
-    std = list(getattr(source_processor, "image_std", None) or [0.5, 0.5, 0.5])
-    resize = augmentation.eval_resize_size(size)
-    resample = RESAMPLE.get(augmentation.interpolation, PILImageResampling.BICUBIC)
-    if resize is None:
-        return NepaImageProcessorPil(size={"height": size, "width": size}, resample=resample, image_mean=mean,
-                                     image_std=std)
-    return NepaImageProcessorPil(size={"shortest_edge": resize}, do_center_crop=True,
-                                 crop_size={"height": size, "width": size}, resample=resample, image_mean=mean,
-                                 image_std=std)
-
-
 def main(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, AugmentationArguments, NepaTrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -279,29 +262,31 @@ def main(argv: list[str] | None = None):
     size = model_args.image_size or model.config.image_size
     if size % model.config.patch_size:
         raise ValueError(f"--image_size {size} is not a multiple of the patch size {model.config.patch_size}.")
-    processor = evaluation_processor(source_processor, size, aug_args)
+    # The evaluation preprocessing, saved with the model, with the source checkpoint's normalisation.
+    mean = list(getattr(source_processor, "image_mean", None) or [0.5, 0.5, 0.5])
+    std = list(getattr(source_processor, "image_std", None) or [0.5, 0.5, 0.5])
+    processor = aug_args.eval_image_processor(size, mean, std)
     logger.info(f"{len(train_dataset)} training images, {len(class_names)} classes, resolution {size}; "
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; from "
                 f"{'pretrained weights' if pretrained else 'scratch'}.")
 
-    # ---- transforms: per-sample crops in the DataLoader, the rest batched on the device ----
+    # ---- transforms: timm's per sample (training) or the image processor (evaluation); Mixup in the collator ----
     if training_args.do_train:
-        with_image_transform(train_dataset, aug_args.train_sample_transform(size), image_column, label_column)
+        with_image_transform(train_dataset, aug_args.train_transform(size, mean, std), image_column, label_column,
+                             mixable=True)
     for dataset in (eval_dataset, predict_dataset):
         if dataset is not None:
-            with_image_transform(dataset, aug_args.eval_sample_transform(size), image_column, label_column)
-    batch_transform = aug_args.batch_transform(processor.image_mean, processor.image_std, len(class_names),
-                                               label_smoothing=training_args.label_smoothing_factor)
+            with_image_transform(dataset, ImageProcessorTransform(processor), image_column, label_column)
+    collator = aug_args.collator(len(class_names), label_smoothing=training_args.label_smoothing_factor)
 
     trainer = NepaTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset,
-        data_collator=collate_image_batch,
+        data_collator=collator,
         compute_metrics=classification_metrics(len(class_names)),
         processing_class=processor,
-        batch_transform=batch_transform,
     )
 
     if training_args.do_train:

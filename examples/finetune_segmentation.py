@@ -38,9 +38,9 @@ import torch.nn.functional as F
 import transformers
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from nepa_hf import NepaConfig, NepaForSemanticSegmentation, NepaImageProcessorPil
+from nepa_hf import NepaConfig, NepaForSemanticSegmentation, NepaImageProcessor
 from nepa_hf.evaluation import local_metric_path
 from nepa_hf.finetuning import layer_decay_parameter_groups
 from nepa_hf.segmentation import sliding_window_inference, whole_inference
@@ -48,7 +48,6 @@ from nepa_hf.segmentation_data import (
     FASHION_SCENES_LABELS,
     fashion_scenes_dataset,
     random_scale_crop_flip,
-    resize_image_and_mask,
     segmentation_folder_dataset,
 )
 
@@ -240,17 +239,17 @@ def main():
         raise ValueError(f"--crop_size {crop[0]} must be a multiple of the patch size {config.patch_size}.")
     base_size = data_args.base_size or data_args.crop_size
 
-    # The saved processor resizes pipeline inputs to the training crop size; the transforms below do their own
-    # geometry, so they call it with do_resize=False.
-    image_processor = NepaImageProcessorPil(
+    # The saved processor resizes inputs to the training crop size (images bilinear, masks nearest): it is the
+    # evaluation transform and what the pipeline applies. Training crops do their own geometry (do_resize=False).
+    image_processor = NepaImageProcessor(
         size={"height": crop[0], "width": crop[1]}, do_reduce_labels=data_args.do_reduce_labels
     )
     if model_args.model_name_or_path and (Path(model_args.model_name_or_path) / "preprocessor_config.json").exists():
-        saved = NepaImageProcessorPil.from_pretrained(model_args.model_name_or_path)
+        saved = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
         image_processor.image_mean, image_processor.image_std = saved.image_mean, saved.image_std
 
-    def to_model_inputs(images, masks):
-        return image_processor(images, segmentation_maps=masks, do_resize=False, return_tensors="pt")
+    def to_model_inputs(images, masks, **kwargs):
+        return image_processor(images, segmentation_maps=masks, return_tensors="pt", **kwargs)
 
     def train_transform(batch):
         # Fresh numpy generator per call, seeded from torch (seeded by the Trainer, distinct per dataloader worker).
@@ -261,11 +260,10 @@ def main():
             )
             for image, mask in zip(batch["image"], batch["annotation"])
         ]
-        return dict(to_model_inputs([p[0] for p in pairs], [p[1] for p in pairs]))
+        return dict(to_model_inputs([p[0] for p in pairs], [p[1] for p in pairs], do_resize=False))
 
     def eval_transform(batch):
-        pairs = [resize_image_and_mask(image, mask, crop) for image, mask in zip(batch["image"], batch["annotation"])]
-        return dict(to_model_inputs([p[0] for p in pairs], [p[1] for p in pairs]))
+        return dict(to_model_inputs(batch["image"], batch["annotation"]))
 
     def collate_fn(examples):
         return {

@@ -4,8 +4,9 @@
 
 No labels are used: a causal ViT learns to predict the embedding of the next patch (reference recipe: AdamW
 (0.9, 0.95), weight decay 0.05, lr = 3e-4 x global batch / 256, 2.5% warmup then cosine, grad clip 1.0, bf16,
-RandomResizedCrop(0.08-1) + flip). The same script runs on one CPU, one GPU, or many through `accelerate launch`
-(DDP, FSDP, DeepSpeed) without code changes.
+RandomResizedCrop + flip). The same script runs on one CPU, one GPU, or many through `accelerate launch`
+(DDP, FSDP, DeepSpeed) without code changes. The data pipeline is the authors': torchvision RandomResizedCrop(size)
+with its defaults (scale 0.08-1, ratio 3/4-4/3, bilinear), horizontal flip, the image processor's normalisation.
 
     python examples/pretrain_nepa.py --model nepa-vit-tiny --dataset fashion_mnist --output_dir out \
         --max_steps 1000 --per_device_batch_size 64 --checkpointing_steps 200 --seed 0
@@ -29,7 +30,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-from transformers import AutoModelForPreTraining
+from transformers import AutoImageProcessor, AutoModelForPreTraining
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -37,9 +38,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForPreTraining, NepaImageProcessorPil  # noqa: F401 (registers)
+from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForPreTraining, NepaImageProcessor
 from nepa_hf.data import BUILTIN_DATASETS, load_image_dataset, resolve_column
-from nepa_hf.ema import ModelEMA
+from nepa_hf.ema import create_ema, save_ema
 from nepa_hf.pretraining import (
     CollapseMonitor,
     EpochShuffleSampler,
@@ -58,7 +59,7 @@ from nepa_hf.pretraining import (
     warmup_cosine_schedule,
     warmup_steps_for,
 )
-from nepa_hf.transforms import BatchAugment, RandomResizedCropTransform
+from nepa_hf.transforms import INTERPOLATIONS, pretraining_transform
 
 
 # `--demo`: a micro NEPA on the bundled Fashion-MNIST subset; 200 steps of 32 images took 2m49s on two shared CPU
@@ -101,7 +102,8 @@ def parse_args(argv=None):
                         help="Decoding workers per process (default: 0 on CPU, min(8, cores per process) on GPU).")
     parser.add_argument("--crop_min_scale", type=float, default=0.08, help="RandomResizedCrop minimum area scale.")
     parser.add_argument("--hflip_prob", type=float, default=0.5)
-    parser.add_argument("--interpolation", default="bicubic", choices=("bilinear", "bicubic", "lanczos", "nearest"))
+    parser.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
+                        help="RandomResizedCrop resampling (the authors: torchvision's default, bilinear).")
     # Recipe (reference §8)
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--overwrite_output_dir", action="store_true",
@@ -189,7 +191,7 @@ def load_model(args):
     if args.num_channels is not None:
         overrides["num_channels"] = args.num_channels
     attn = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    processor = NepaImageProcessorPil()
+    processor = NepaImageProcessor()
     if args.model in NEPA_PRESETS:
         model = AutoModelForPreTraining.from_config(NepaConfig.from_preset(args.model, **overrides), **attn)
     elif args.model.endswith(".json") and os.path.isfile(args.model):
@@ -203,7 +205,7 @@ def load_model(args):
             # fp32 master weights whatever the checkpoint dtype (Accelerate handles mixed precision).
             model = NepaForPreTraining.from_pretrained(args.model, dtype=torch.float32, **overrides, **attn)
         if os.path.isfile(os.path.join(args.model, "preprocessor_config.json")):
-            processor = NepaImageProcessorPil.from_pretrained(args.model)
+            processor = AutoImageProcessor.from_pretrained(args.model)
     else:
         raise ValueError(
             f"--model {args.model!r} is neither a preset ({', '.join(sorted(NEPA_PRESETS))}), a config .json file, "
@@ -212,8 +214,8 @@ def load_model(args):
     return model, processor
 
 
-def build_train_dataloader(args, config, image_size, accelerator):
-    """Per-sample decode/crop/flip (+ mask) in DataLoader workers -> uint8 batches with a `valid` flag."""
+def build_train_dataloader(args, config, image_size, mean, std, accelerator):
+    """Per-sample decode/crop/flip/normalise (+ mask) in DataLoader workers -> float batches with a `valid` flag."""
     load_kwargs = {"name": args.dataset_config_name} if args.dataset_config_name else {}
     with accelerator.main_process_first():  # one process prepares/caches the dataset, the others reuse it
         dataset = load_image_dataset(args.dataset, split=args.train_split, streaming=args.streaming,
@@ -224,8 +226,8 @@ def build_train_dataloader(args, config, image_size, accelerator):
         image_column = resolve_column(dataset, args.image_column, IMAGE_COLUMN_CANDIDATES, "image")
     patch = config.patch_size
     num_patches = (image_size // patch) ** 2
-    transform = RandomResizedCropTransform(image_size, scale=(args.crop_min_scale, 1.0),
-                                           interpolation=args.interpolation, hflip_prob=args.hflip_prob)
+    transform = pretraining_transform(image_size, mean, std, scale=(args.crop_min_scale, 1.0),
+                                      interpolation=args.interpolation, hflip_prob=args.hflip_prob)
     wrapper_kwargs = dict(image_column=image_column, transform=transform, seed=args.seed,
                           num_channels=config.num_channels, mask_ratio=args.mask_ratio,
                           num_patches=num_patches if args.mask_ratio > 0 else None)
@@ -334,10 +336,9 @@ def main(argv=None):
         mean, std = mean[:1], std[:1]
     objective = NepaPretrainingObjective(model, args.pixel_loss_weight, args.pixel_loss,
                                          args.pixel_decoder_hidden_size)
-    augment = BatchAugment(mean, std, hflip_prob=0.0).to(accelerator.device)  # flips happen per sample, seeded
 
     # Data
-    train_dataloader, num_images = build_train_dataloader(args, config, image_size, accelerator)
+    train_dataloader, num_images = build_train_dataloader(args, config, image_size, mean, std, accelerator)
 
     # Optimizer and schedule (in optimizer updates; stepped by hand once per update, whatever the process count)
     global_batch = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -354,7 +355,7 @@ def main(argv=None):
     scheduler = warmup_cosine_schedule(optimizer, max_steps, warmup_steps)
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(objective)
-    ema = ModelEMA(unwrapped.model, decay=args.ema_decay) if args.ema_decay else None
+    ema = create_ema(unwrapped.model, decay=args.ema_decay) if args.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
@@ -405,7 +406,7 @@ def main(argv=None):
             batch_index, produced = batch_index + 1, True
             inputs, num_skipped, all_skipped = select_readable(batch)
             with accelerator.accumulate(objective):
-                outputs = objective(pixel_values=augment(inputs["pixel_values"]),
+                outputs = objective(pixel_values=inputs["pixel_values"],
                                     bool_masked_pos=inputs.get("bool_masked_pos"))
                 # A batch of only unreadable images still runs (DDP needs every process) but contributes nothing.
                 loss = outputs.loss * 0.0 if all_skipped else outputs.loss
@@ -491,9 +492,9 @@ def main(argv=None):
                                 image_mean=mean, image_std=std)
         if config.num_channels == 1:
             processor_kwargs["do_convert_rgb"] = False
-        NepaImageProcessorPil(**processor_kwargs).save_pretrained(output_dir)
+        NepaImageProcessor(**processor_kwargs).save_pretrained(output_dir)
         if ema is not None:
-            ema.save(output_dir / "ema.safetensors")
+            save_ema(ema, output_dir / "ema.safetensors")
         if unwrapped.pixel_decoder is not None:
             decoder_state = {k[len("pixel_decoder."):]: v.contiguous().cpu() for k, v in state_dict.items()
                              if k.startswith("pixel_decoder.")}

@@ -3,7 +3,7 @@
 #
 # Source it from bash (it can also be run directly to only set up):
 #   * creates (or reuses) a virtual environment in <repo>/.venv;
-#   * installs torch (pinned, CPU wheel where the machine provides one) first, then
+#   * installs torch and torchvision (pinned; never let pip resolve an unpinned torch) first, then
 #     `pip install -e ".[dev]"`; skipped when setup.cfg / pyproject.toml are unchanged
 #     since the last successful install (stamp file .venv/.nepa-hf-install-stamp);
 #   * installs Debian's dataset-fashion-mnist package when missing and possible
@@ -13,14 +13,14 @@
 #
 # Environment knobs:
 #   NEPA_PYTHON_BOOTSTRAP  python used to create the venv (default: first python3.x >= 3.10)
-#   NEPA_TORCH_SPEC        torch requirement installed first (default: torch==2.13.0)
+#   NEPA_TORCH_SPEC        torch + torchvision requirements installed first (default: torch==2.14.1 torchvision==0.29.1)
 #   NEPA_EXTRAS            extras for the editable install (default: dev)
 #   NEPA_FORCE_INSTALL=1   reinstall even if the stamp matches
 #   NEPA_SKIP_APT=1        never try apt-get
 
 NEPA_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NEPA_VENV="${NEPA_REPO_ROOT}/.venv"
-NEPA_TORCH_SPEC="${NEPA_TORCH_SPEC:-torch==2.13.0}"
+NEPA_TORCH_SPEC="${NEPA_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 NEPA_EXTRAS="${NEPA_EXTRAS:-dev}"
 NEPA_FASHION_MNIST_DIR="/usr/share/datasets/fashion-mnist"
 export NEPA_REPO_ROOT
@@ -112,7 +112,8 @@ _nepa_setup_venv() {
     local t0=$SECONDS
     # torch first: an unpinned torch resolved by another package pulls GBs of CUDA wheels.
     _nepa_log "installing ${NEPA_TORCH_SPEC}"
-    _nepa_pip install -q "${NEPA_TORCH_SPEC}" || return 1
+    # shellcheck disable=SC2086  # word-split on purpose: two pinned requirements
+    _nepa_pip install -q ${NEPA_TORCH_SPEC} || return 1
     _nepa_log "installing nepa-hf (editable, extras: ${NEPA_EXTRAS}) and its dependencies"
     (cd "${NEPA_REPO_ROOT}" && _nepa_pip install -q -e ".[${NEPA_EXTRAS}]") || return 1
     printf '%s\n' "$want" >"$stamp"

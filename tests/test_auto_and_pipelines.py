@@ -16,16 +16,24 @@ from transformers import (
     AutoModelForPreTraining,
     pipeline,
 )
+from transformers.utils import is_torchvision_available
 
 from nepa_hf import (
     NepaConfig,
     NepaForImageClassification,
     NepaForPreTraining,
+    NepaImageProcessor,
     NepaImageProcessorPil,
     NepaModel,
 )
 
 LABELS = ["cat", "coffee", "rocket"]
+# What AutoImageProcessor returns for a NEPA folder: the torchvision backend's class where torchvision is installed.
+EXPECTED_PROCESSOR = "NepaImageProcessor" if is_torchvision_available() else "NepaImageProcessorPil"
+BOTH_BACKENDS = {
+    "pil": "image_processing_nepa.NepaImageProcessorPil",
+    "torchvision": "image_processing_nepa.NepaImageProcessor",
+}
 
 
 def small_config(**overrides) -> NepaConfig:
@@ -58,9 +66,16 @@ def test_auto_classes_resolve_nepa(tmp_path):
     assert type(AutoModelForImageClassification.from_config(config)) is NepaForImageClassification
     model = NepaModel(config)
     model.save_pretrained(tmp_path)
-    NepaImageProcessorPil().save_pretrained(tmp_path)
     assert type(AutoModel.from_pretrained(tmp_path)) is NepaModel
-    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is NepaImageProcessorPil
+    processor_classes = [NepaImageProcessorPil] + ([NepaImageProcessor] if is_torchvision_available() else [])
+    for saving_class in processor_classes:
+        saving_class().save_pretrained(tmp_path)
+        saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+        assert saved["image_processor_type"] == "NepaImageProcessor"
+        assert saved["auto_map"] == {"AutoImageProcessor": BOTH_BACKENDS}
+        auto = AutoImageProcessor.from_pretrained(tmp_path)
+        assert type(auto) is (NepaImageProcessor if is_torchvision_available() else NepaImageProcessorPil)
+        assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")) is NepaImageProcessorPil
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
@@ -126,7 +141,10 @@ REMOTE_SCRIPT = textwrap.dedent(
     base = AutoModel.from_pretrained(folder, trust_remote_code=True)
     assert type(base).__name__ == "NepaModel"
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-    assert type(processor).__name__ == "NepaImageProcessorPil", type(processor)
+    assert type(processor).__name__ == os.environ["NEPA_EXPECTED_PROCESSOR"], type(processor)
+    assert "nepa_hf" not in type(processor).__module__, type(processor).__module__
+    pil = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")
+    assert type(pil).__name__ == "NepaImageProcessorPil", type(pil)
     with torch.no_grad():
         logits = model(torch.load(pixels_path)).logits
     torch.save(logits, out_path)
@@ -145,7 +163,7 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
     script.write_text(REMOTE_SCRIPT)
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="",
                # same thread count as this process, so reductions run in the same order (bit-exact outputs)
-               NEPA_TEST_THREADS=str(torch.get_num_threads()))
+               NEPA_TEST_THREADS=str(torch.get_num_threads()), NEPA_EXPECTED_PROCESSOR=EXPECTED_PROCESSOR)
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300,
@@ -156,9 +174,43 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
     assert "'label'" in result.stdout
 
 
+NO_TORCHVISION_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["nepa_hf"] = None  # nepa_hf is not installed ...
+    sys.modules["torchvision"] = None  # ... and neither is torchvision
+    from transformers import AutoImageProcessor, pipeline
+    from transformers.utils import is_torchvision_available
+    assert not is_torchvision_available()
+    folder = sys.argv[1]
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(processor).__name__ == "NepaImageProcessorPil", type(processor)
+    classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
+    assert type(classifier.image_processor).__name__ == "NepaImageProcessorPil", type(classifier.image_processor)
+    from PIL import Image
+    print(classifier(Image.new("RGB", (40, 30), (200, 10, 10)), top_k=2))
+    """
+)
+
+
+def test_trust_remote_code_falls_back_to_pil_without_torchvision(tmp_path):
+    # The saved auto_map names the torchvision class too; without torchvision the PIL one must load.
+    save_classifier(tmp_path / "ckpt")
+    script = tmp_path / "no_torchvision.py"
+    script.write_text(NO_TORCHVISION_SCRIPT)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'label'" in result.stdout
+
+
 def test_image_classification_pipeline_on_real_photos(tmp_path, photo_images):
     save_classifier(tmp_path)
     classifier = pipeline("image-classification", model=str(tmp_path))
+    assert type(classifier.image_processor).__name__ == EXPECTED_PROCESSOR
     results = classifier(photo_images, top_k=3)
     assert len(results) == len(photo_images)
     for result in results:
@@ -179,6 +231,7 @@ def test_pipelines_never_prompt_for_remote_code(tmp_path, monkeypatch):
 def test_image_feature_extraction_pipeline_on_real_photos(tmp_path, photo_images):
     save_classifier(tmp_path)
     extractor = pipeline("image-feature-extraction", model=str(tmp_path))
+    assert type(extractor.image_processor).__name__ == EXPECTED_PROCESSOR
     features = extractor(photo_images[0], return_tensors=True)
     assert features.shape == (1, 1 + 16, 64)
     pooled = extractor(photo_images[:2], pool=True, return_tensors=True)

@@ -99,9 +99,7 @@ def test_extract_features_pooling_and_layers():
     # causal (config) vs bidirectional features differ
     assert not torch.allclose(extract_features(backbone, pixels, is_causal=False)[0], mean)
     uint8 = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    normalised = extract_features(backbone, uint8, normalize=([0.5] * 3, [0.5] * 3))[0]
-    torch.testing.assert_close(normalised, extract_features(backbone, uint8.float() / 127.5 - 1)[0])
-    with pytest.raises(ValueError, match="normalize"):
+    with pytest.raises(ValueError, match="not normalised floats"):  # never features of raw 0-255 pixels
         extract_features(backbone, uint8)
     with pytest.raises(ValueError, match="pooling must be one of"):
         extract_features(backbone, pixels, pooling="max")

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import pipeline
+from transformers import AutoImageProcessor, pipeline
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining, NepaImageProcessorPil
+from nepa_hf.augmentation import MixupCollator
 from nepa_hf.classification_data import check_labels, encode_labels, stratified_indices, train_validation_split
 from nepa_hf.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from nepa_hf.finetuning import NepaTrainer
@@ -121,8 +122,11 @@ def test_finetune_from_pretraining_checkpoint_uses_the_recipe(tmp_path, finetune
                                pretrained.nepa.embeddings.patch_embeddings.projection.weight)
     # (the zero head passes gradients to the backbone from the third step on: step 0 has lr 0, step 1 moves the head)
     assert not torch.equal(model.nepa.embeddings.cls_token, pretrained.nepa.embeddings.cls_token)
-    assert isinstance(trainer, NepaTrainer) and trainer.batch_transform.mixup is not None
-    assert trainer.label_smoother is None and trainer.batch_transform.mixup.label_smoothing == 0.1
+    assert isinstance(trainer, NepaTrainer) and isinstance(trainer.data_collator, MixupCollator)
+    assert trainer.label_smoother is None and trainer.data_collator.mixup.label_smoothing == 0.1
+    # evaluation preprocessing saved for pipelines: the torchvision processor, resize 32 bicubic + centre crop 28
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    assert processor.size.shortest_edge == 32 and processor.crop_size.height == 28 and processor.resample == 3
     results = json.loads((output_dir / "all_results.json").read_text())
     assert {"eval_accuracy", "eval_ema_accuracy", "train_loss"} <= set(results)
 

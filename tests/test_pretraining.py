@@ -45,7 +45,7 @@ from nepa_hf.pretraining import (
     warmup_cosine_schedule,
     warmup_steps_for,
 )
-from nepa_hf.transforms import RandomResizedCropTransform
+from nepa_hf.transforms import pretraining_transform
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "pretrain_nepa.py"
@@ -111,11 +111,21 @@ def test_param_groups_lr_scaling_and_schedule():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert {"nepa.embeddings.cls_token", "nepa.embeddings.mask_token", "nepa.norm.weight",
-            "nepa.encoder.layers.0.layer_scale1.lambda1", "nepa.encoder.layers.1.attention.q_proj.bias"} <= no_decay_names
-    assert all(name.endswith("weight") and "norm" not in name for name in decay_names)
-    assert "nepa.encoder.layers.0.attention.q_proj.weight" in decay_names
-    assert "nepa.embeddings.patch_embeddings.projection.weight" in decay_names
+    # Reference §8: every parameter is decayed except biases, norms and LayerScale; the tokens and the patch
+    # embedding ARE decayed.
+    assert {"nepa.norm.weight", "nepa.norm.bias", "nepa.encoder.layers.0.norm1.weight",
+            "nepa.encoder.layers.0.layer_scale1.lambda1", "nepa.encoder.layers.1.layer_scale2.lambda1",
+            "nepa.encoder.layers.1.attention.q_proj.bias"} <= no_decay_names
+    assert {"nepa.embeddings.cls_token", "nepa.embeddings.mask_token",
+            "nepa.embeddings.patch_embeddings.projection.weight", "nepa.encoder.layers.0.attention.q_proj.weight",
+            "nepa.encoder.layers.1.mlp.down_proj.weight"} <= decay_names
+    modules = dict(model.named_modules())
+    for name in decay_names:
+        owner = modules[name.rpartition(".")[0]]
+        assert name.endswith("_token") or (isinstance(owner, (torch.nn.Linear, torch.nn.Conv2d))
+                                           and name.endswith(".weight")), name
+    for name in no_decay_names:
+        assert name.endswith((".bias", ".lambda1")) or isinstance(modules[name.rpartition(".")[0]], torch.nn.LayerNorm)
     assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
 
     optimizer = create_pretraining_optimizer(model, learning_rate=scaled_learning_rate(3e-4, 4096))
@@ -139,7 +149,7 @@ def test_dataset_skips_and_counts_unreadable_images_across_workers(tmp_path, cap
     folder = write_image_folder(tmp_path / "images", num_good=10)
     dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
     assert len(dataset) == 12
-    wrapped = PretrainingImageDataset(dataset, "image", RandomResizedCropTransform(16, hflip_prob=0.5), seed=1)
+    wrapped = PretrainingImageDataset(dataset, "image", pretraining_transform(16, [0.5] * 3, [0.5] * 3), seed=1)
 
     def batches(num_workers):
         sampler = EpochShuffleSampler(len(wrapped), seed=1)
@@ -151,7 +161,7 @@ def test_dataset_skips_and_counts_unreadable_images_across_workers(tmp_path, cap
     valid = torch.cat([b["valid"] for b in in_workers])
     assert valid.numel() == 12 and int((~valid).sum()) == 2  # counted in the batches, whichever worker decoded
     for batch in in_workers:
-        assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (4, 3, 16, 16)
+        assert batch["pixel_values"].dtype == torch.float32 and batch["pixel_values"].shape == (4, 3, 16, 16)
         assert (batch["pixel_values"][~batch["valid"]] == 0).all()
         inputs, skipped, all_skipped = select_readable(batch)
         assert inputs["pixel_values"].shape[0] == 4 - skipped and not all_skipped and "valid" not in inputs
@@ -176,7 +186,7 @@ def test_sharded_batches_equal_the_single_process_batch(photo_images):
     augmentation and masks, whatever the number of processes (Accelerate's own batch-sampler sharding)."""
     from accelerate.data_loader import BatchSamplerShard
 
-    wrapped = PretrainingImageDataset(photo_images * 4, None, RandomResizedCropTransform(16, hflip_prob=0.5),
+    wrapped = PretrainingImageDataset(photo_images * 4, None, pretraining_transform(16, [0.5] * 3, [0.5] * 3),
                                       seed=5, mask_ratio=0.5, num_patches=16)
     collate = PretrainingCollator(3, 16, num_patches=16)
     sampler = EpochShuffleSampler(len(wrapped), seed=5)

@@ -56,7 +56,10 @@ NepaConfig.register_for_auto_class()
 NepaModel.register_for_auto_class("AutoModel")
 NepaForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 NepaForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+# Either image processor writes both backends into auto_map; see image_processing_nepa's docstring for the rule.
 NepaImageProcessorPil.register_for_auto_class("AutoImageProcessor")
+if NepaImageProcessor is not None:  # None without torchvision
+    NepaImageProcessor.register_for_auto_class("AutoImageProcessor")
 NepaForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 NepaBackbone.register_for_auto_class("AutoBackbone")
 

@@ -2,7 +2,8 @@
 
 Label columns of any common form (ClassLabel, integers, strings) become integer ids with class names; labels are
 checked against the number of classes BEFORE any training starts; low-label subsets and validation hold-outs are
-class-stratified; a collate function batches the uint8 tensors of `nepa_hf.transforms`.
+class-stratified; a collate function batches the normalised float tensors of the image processor or the
+training transforms.
 """
 
 from __future__ import annotations
@@ -135,13 +136,25 @@ def train_validation_split(dataset, label_column: str, validation_fraction: floa
     return dataset.select(rest), dataset.select(held_out)
 
 
-def with_image_transform(dataset, transform: Callable, image_column: str, label_column: str | None):
-    """Set a lazy transform producing {"pixel_values": uint8 (3, H, W), "labels": int} per example."""
+# Set on examples of a training set so `MixupCollator` mixes their batches and leaves evaluation batches alone.
+MIXABLE_KEY = "mixable"
+
+
+def with_image_transform(dataset, transform: Callable, image_column: str, label_column: str | None,
+                         mixable: bool = False):
+    """Set a lazy transform producing {"pixel_values": float (C, H, W), "labels": int} per example.
+
+    `transform` maps one image to a normalised tensor (`AugmentationArguments.train_transform`, or
+    `nepa_hf.transforms.ImageProcessorTransform` for evaluation). `mixable=True` marks training examples for
+    `MixupCollator`.
+    """
 
     def apply(batch):
         out = {"pixel_values": [transform(image) for image in batch[image_column]]}
         if label_column is not None:
             out["labels"] = batch[label_column]
+        if mixable:
+            out[MIXABLE_KEY] = [True] * len(out["pixel_values"])
         return out
 
     dataset.set_transform(apply)
@@ -149,14 +162,27 @@ def with_image_transform(dataset, transform: Callable, image_column: str, label_
 
 
 def collate_image_batch(examples: list[dict]) -> dict:
-    """Stack per-example `pixel_values` tensors (uint8) and integer `labels`."""
-    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
+    """Stack per-example normalised float `pixel_values` and integer `labels`.
+
+    Integer pixels are refused: a model fed 0-255 values trains on unnormalised inputs while pipelines normalise at
+    inference, so build examples with the image processor or the `nepa_hf` transforms.
+    """
+    if not examples:
+        raise ValueError("collate_image_batch got an empty list of examples.")
+    pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values are {pixel_values.dtype}, not normalised floats: transform the images with the image "
+            "processor (nepa_hf.transforms.ImageProcessorTransform) or AugmentationArguments.train_transform."
+        )
+    batch = {"pixel_values": pixel_values}
     if "labels" in examples[0] and examples[0]["labels"] is not None:
         batch["labels"] = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long)
     return batch
 
 
 __all__ = [
+    "MIXABLE_KEY",
     "IMAGE_COLUMN_CANDIDATES",
     "LABEL_COLUMN_CANDIDATES",
     "check_labels",

@@ -82,22 +82,14 @@ def iterate_batches(data, batch_size: int = 128) -> Iterable[dict]:
         yield batch
 
 
-def _prepare_pixels(batch: dict, device, dtype, normalize) -> torch.Tensor:
-    pixels = batch["pixel_values"]
-    if normalize is not None:
-        pixels = normalize(pixels)
-    elif pixels.dtype == torch.uint8:
-        raise ValueError("pixel_values are uint8: pass normalize=(mean, std) or a callable to normalise them.")
+def _prepare_pixels(batch: dict, device, dtype) -> torch.Tensor:
+    pixels = torch.as_tensor(batch["pixel_values"])
+    if not pixels.is_floating_point():
+        raise ValueError(
+            f"pixel_values are {pixels.dtype}, not normalised floats: preprocess the images with the model's image "
+            "processor (e.g. nepa_hf.transforms.ImageProcessorTransform in the dataset)."
+        )
     return pixels.to(device=device, dtype=dtype)
-
-
-def _normalizer(normalize):
-    if normalize is None or callable(normalize):
-        return normalize
-    from .transforms import batch_normalize
-
-    mean, std = normalize
-    return lambda pixels: batch_normalize(pixels, mean, std)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,23 +98,22 @@ def _normalizer(normalize):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data, batch_size: int = 128, normalize=None, device=None):
+def predict_logits(model: nn.Module, data, batch_size: int = 128, device=None):
     """(logits [N, C] float32 CPU, labels [N] or None) of a classification model over the data."""
     model.eval()
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    normalize = _normalizer(normalize)
     all_logits, all_labels = [], []
     for batch in iterate_batches(data, batch_size):
-        all_logits.append(model(pixel_values=_prepare_pixels(batch, device, dtype, normalize)).logits.float().cpu())
+        all_logits.append(model(pixel_values=_prepare_pixels(batch, device, dtype)).logits.float().cpu())
         if batch.get("labels") is not None:
             all_labels.append(torch.as_tensor(batch["labels"]).cpu())
     return torch.cat(all_logits), (torch.cat(all_labels) if all_labels else None)
 
 
-def classification_accuracy(model: nn.Module, data, batch_size: int = 128, normalize=None, top_k: int = 5) -> dict:
+def classification_accuracy(model: nn.Module, data, batch_size: int = 128, top_k: int = 5) -> dict:
     """{"accuracy", "top{k}_accuracy"} of a classifier, computed with the local `evaluate` metric modules."""
-    logits, labels = predict_logits(model, data, batch_size=batch_size, normalize=normalize)
+    logits, labels = predict_logits(model, data, batch_size=batch_size)
     if labels is None:
         raise ValueError("The data has no labels: cannot compute accuracy.")
 
@@ -148,7 +139,6 @@ def extract_features(
     apply_norm: bool = True,
     is_causal: bool | None = None,
     batch_size: int = 128,
-    normalize=None,
     device=None,
 ):
     """Pooled features of a frozen NEPA backbone: (features [N, D] float32 CPU, labels [N] or None).
@@ -161,7 +151,6 @@ def extract_features(
         layer: None for the final output; k in 1..L for the output of block k (0: the input embeddings).
         apply_norm: apply the backbone's final LayerNorm to intermediate layers (the final output has it already).
         is_causal: attention for the forward pass; None uses the config (causal for pretraining checkpoints).
-        normalize: (mean, std) or a callable, for uint8 pixel batches.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
@@ -169,7 +158,6 @@ def extract_features(
     backbone.eval()
     device = device or next(backbone.parameters()).device
     dtype = next(backbone.parameters()).dtype
-    normalize = _normalizer(normalize)
     num_layers = backbone.config.num_hidden_layers
     if layer is not None and not -num_layers - 1 <= layer <= num_layers:
         raise ValueError(f"layer must be in [0, {num_layers}] (or negative from the end), got {layer}.")
@@ -180,7 +168,7 @@ def extract_features(
         raise ValueError("pooling='pooler' is only defined for the final layer; use 'mean', 'cls' or 'last'.")
     features, labels = [], []
     for batch in iterate_batches(data, batch_size):
-        pixels = _prepare_pixels(batch, device, dtype, normalize)
+        pixels = _prepare_pixels(batch, device, dtype)
         outputs = backbone(pixels, is_causal=is_causal, output_hidden_states=not final)
         if pooling == "pooler":
             pooled = outputs.pooler_output

@@ -1,13 +1,16 @@
 """The reference fine-tuning recipe (reference §8) as pieces for `transformers.Trainer`.
 
 * `layer_decay_parameter_groups`: layer-wise lr decay groups for any model holding a NEPA backbone
-  (`embeddings`, `encoder.layers.N`; everything else is "head"), no weight decay on 1-D parameters and tokens.
-* `get_layerwise_cosine_schedule`: per-group warmup (groups with a small lr factor warm up longest) + cosine to 0.
-* `EMACallback`: EMA of the weights (`nepa_hf.ema.ModelEMA`) updated per optimizer step, saved as
-  `ema.safetensors` in every checkpoint and restored on resume; works with any Trainer.
+  (`embeddings`, `encoder.layers.N`); the head lr goes to the task heads and the backbone's final norm; weight decay
+  on the >1-D parameters the pretraining rule decays (`nepa_hf.weight_decay`: the CLS token is decayed).
+* `get_layerwise_cosine_schedule`: per-group warmup (groups with a small lr factor warm up longest) + cosine to 0;
+  `reference_warmup_steps` turns a warmup ratio into the reference's W = int(ratio x total steps).
+* `EMACallback`: EMA of the weights (timm's `ModelEmaV3`, fp32, see `nepa_hf.ema`) updated per optimizer step,
+  saved as `ema.safetensors` in every checkpoint and restored on resume; works with any Trainer.
 * `NepaTrainingArguments` + `NepaTrainer`: a Trainer that wires the above together, freezes the patch embedding
-  on request, runs a batched on-device augmentation (`nepa_hf.augmentation`), and evaluates the EMA weights
-  beside the online ones (metrics `eval_ema_*`, usable as `metric_for_best_model="ema_accuracy"`).
+  on request, and evaluates the EMA weights beside the online ones (metrics `eval_ema_*`, usable as
+  `metric_for_best_model="ema_accuracy"`). Augmentation lives in the data: timm transforms per sample and timm
+  Mixup in the collator (`nepa_hf.augmentation`).
 """
 
 from __future__ import annotations
@@ -24,18 +27,24 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
 from transformers.utils import logging
 
-from .ema import ModelEMA
+from timm.utils import ModelEmaV3
+
+from .ema import create_ema, ema_weights, load_ema, save_ema
+from .weight_decay import NO_WEIGHT_DECAY_NAMES, decays_in_finetuning, weight_decay_flags
 
 logger = logging.get_logger(__name__)
 
 EMA_WEIGHTS_NAME = "ema.safetensors"
 
-# Parameters without weight decay besides every 1-D tensor (biases, norms, LayerScale): learned tokens.
-NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "register_tokens", "position_embeddings")
+# Top-level task heads: they (and the backbone's final norm) get `head_learning_rate`.
+HEAD_MODULE_NAMES = ("classifier", "decode_head", "auxiliary_head")
+# The backbone's final norm: `norm` in NEPA, `layernorm` in transformers' ViT/ViTMAE, beside the blocks' container.
+FINAL_NORM_NAMES = ("norm", "layernorm")
 
 _EMBEDDINGS_PATTERN = re.compile(r"(?:^|\.)embeddings\.")
-# Blocks are `encoder.layers.N` in NEPA, `layers.N` in transformers 5's ViT/ViTMAE (`encoder.layer.N` before).
-_LAYER_PATTERN = re.compile(r"(?:^|\.)(?:encoder\.layers?|layers)\.(\d+)\.")
+# Blocks are `encoder.layers.N` in NEPA, `layers.N` in transformers 5's ViT/ViTMAE (`encoder.layer.N` before). The
+# match starts at a name component, so `name[:match.start()]` is the backbone's prefix (`nepa.`, `vit.`, ``).
+_LAYER_PATTERN = re.compile(r"(?:^|(?<=\.))(?:encoder\.layers?|layers)\.(\d+)\.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,12 +86,30 @@ def count_backbone_layers(model: nn.Module) -> int:
     return max(indices) + 1
 
 
-def uses_weight_decay(name: str, parameter: torch.Tensor, no_weight_decay_names: Iterable[str] = NO_WEIGHT_DECAY_NAMES) -> bool:
-    """Weight decay on matrices/kernels only: not on 1-D params (biases, norms, LayerScale) nor learned tokens."""
-    if parameter.ndim <= 1:
+def uses_weight_decay(name: str, parameter: torch.Tensor, in_norm_module: bool = False) -> bool:
+    """The reference fine-tuning rule for one parameter (`nepa_hf.weight_decay.decays_in_finetuning`): more than one
+    dimension and decayed by the pretraining rule, so matrices, kernels and the CLS token `[1, 1, D]` are decayed,
+    1-D parameters (biases, norms, LayerScale) never. `layer_decay_parameter_groups` reads the same rule (with the
+    LayerNorm module check) through `weight_decay_flags(model, finetuning=True)`."""
+    return decays_in_finetuning(name, parameter, in_norm_module)
+
+
+def _backbone_prefixes(names: Iterable[str]) -> set[str]:
+    """Prefixes of the modules holding the blocks (`nepa.` for `nepa.encoder.layers.N.*`, `` for `layers.N.*`)."""
+    return {name[: match.start()] for name in names if (match := _LAYER_PATTERN.search(name))}
+
+
+def is_head_parameter(name: str, backbone_prefixes: Iterable[str] = ("",),
+                      head_module_names: Iterable[str] = HEAD_MODULE_NAMES) -> bool:
+    """True for a parameter that takes the head lr: one inside a task head (a module named `classifier`,
+    `decode_head` or `auxiliary_head`) or in the backbone's final norm (`{prefix}norm.*` / `{prefix}layernorm.*` for a
+    prefix in `backbone_prefixes`, e.g. `nepa.norm.weight`, `vit.layernorm.bias`). `fc_norm`, a segmentation neck or
+    any other module outside the blocks is not a head. Block and embedding parameters are never heads."""
+    if _LAYER_PATTERN.search(name) or _EMBEDDINGS_PATTERN.search(name):
         return False
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf not in set(no_weight_decay_names)
+    if set(name.split(".")[:-1]) & set(head_module_names):
+        return True
+    return any(name.startswith(f"{prefix}{norm}.") for prefix in backbone_prefixes for norm in FINAL_NORM_NAMES)
 
 
 def layer_decay_parameter_groups(
@@ -92,31 +119,51 @@ def layer_decay_parameter_groups(
     layer_decay: float = 0.65,
     head_learning_rate: float | None = None,
     num_layers: int | None = None,
-    no_weight_decay_names: Iterable[str] = NO_WEIGHT_DECAY_NAMES,
+    head_module_names: Iterable[str] = HEAD_MODULE_NAMES,
 ) -> list[dict]:
-    """Optimizer parameter groups with layer-wise lr decay (reference §8), for any model with a NEPA backbone.
+    """Optimizer parameter groups with layer-wise lr decay (reference §8), for any model with a NEPA backbone (or a
+    transformers ViT/ViTMAE, whose `layers.N`/`encoder.layer.N` blocks and `layernorm` are read the same way).
 
-    Block i gets lr `learning_rate * layer_decay**(L-1-i)`, the embeddings `learning_rate * layer_decay**L`, and
-    every other parameter (final norm, fc_norm, classifier, decode heads) `head_learning_rate` (default:
-    `learning_rate`) with factor 1. 1-D parameters and learned tokens get no weight decay. Frozen parameters
-    (`requires_grad=False`) are left out. Each group carries `lr_scale` (its factor, which sets its warmup length in
-    `get_layerwise_cosine_schedule`), `layer_id` and a readable `name`.
+    Learning rates (factor f = the group's `lr_scale`):
+      * block i: `learning_rate * layer_decay**(L-1-i)`; the embeddings (CLS token included):
+        `learning_rate * layer_decay**L`;
+      * head: `head_learning_rate` (default `learning_rate`) with f = 1 for the task heads (modules named
+        `classifier`, `decode_head`, `auxiliary_head`; see `head_module_names`) and the backbone's final norm
+        (`nepa.norm`, `vit.layernorm`, ...), as the authors do;
+      * everything else outside the blocks (`fc_norm`, a segmentation `neck`, ...): `learning_rate` with f = 1.
+    Weight decay (`nepa_hf.weight_decay`, one rule with pretraining): `weight_decay` on parameters with more than
+    one dimension that the pretraining rule decays (so the CLS token `[1, 1, D]` is decayed; biases, norms and
+    LayerScale are not), 0 elsewhere.
+
+    Frozen parameters (`requires_grad=False`) are left out. Each group carries `lr_scale` (its factor, which sets
+    its warmup length in `get_layerwise_cosine_schedule`), `layer_id` (0 embeddings, i + 1 block i, L + 1 the rest),
+    a readable `name` (`embeddings.decay`, `layers.3.no_decay`, `head.decay`, `other.no_decay`, ...) and
+    `param_names` (pop it before handing the groups to an optimizer that rejects unknown keys).
     """
     if not 0 < layer_decay <= 1:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}.")
     num_layers = count_backbone_layers(model) if num_layers is None else num_layers
     head_learning_rate = learning_rate if head_learning_rate is None else head_learning_rate
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, parameter in model.named_parameters():
+    named = list(model.named_parameters())
+    decay_flags = weight_decay_flags(model, finetuning=True)
+    backbone_prefixes = _backbone_prefixes(name for name, _ in named)
+    head_module_names = tuple(head_module_names)
+    groups: dict[tuple[int, bool, bool], dict] = {}
+    for name, parameter in named:
         if not parameter.requires_grad:
             continue
         layer_id = layer_id_for_parameter(name, num_layers)
-        decay = uses_weight_decay(name, parameter, no_weight_decay_names)
-        key = (layer_id, decay)
+        decay = decay_flags[name]
+        is_head = layer_id > num_layers and is_head_parameter(name, backbone_prefixes, head_module_names)
+        key = (layer_id, is_head, decay)
         if key not in groups:
             scale = layer_lr_scale(layer_id, num_layers, layer_decay)
-            is_head = layer_id > num_layers
-            part = "embeddings" if layer_id == 0 else ("head" if is_head else f"layers.{layer_id - 1}")
+            if layer_id == 0:
+                part = "embeddings"
+            elif layer_id <= num_layers:
+                part = f"layers.{layer_id - 1}"
+            else:
+                part = "head" if is_head else "other"
             groups[key] = {
                 "params": [],
                 "param_names": [],
@@ -136,10 +183,17 @@ def layer_decay_parameter_groups(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def reference_warmup_steps(warmup: float, num_training_steps: int) -> int:
+    """The reference's W: `int(warmup * num_training_steps)` (rounded down) for a ratio `warmup < 1`, else
+    `int(warmup)` steps. (transformers' `TrainingArguments.get_warmup_steps` rounds a ratio up: 21 for 0.2 x 101.)"""
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}.")
+    return int(warmup) if warmup >= 1 else int(warmup * num_training_steps)
+
+
 def layerwise_warmup_steps(num_warmup_steps: int, lr_scale: float, num_training_steps: int) -> int:
-    """Warmup length of a group with lr factor f: W - round(W * min(f, 1)), at least 1 (0 when W is 0)."""
-    if num_warmup_steps <= 0:
-        return 0
+    """Warmup length of a group with lr factor f: max(1, W - round(W * min(f, 1))) (reference §8), so even with
+    W = 0 (or f = 1) there is one warmup step and every lr is 0 at step 0; capped at `num_training_steps`."""
     steps = num_warmup_steps - int(round(num_warmup_steps * min(max(lr_scale, 0.0), 1.0)))
     return max(1, min(steps, num_training_steps))
 
@@ -157,10 +211,11 @@ def layerwise_lr_multiplier(step: int, warmup_steps: int, num_training_steps: in
 def get_layerwise_cosine_schedule(
     optimizer: torch.optim.Optimizer, num_warmup_steps: int, num_training_steps: int, last_epoch: int = -1
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The reference fine-tuning schedule: each group warms up over `layerwise_warmup_steps(W, lr_scale)` steps
-    (deep-in-the-network groups with small factors warm up longest, the head and last block in one step), then
-    decays with a cosine to 0. Group lrs already include their factor (see `layer_decay_parameter_groups`); groups
-    without `lr_scale` count as factor 1."""
+    """The reference fine-tuning schedule: each group warms up linearly from 0 over `layerwise_warmup_steps(W,
+    lr_scale)` steps (deep-in-the-network groups with small factors warm up longest, the head, fc_norm and the last
+    block in one step), then decays with a cosine to 0 at `num_training_steps`; every lr is 0 at step 0. Group lrs
+    already include their factor (see `layer_decay_parameter_groups`); groups without `lr_scale` count as factor 1.
+    W is a number of steps: `reference_warmup_steps(ratio, total)` gives the reference's int(ratio x total)."""
     if num_training_steps <= 0:
         raise ValueError(f"num_training_steps must be > 0, got {num_training_steps}.")
     lambdas = []
@@ -202,8 +257,8 @@ def is_ema_metric(metric_name: str | None) -> bool:
 
 
 class EMACallback(TrainerCallback):
-    """Keeps an EMA of the model weights during `Trainer.train` (reference: decay 0.9999, one update per optimizer
-    step, i.e. after gradient accumulation).
+    """Keeps an EMA of the model weights during `Trainer.train` (the authors': decay 0.9999, fp32, one update per
+    optimizer step, i.e. after gradient accumulation).
 
     * `on_train_begin`: starts the EMA from the current weights; when resuming (`state.global_step > 0`) loads
       `ema.safetensors` from the checkpoint being resumed (`resume_from_checkpoint` when set, which `NepaTrainer`
@@ -216,21 +271,21 @@ class EMACallback(TrainerCallback):
     Evaluating the EMA beside the online weights needs `NepaTrainer` (the Trainer has no "before evaluate" hook).
     """
 
-    def __init__(self, decay: float = 0.9999, warmup: bool = False, device=None, filename: str = EMA_WEIGHTS_NAME):
+    def __init__(self, decay: float = 0.9999, device=None, filename: str = EMA_WEIGHTS_NAME):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}.")
-        self.decay, self.warmup, self.device, self.filename = decay, warmup, device, filename
-        self.ema: ModelEMA | None = None
+        self.decay, self.device, self.filename = decay, device, filename
+        self.ema: ModelEmaV3 | None = None
         self.resume_from_checkpoint: str | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.ema = ModelEMA(model, decay=self.decay, warmup=self.warmup, device=self.device)
+        self.ema = create_ema(model, decay=self.decay, device=self.device)
         if state.global_step > 0:
             checkpoint = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(checkpoint, self.filename)
             if os.path.isfile(path):
-                self.ema.load(path)
-                logger.info(f"Resumed the EMA weights from {path} ({self.ema.num_updates} updates).")
+                load_ema(self.ema, path)
+                logger.info(f"Resumed the EMA weights from {path}.")
             else:
                 logger.warning(
                     f"Resuming at step {state.global_step} but {path} does not exist: the EMA restarts from the "
@@ -245,7 +300,7 @@ class EMACallback(TrainerCallback):
         if self.ema is not None and args.should_save:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                self.ema.save(os.path.join(folder, self.filename))
+                save_ema(self.ema, os.path.join(folder, self.filename))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if (
@@ -256,8 +311,8 @@ class EMACallback(TrainerCallback):
         ):
             path = os.path.join(state.best_model_checkpoint, self.filename)
             if os.path.isfile(path):
-                self.ema.load(path)
-                self.ema.copy_to(model)
+                load_ema(self.ema, path)
+                model.load_state_dict(self.ema.module.state_dict())
                 logger.info(f"Loaded the EMA weights of the best checkpoint ({path}) into the model.")
             else:
                 logger.warning(f"metric_for_best_model is an EMA metric but {path} is missing; keeping online weights.")
@@ -278,7 +333,9 @@ class NepaTrainingArguments(TrainingArguments):
     """
 
     learning_rate: float = field(default=1e-3, metadata={"help": "Backbone peak lr (block L-1 gets it in full)."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on 1-D params/tokens)."})
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "AdamW weight decay (not on 1-D params: biases, norms, LayerScale)."}
+    )
     warmup_steps: float = field(default=0.2, metadata={"help": "Warmup steps, or a ratio of the total if < 1."})
     lr_scheduler_type: str = field(
         default="cosine", metadata={"help": "Schedule when the per-group one is off (see layerwise_warmup)."}
@@ -288,10 +345,11 @@ class NepaTrainingArguments(TrainingArguments):
     layer_decay: float | None = field(
         default=0.65,
         metadata={"help": "Layer-wise lr decay (reference: 0.65 B / 0.75 L); 1.0 gives every block the same lr "
-                          "(the groups still keep 1-D params and tokens free of weight decay)."},
+                          "(the groups still keep 1-D params free of weight decay)."},
     )
     head_learning_rate: float | None = field(
-        default=None, metadata={"help": "lr of the head (classifier, fc_norm, final norm); default learning_rate."}
+        default=None, metadata={"help": "lr of the head (classifier and the backbone's final norm; fc_norm trains "
+                                        "at learning_rate); default learning_rate."}
     )
     layerwise_warmup: bool = field(
         default=True,
@@ -299,7 +357,6 @@ class NepaTrainingArguments(TrainingArguments):
                           "lr_scheduler_type). False, or layer_decay 1: lr_scheduler_type with one warmup for all."},
     )
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step; 0 disables the EMA."})
-    ema_warmup: bool = field(default=False, metadata={"help": "EMA decay ramp min(decay, (1+n)/(10+n))."})
     ema_on_cpu: bool = field(default=False, metadata={"help": "Keep the EMA copy on the CPU."})
     freeze_patch_embeddings: bool | None = field(
         default=None, metadata={"help": "Freeze the patch embedding (reference: yes when fine-tuning a pretrained model)."}
@@ -309,39 +366,33 @@ class NepaTrainingArguments(TrainingArguments):
 class NepaTrainer(Trainer):
     """`Trainer` for the reference fine-tuning recipe.
 
-    Reads its extra settings from `NepaTrainingArguments` (plain `TrainingArguments` work too: then only
-    `batch_transform` and an `EMACallback` passed in `callbacks` apply).
-
-    Args:
-        batch_transform: optional `nn.Module` applied to every batch dict on the device, in train mode for training
-            steps and eval mode for prediction steps (e.g. `nepa_hf.augmentation.ClassificationBatchTransform`:
-            RandAugment, random erasing, Mixup/CutMix soft targets, normalisation).
-        All other arguments are the Trainer's.
+    Reads its extra settings from `NepaTrainingArguments` (plain `TrainingArguments` work too: then only an
+    `EMACallback` passed in `callbacks` applies). Takes the Trainer's arguments; with a `MixupCollator` as
+    `data_collator` the label smoothing lives in its soft targets and the Trainer's own smoother is switched off.
     """
 
-    def __init__(self, *args, batch_transform: nn.Module | None = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batch_transform = batch_transform
         if getattr(self.args, "freeze_patch_embeddings", False) and self.model is not None:
             count = freeze_patch_embeddings(self.model)
             logger.info(f"Froze the patch embedding ({count} parameters).")
         ema_decay = getattr(self.args, "ema_decay", 0.0) or 0.0
         if ema_decay > 0 and self.ema_callback is None:
             device = "cpu" if getattr(self.args, "ema_on_cpu", False) else None
-            self.add_callback(EMACallback(ema_decay, warmup=getattr(self.args, "ema_warmup", False), device=device))
+            self.add_callback(EMACallback(ema_decay, device=device))
         if is_ema_metric(self.args.metric_for_best_model) and self.ema_callback is None:
             raise ValueError(
                 f"metric_for_best_model={self.args.metric_for_best_model!r} needs an EMA: set ema_decay > 0 "
                 "(NepaTrainingArguments) or pass an EMACallback."
             )
-        mixup = getattr(batch_transform, "mixup", None)
+        mixup = getattr(self.data_collator, "mixup", None)
         if mixup is not None:
             smoothing = self.args.label_smoothing_factor
             if smoothing and not math.isclose(smoothing, mixup.label_smoothing):
                 raise ValueError(
-                    f"label_smoothing_factor={smoothing} but the batch transform's Mixup already smooths its soft "
-                    f"targets with {mixup.label_smoothing}: the two would stack. Use one value: build Mixup with "
-                    f"label_smoothing={smoothing} (AugmentationArguments.batch_transform does) or set "
+                    f"label_smoothing_factor={smoothing} but the collator's Mixup already smooths its soft targets "
+                    f"with {mixup.label_smoothing}: the two would stack. Use one value: build the collator with "
+                    f"label_smoothing={smoothing} (AugmentationArguments.collator does) or set "
                     "label_smoothing_factor=0."
                 )
             # The soft targets already carry the smoothing: never apply the Trainer's LabelSmoother on top.
@@ -354,7 +405,7 @@ class NepaTrainer(Trainer):
         return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, EMACallback)), None)
 
     @property
-    def ema(self) -> ModelEMA | None:
+    def ema(self) -> ModelEmaV3 | None:
         callback = self.ema_callback
         return None if callback is None else callback.ema
 
@@ -374,7 +425,7 @@ class NepaTrainer(Trainer):
         ema = self.ema
         if ema is None:
             return output
-        with ema.swapped_into(self.model):
+        with ema_weights(ema, self.model):
             ema_output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, f"{metric_key_prefix}_ema"
             )
@@ -386,7 +437,7 @@ class NepaTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         # Checkpoints get their EMA file from EMACallback.on_save; final saves get it here.
         if not _internal_call and self.ema is not None and self.args.should_save:
-            self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
+            save_ema(self.ema, os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
 
     # -- optimizer and schedule ------------------------------------------------------------------------------------
 
@@ -424,9 +475,8 @@ class NepaTrainer(Trainer):
         layer_decay = self._layer_decay()
         if self.lr_scheduler is None and getattr(self.args, "layerwise_warmup", False) and layer_decay is not None and layer_decay < 1.0:
             optimizer = self.optimizer if optimizer is None else optimizer
-            self.lr_scheduler = get_layerwise_cosine_schedule(
-                optimizer, self.args.get_warmup_steps(num_training_steps), num_training_steps
-            )
+            warmup = reference_warmup_steps(self.args.warmup_steps, num_training_steps)  # int(), not ceil()
+            self.lr_scheduler = get_layerwise_cosine_schedule(optimizer, warmup, num_training_steps)
             self._created_lr_scheduler = True
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
@@ -440,27 +490,12 @@ class NepaTrainer(Trainer):
             return float(self.lr_scheduler.get_last_lr()[last])
         return super()._get_learning_rate()
 
-    # -- batched augmentation --------------------------------------------------------------------------------------
-
-    def _transform_batch(self, inputs, training: bool):
-        if self.batch_transform is None:
-            return inputs
-        inputs = self._prepare_inputs(inputs)
-        self.batch_transform.to(self.args.device)
-        self.batch_transform.train(training)
-        return self.batch_transform(inputs)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        return super().training_step(model, self._transform_batch(inputs, training=True), num_items_in_batch)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        return super().prediction_step(model, self._transform_batch(inputs, training=False), prediction_loss_only,
-                                       ignore_keys=ignore_keys)
-
 
 __all__ = [
     "EMACallback",
     "EMA_WEIGHTS_NAME",
+    "FINAL_NORM_NAMES",
+    "HEAD_MODULE_NAMES",
     "NO_WEIGHT_DECAY_NAMES",
     "NepaTrainer",
     "NepaTrainingArguments",
@@ -468,10 +503,12 @@ __all__ = [
     "freeze_patch_embeddings",
     "get_layerwise_cosine_schedule",
     "is_ema_metric",
+    "is_head_parameter",
     "layer_decay_parameter_groups",
     "layer_id_for_parameter",
     "layer_lr_scale",
     "layerwise_lr_multiplier",
     "layerwise_warmup_steps",
+    "reference_warmup_steps",
     "uses_weight_decay",
 ]

@@ -13,6 +13,21 @@
 # limitations under the License.
 """Image processor classes for NEPA.
 
+Two classes with the same defaults and behaviour, one per transformers image-processing backend:
+`NepaImageProcessor` (torchvision; the default, as for transformers' own models) and `NepaImageProcessorPil`
+(PIL/numpy; no torchvision needed). Which one a saved folder loads follows this rule:
+
+* Both classes save the same `preprocessor_config.json`: `"image_processor_type": "NepaImageProcessor"` and, when
+  registered for `AutoImageProcessor` (importing `nepa_hf` does that), an `auto_map` entry naming both backends,
+  `{"AutoImageProcessor": {"pil": "image_processing_nepa.NepaImageProcessorPil", "torchvision":
+  "image_processing_nepa.NepaImageProcessor"}}`, next to a copy of this file.
+* `AutoImageProcessor.from_pretrained(folder)` (and every pipeline) then returns `NepaImageProcessor` where
+  torchvision is installed and `NepaImageProcessorPil` where it is not, with `nepa_hf` imported or through
+  `trust_remote_code=True` without it. `backend="pil"` asks for `NepaImageProcessorPil` explicitly.
+* The two differ only by resampling arithmetic: resized pixel values by at most 2 uint8 steps (2/127.5 after the
+  [-1, 1] normalisation) and nearest-neighbour label maps only where a pixel centre falls exactly on a source pixel
+  edge (torchvision takes the exact pixel, PIL's float arithmetic sometimes the one before).
+
 This module only imports from transformers, torch, numpy, PIL and the standard library: it is copied flat next to
 saved checkpoints so that it can be loaded with `trust_remote_code=True`.
 """
@@ -37,9 +52,6 @@ from transformers.utils import TensorType, is_torch_available, is_torchvision_av
 if is_torch_available():
     import torch
 
-if is_torchvision_available():
-    from torchvision.transforms.v2 import functional as tvF
-
 
 logger = logging.get_logger(__name__)
 
@@ -47,6 +59,9 @@ logger = logging.get_logger(__name__)
 SEGMENTATION_IGNORE_INDEX = 255
 
 _VALID_CHANNELS = (1, 3, 4)
+
+# The class of each backend, as written in a saved `auto_map` (PIL first: the fallback for an unknown backend).
+_BACKEND_CLASS_NAMES = {"pil": "NepaImageProcessorPil", "torchvision": "NepaImageProcessor"}
 
 
 class NepaImageProcessorKwargs(ImagesKwargs, total=False):
@@ -69,20 +84,45 @@ def _is_floating(image) -> bool:
     return np.issubdtype(image.dtype, np.floating)
 
 
-def _pil_high_bit_depth_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+def _looks_rescaled(image) -> bool:
+    """Whether `image` holds floats that all lie in [0, 1], i.e. was probably rescaled already."""
+    if _is_torch_tensor(image):
+        image = image.detach()  # the torchvision backend keeps tensors as given, possibly requiring grad
+    return _is_floating(image) and float(image.min()) >= 0 and float(image.max()) <= 1
+
+
+def _sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
+    """
+    Scale 16-bit values (0..65535) to uint8 (0..255): divide by 257 (= 65535 / 255) and round.
+
+    The one rule for 16-bit images in both backends, applied with the RGB conversion (`do_convert_rgb`, on by
+    default; segmentation maps are never converted): PIL modes "I;16*" (and "I" images with values above 255, e.g.
+    16-bit PNGs) as well as uint16 numpy arrays and torch tensors.
+    """
+    return np.clip(np.round(np.asarray(array, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
+def _is_uint16(image) -> bool:
+    if _is_torch_tensor(image):
+        return image.dtype == torch.uint16
+    return isinstance(image, np.ndarray) and image.dtype == np.uint16
+
+
+def to_8bit_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """
     Convert 16/32-bit integer and float PIL images to 8-bit RGB.
 
     Pillow's `convert("RGB")` clips these modes at 255 instead of scaling them, which turns a 16-bit photo white.
-    16-bit modes (and "I" images whose values exceed 255, e.g. 16-bit PNGs) are scaled by 255 / 65535; "F" images
-    with values in [0, 1] are scaled by 255; anything else is clipped to [0, 255].
+    16-bit modes (and "I" images whose values exceed 255, e.g. 16-bit PNGs) go through `_sixteen_bit_to_uint8`;
+    "F" images with values in [0, 1] are scaled by 255; anything else is clipped to [0, 255].
     """
     array = np.asarray(image).astype(np.float64)
     if image.mode.startswith("I;16") or (image.mode == "I" and array.size and array.max() > 255):
-        array = array / 257.0
-    elif image.mode == "F" and array.size and array.min() >= 0.0 and array.max() <= 1.0:
-        array = array * 255.0
-    array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+        array = _sixteen_bit_to_uint8(array)
+    else:
+        if image.mode == "F" and array.size and array.min() >= 0.0 and array.max() <= 1.0:
+            array = array * 255.0
+        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
     return PIL.Image.fromarray(np.stack([array] * 3, axis=-1))
 
 
@@ -149,7 +189,8 @@ class _NepaImageProcessorMixin:
             images (`ImageInput`):
                 A PIL image (any mode), a numpy array or torch tensor of shape (H, W), (H, W, C) or (C, H, W) with
                 C in {1, 3, 4}, a 4-D batch of those, or a list of any of these (sizes may differ). Integer inputs
-                are expected in [0, 255]; pass `do_rescale=False` for float inputs already in [0, 1].
+                are expected in [0, 255], except 16-bit ones (uint16 arrays and tensors, PIL modes "I;16*"), which
+                the RGB conversion scales to [0, 255] by 1/257; pass `do_rescale=False` for floats in [0, 1].
             segmentation_maps (`ImageInput`, *optional*):
                 One label map per image, of shape (H, W) and the same size as its image (PIL image, numpy array or
                 torch tensor; a 3-D array is a batch of maps). Returned as int64 `labels` of shape (B, H, W),
@@ -235,11 +276,14 @@ class _NepaImageProcessorMixin:
     ):
         if isinstance(image, PIL.Image.Image):
             if do_convert_rgb and (image.mode.startswith("I;16") or image.mode in ("I", "F")):
-                image = _pil_high_bit_depth_to_rgb(image)
-        elif image.ndim == 2:
-            # The backends' RGB conversion cannot infer the layout of a 2-D array: make the channel axis explicit.
-            image = image[None]
-            input_data_format = ChannelDimension.FIRST
+                image = to_8bit_rgb(image)
+        else:
+            if do_convert_rgb and _is_uint16(image):  # as for 16-bit PIL images; never for label maps
+                image = _sixteen_bit_to_uint8(image.detach().cpu().numpy() if _is_torch_tensor(image) else image)
+            if image.ndim == 2:
+                # The backends' RGB conversion cannot infer the layout of a 2-D array: make the channel axis explicit.
+                image = image[None]
+                input_data_format = ChannelDimension.FIRST
         return super().process_image(
             image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs
         )
@@ -263,9 +307,7 @@ class _NepaImageProcessorMixin:
                     f" {tuple(image.shape)} after moving channels first). Keep `do_convert_rgb=True` to convert"
                     " grayscale, RGBA, CMYK and palette images."
                 )
-        if kwargs.get("do_rescale") and any(
-            _is_floating(image) and float(image.min()) >= 0 and float(image.max()) <= 1 for image in images
-        ):
+        if kwargs.get("do_rescale") and any(_looks_rescaled(image) for image in images):
             logger.warning_once(
                 "It looks like you are trying to rescale already rescaled images (float values in [0, 1]). If the"
                 " input images have pixel values between 0 and 1, set `do_rescale=False` to avoid rescaling them"
@@ -297,6 +339,24 @@ class _NepaImageProcessorMixin:
 
     def _preprocess_segmentation_maps(self, maps: list, **kwargs) -> list:
         raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """
+        The processor's settings, as saved in `preprocessor_config.json`.
+
+        Registration for `AutoImageProcessor` makes `save_pretrained` record the saving class in `auto_map`; a
+        NEPA class is replaced by both (`{"pil": ...NepaImageProcessorPil, "torchvision": ...NepaImageProcessor}`),
+        so that `AutoImageProcessor` picks the backend at load time (see the module docstring).
+        """
+        output = super().to_dict()
+        auto_map = output.get("auto_map")
+        entry = auto_map.get("AutoImageProcessor") if isinstance(auto_map, dict) else None
+        if isinstance(entry, str):
+            module_name, _, class_name = entry.rpartition(".")
+            if class_name in _BACKEND_CLASS_NAMES.values():
+                both = {backend: f"{module_name}.{name}" for backend, name in _BACKEND_CLASS_NAMES.items()}
+                output["auto_map"] = {**auto_map, "AutoImageProcessor": both}
+        return output
 
     def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> "list[torch.Tensor]":
         """
@@ -428,8 +488,9 @@ if is_torchvision_available():
         """
         Constructs a NEPA image processor (torchvision backend).
 
-        Same defaults and behaviour as [`NepaImageProcessorPil`]; see its docstring. Bilinear/bicubic resizing of
-        tensors differs from PIL by small rounding amounts.
+        Same defaults and behaviour as [`NepaImageProcessorPil`]; see its docstring. This is the class that
+        `AutoImageProcessor` and the pipelines load where torchvision is installed (rule in the module docstring).
+        Tensor resizing rounds differently from PIL's: at most 1 uint8 step bilinear, 2 steps bicubic.
         """
 
         def __init__(self, **kwargs: Unpack[NepaImageProcessorKwargs]):
@@ -451,11 +512,10 @@ if is_torchvision_available():
                 if do_reduce_labels:
                     label_map = _reduce_labels(label_map)
                 if do_resize:
-                    # NEAREST_EXACT samples pixel centres like PIL's NEAREST. Resize a float32 copy because
-                    # nearest interpolation is not implemented for int64; values up to 2**24 stay exact.
-                    label_map = self.resize(
-                        label_map.to(torch.float32), size, resample=tvF.InterpolationMode.NEAREST_EXACT
-                    )
+                    # The backend maps NEAREST to torchvision's NEAREST_EXACT, which samples pixel centres like
+                    # PIL's NEAREST. Resize a float32 copy because nearest interpolation is not implemented for
+                    # int64; values up to 2**24 stay exact.
+                    label_map = self.resize(label_map.to(torch.float32), size, resample=PILImageResampling.NEAREST)
                     label_map = label_map.round().to(torch.int64)
                 if do_center_crop:
                     label_map = self.center_crop(label_map, crop_size)

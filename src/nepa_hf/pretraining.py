@@ -5,13 +5,14 @@
   workers and return `None` for unreadable or truncated files; `PretrainingCollator` turns those into flagged
   placeholder rows (`valid == False`) so batches keep their shape (Accelerate can dispatch them) and the count of
   skipped images travels with the batch across workers and processes; `select_readable` drops them on the device.
-  Per-sample randomness (crop, flip, input mask) is drawn from a generator seeded by (seed, epoch, index), so the
-  augmented data do not depend on the number of workers or processes, nor on where a run was resumed.
+  The transform is the authors' (`nepa_hf.transforms.pretraining_transform`: torchvision RandomResizedCrop + flip +
+  normalise). Per-sample randomness (crop, flip, input mask) runs under a seed made from (seed, epoch, index), so
+  the augmented data do not depend on the number of workers or processes, nor on where a run was resumed.
 - Objective: `NepaPretrainingObjective` wraps `NepaForPreTraining` and optionally adds the hybrid next-patch pixel
   loss of timm's NEPA task through a small MLP `NepaPixelDecoder`; `random_patch_mask` for input masking.
-- Recipe: AdamW parameter groups without weight decay on biases, norms, LayerScale and tokens
-  (`pretraining_param_groups`), lr = base x global batch / 256 (`scaled_learning_rate`), linear warmup then cosine
-  to 0 (`warmup_cosine_schedule`).
+- Recipe: AdamW parameter groups with weight decay on everything but biases, norms and LayerScale (the CLS token
+  and the patch embedding are decayed; `pretraining_param_groups`, rule in `nepa_hf.weight_decay`), lr = base x
+  global batch / 256 (`scaled_learning_rate`), linear warmup then cosine to 0 (`warmup_cosine_schedule`).
 - Monitoring: `CollapseMonitor` (spread of the predicted embeddings), `JsonlTracker` (an Accelerate tracker that
   writes one JSON object per logged step, always available offline).
 - Checkpoints: `save_checkpoint` writes `accelerator.save_state` into a temporary folder and renames it into place,
@@ -36,7 +37,8 @@ from PIL import Image
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .transforms import to_rgb
+from .transforms import seeded, to_rgb
+from .weight_decay import NO_WEIGHT_DECAY_NAMES, decays_in_pretraining, weight_decay_flags
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,8 @@ def random_patch_mask(
 
 
 class _SampleProcessor:
-    """Shared per-sample logic of the two dataset wrappers: decode -> crop/flip -> (mask); None when unreadable."""
+    """Shared per-sample logic of the two dataset wrappers: decode -> RGB (or L) -> transform -> (mask), all under
+    the sample's seed; None when unreadable."""
 
     max_warnings = 10
 
@@ -118,14 +121,14 @@ class _SampleProcessor:
         self.num_patches = num_patches
         self.num_failures = 0  # per worker copy; the batches carry the authoritative count
 
-    def __call__(self, value, generator: torch.Generator, where) -> dict | None:
+    def __call__(self, value, seed: int, where) -> dict | None:
         try:
-            image = decode_image(value)
+            image = to_rgb(decode_image(value))  # 16-bit/float sources are rescaled, not clipped
             if self.num_channels == 1:
-                # via RGB so 16-bit/float sources are rescaled, not clipped; the transform's RGB conversion then
-                # replicates L, so channel 0 is exactly the grayscale value
-                image = to_rgb(image).convert("L")
-            pixels = self.transform(image, generator=generator)
+                image = image.convert("L")
+            with seeded(seed):
+                pixels = self.transform(image)
+                mask = random_patch_mask(1, self.num_patches, self.mask_ratio)[0] if self.mask_ratio else None
         except Exception as error:  # any decoder failure: skip the sample, never stop a long run
             self.num_failures += 1
             if self.num_failures <= self.max_warnings:
@@ -135,9 +138,9 @@ class _SampleProcessor:
                     else "",
                 )
             return None
-        sample = {"pixel_values": pixels[:1] if self.num_channels == 1 else pixels}
-        if self.mask_ratio:
-            sample["bool_masked_pos"] = random_patch_mask(1, self.num_patches, self.mask_ratio, generator)[0]
+        sample = {"pixel_values": pixels}
+        if mask is not None:
+            sample["bool_masked_pos"] = mask
         return sample
 
 
@@ -154,20 +157,20 @@ def _undecoded(dataset, image_column: str):
 
 
 class PretrainingImageDataset(torch.utils.data.Dataset):
-    """Map-style pretraining data: one (decoded, cropped, flipped) uint8 image per index, or None when unreadable.
+    """Map-style pretraining data: one decoded, augmented, normalised image per index, or None when unreadable.
 
     Args:
         dataset: a `datasets.Dataset` (or any sequence of rows / images).
         image_column: column holding the images (None when the items are images themselves). Other columns,
             labels included, are ignored.
-        transform: per-sample transform called as `transform(pil_image, generator=...)` returning a uint8
-            (3, H, W) tensor, e.g. `nepa_hf.transforms.RandomResizedCropTransform`.
-        seed: base seed of the per-sample generators.
+        transform: per-sample transform from an RGB (or, with num_channels=1, "L") PIL image to a float (C, H, W)
+            tensor, e.g. `nepa_hf.transforms.pretraining_transform`. It runs under the sample's seed.
+        seed: base seed of the per-sample seeds.
         num_channels: 3 (grayscale sources become RGB) or 1 (everything becomes grayscale).
         mask_ratio, num_patches: also return a random `bool_masked_pos` of `num_patches` entries per sample.
 
-    Indices may be plain ints or `(epoch, index)` pairs (from `EpochShuffleSampler`); the per-sample generator is
-    seeded from (seed, epoch, index), so a sample's augmentation is the same whichever worker or process loads it.
+    Indices may be plain ints or `(epoch, index)` pairs (from `EpochShuffleSampler`); the per-sample seed comes from
+    (seed, epoch, index), so a sample's augmentation is the same whichever worker or process loads it.
     """
 
     def __init__(self, dataset, image_column: str | None, transform, seed: int = 0, num_channels: int = 3,
@@ -183,13 +186,12 @@ class PretrainingImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key) -> dict | None:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        generator = torch.Generator().manual_seed(sample_seed(self.processor.seed, epoch, index))
         try:
             row = self.dataset[index]
             value = row[self.image_column] if self.image_column is not None else row
         except Exception as error:  # e.g. a row the dataset itself cannot read
             return self._fail(index, error)
-        return self.processor(value, generator, f"#{index}")
+        return self.processor(value, sample_seed(self.processor.seed, epoch, index), f"#{index}")
 
     def _fail(self, index, error) -> None:
         self.processor.num_failures += 1
@@ -232,9 +234,9 @@ class PretrainingIterableDataset(torch.utils.data.IterableDataset):
         for position, row in enumerate(self.dataset):
             if not shards_itself and position % num_workers != worker_id:
                 continue
-            generator = torch.Generator().manual_seed(sample_seed(self.processor.seed, self.epoch, worker_id, position))
+            seed = sample_seed(self.processor.seed, self.epoch, worker_id, position)
             value = row[self.image_column] if self.image_column is not None else row
-            yield self.processor(value, generator, f"#{position} of worker {worker_id}")
+            yield self.processor(value, seed, f"#{position} of worker {worker_id}")
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -271,7 +273,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 class PretrainingCollator:
     """Batch samples from the pretraining datasets, keeping unreadable ones as flagged placeholders.
 
-    Returns `pixel_values` uint8 (B, C, H, W), `valid` bool (B,) and, with masking, `bool_masked_pos` (B, N).
+    Returns `pixel_values` float (B, C, H, W), `valid` bool (B,) and, with masking, `bool_masked_pos` (B, N).
     Rows with `valid == False` are zeros: the batch keeps its shape (what Accelerate's batch dispatching and
     compiled models want) and the number of skipped images reaches the training loop from any worker/process.
     """
@@ -283,7 +285,7 @@ class PretrainingCollator:
 
     def __call__(self, samples: list[dict | None]) -> dict[str, torch.Tensor]:
         valid = torch.tensor([sample is not None for sample in samples], dtype=torch.bool)
-        pixel_values = torch.zeros((len(samples), *self.image_shape), dtype=torch.uint8)
+        pixel_values = torch.zeros((len(samples), *self.image_shape), dtype=torch.float32)
         masks = torch.zeros(len(samples), self.num_patches or 0, dtype=torch.bool) if self.num_patches else None
         for row, sample in enumerate(samples):
             if sample is None:
@@ -445,23 +447,23 @@ class NepaPretrainingObjective(nn.Module):
 # Recipe: optimizer groups, learning rate, schedule
 # --------------------------------------------------------------------------------------------------------------
 
-# Multi-dimensional parameters that are not weights either: tokens (and LayerScale, which is 1-D anyway).
-NO_WEIGHT_DECAY_NAMES = ("cls_token", "mask_token", "register_tokens", "lambda1")
-
-
-def no_weight_decay(name: str, parameter: torch.Tensor, extra_names: Sequence[str] = NO_WEIGHT_DECAY_NAMES) -> bool:
-    """Biases, norm weights, LayerScale and every other 1-D parameter, plus learned tokens, take no weight decay."""
-    return parameter.ndim <= 1 or name.endswith(".bias") or any(part in name for part in extra_names)
+def no_weight_decay(name: str, parameter: torch.Tensor | None = None, in_norm_module: bool = False) -> bool:
+    """True for a parameter the reference pretraining keeps free of weight decay: biases, norms (and any parameter of
+    a LayerNorm module, `in_norm_module`), LayerScale. Learned tokens and the patch embedding ARE decayed. The rule
+    lives in `nepa_hf.weight_decay` (one rule for pretraining and fine-tuning); `parameter` is not needed."""
+    return not decays_in_pretraining(name, in_norm_module)
 
 
 def pretraining_param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
-    """Two AdamW groups of the reference pretraining recipe: weights with `weight_decay`, the rest (biases, norms,
-    LayerScale `lambda1`, `cls_token`, `mask_token`, any 1-D parameter) without."""
+    """Two AdamW groups of the reference pretraining recipe (`nepa_hf.weight_decay.weight_decay_flags`): every
+    parameter with `weight_decay` (CLS/mask token, patch embedding, linear weights) except biases, norms and
+    LayerScale, which get none. Frozen parameters are left out."""
+    flags = weight_decay_flags(model)
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (no_decay if no_weight_decay(name, parameter) else decay).append(parameter)
+        (decay if flags[name] else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

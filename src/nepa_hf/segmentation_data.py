@@ -27,7 +27,6 @@ __all__ = [
     "fashion_scenes_dataset",
     "segmentation_folder_dataset",
     "random_scale_crop_flip",
-    "resize_image_and_mask",
 ]
 
 # Label 0 is the background; item class c has label c + 1.
@@ -159,7 +158,7 @@ def segmentation_folder_dataset(folder, split: str | None = None):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Joint image + mask transforms (numpy/PIL; no torchvision)
+# Joint image + mask training transform (mmsegmentation's, whose class-ratio-bounded crop torchvision lacks)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -173,15 +172,6 @@ def _as_pil_pair(image, mask) -> tuple[Image.Image, Image.Image]:
             f"Image size {(image.height, image.width)} and mask size {mask.shape} differ; expected the same (H, W)."
         )
     return image.convert("RGB"), Image.fromarray(mask.astype(np.int32))  # mode "I": any label value survives
-
-
-def resize_image_and_mask(image, mask, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to `size` = (height, width): bilinear for the image, nearest for the mask (no new labels)."""
-    image, mask = _as_pil_pair(image, mask)
-    height, width = size
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
-    mask = mask.resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(image), np.asarray(mask).astype(np.int64)
 
 
 def random_scale_crop_flip(
