@@ -1072,26 +1072,28 @@ class NepaForImageClassification(NepaPreTrainedModel):
 def check_label_range(labels: torch.Tensor, num_labels: int, ignore_index: int, fix: str) -> None:
     """Raise a ValueError naming `num_labels` if a label is outside [0, num_labels) and not `ignore_index`.
 
-    A value check on an accelerator tensor would cost a host sync every training step, so:
-    * CPU tensors (eager): checked exactly, the error lists the offending values.
-    * CUDA tensors and torch.compile: `torch._assert_async`, which queues the check on the device without a sync;
-      a bad label then stops the run at the next sync with a device-side assert that prints this message.
-    * Other devices: not checked here (the loss's own error applies).
+    A value check that reads the labels on the host would cost a GPU sync every training step. The check is
+    `torch._assert_async` instead, which queues it on the device: on CUDA (and under torch.compile) a bad label stops
+    the run at the next sync with a device-side assert that prints this message; on the CPU the assert fails at once
+    and becomes this ValueError, listing the offending values. Other devices are not checked here (the loss's own
+    error applies).
     """
-    async_check = labels.device.type == "cuda" or torch.compiler.is_compiling()
-    if torch.jit.is_tracing() or not (async_check or labels.device.type == "cpu"):
+    if torch.jit.is_tracing() or labels.device.type not in ("cpu", "cuda"):
         return
     in_range = ((labels >= 0) & (labels < num_labels)) | (labels == ignore_index)
     problem = (
         f"labels contain class indices outside [0, {num_labels - 1}] (num_labels={num_labels}) other than the ignore "
         f"index {ignore_index}"
     )
-    if async_check:
+    if torch.compiler.is_compiling() or labels.device.type == "cuda":
         torch._assert_async(in_range.all(), f"{problem}. {fix}")
-    elif not bool(in_range.all()):
+        return
+    try:
+        torch._assert_async(in_range.all(), f"{problem}. {fix}")
+    except RuntimeError:  # the CPU kernel raises at once
         found = torch.unique(labels[~in_range])
         shown = ", ".join(str(int(value)) for value in found[:5]) + (", ..." if found.numel() > 5 else "")
-        raise ValueError(f"{problem}: found {shown}. {fix}")
+        raise ValueError(f"{problem}: found {shown}. {fix}") from None
 
 
 __all__ = [
