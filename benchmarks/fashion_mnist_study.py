@@ -350,7 +350,9 @@ def pretrain_mae(seed: int, budget: Budget, data: dict, output: Path) -> dict:
 def probe_random(seed: int, budget: Budget, data: dict, output: Path) -> dict:
     torch.manual_seed(seed)
     return {"kind": "probe", "method": "random-init", "seed": seed,
-            **probe(NepaForImageClassification(micro_config(is_causal=True, num_labels=10)), budget, data, seed)}
+            # causal features, like the NEPA probes (a classifier's trunk attends per finetuning_is_causal)
+            **probe(NepaForImageClassification(micro_config(finetuning_is_causal=True, num_labels=10)), budget, data,
+                    seed)}
 
 
 def build_classifier(init: str, seed: int, output_root: Path) -> nn.Module:

@@ -156,7 +156,9 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
         if model_args.image_size is not None:
             overrides["image_size"] = model_args.image_size
         overrides.update(parse_config_overrides(model_args.config_overrides))
-        config = NepaConfig.from_preset(model_args.preset, is_causal=bool(model_args.is_causal), **overrides)
+        # From scratch there is no pretraining attention: the trunk attends as the head does.
+        causal = bool(model_args.is_causal)
+        config = NepaConfig.from_preset(model_args.preset, is_causal=causal, finetuning_is_causal=causal, **overrides)
         return NepaForImageClassification(config), None, False
     if model_args.config_overrides:
         raise ValueError("--config_overrides only applies to --preset (training from scratch).")
@@ -176,7 +178,7 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
             f"{len(id2label)}. Pass --ignore_mismatched_sizes to replace its head with a new {len(id2label)}-way one."
         )
     if model_args.is_causal is not None:
-        overrides["is_causal"] = model_args.is_causal
+        overrides["finetuning_is_causal"] = model_args.is_causal  # the head's attention (NepaConfig docstring)
     model = NepaForImageClassification.from_pretrained(
         model_args.model_name_or_path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, dtype=torch.float32,
         **overrides, **hub_kwargs,

@@ -257,6 +257,10 @@ VARIANTS = {
     "classifier-bidirectional-affine": dict(
         architecture="ViTNepaForImageClassification", qk_norm_affine=True, is_causal=False, drop_path_prob=0.1
     ),
+    # the causal fine-tuning ablation: their classifier attends per `is_causal` (ours: finetuning_is_causal)
+    "classifier-causal-ablation": dict(
+        architecture="ViTNepaForImageClassification", qk_norm_affine=True, is_causal=True, drop_path_prob=0.1
+    ),
     # SwiGLU, QK-norm with bias, last-token pooling (no fc_norm)
     "classifier-gated-last-token": dict(
         architecture="ViTNepaForImageClassification", use_gated_mlp=True, hidden_act="silu", qk_norm_affine=True,

@@ -256,6 +256,10 @@ def reference_config_from_nepa(config: NepaConfig, architecture: str | None = No
     reference = {"architectures": [NEPA_TO_REFERENCE_ARCHITECTURE[architecture]], "model_type": REFERENCE_MODEL_TYPE}
     for name in SAME_NAME_FIELDS:
         reference[name] = getattr(config, name)
+    if architecture == "NepaForImageClassification":
+        # The authors' classifier attends per its one `is_causal`; ours per `finetuning_is_causal` (is_causal is the
+        # attention of NepaModel/NepaForPreTraining). Write the attention the classifier computes.
+        reference["is_causal"] = config.finetuning_is_causal
     reference["qk_norm"] = True
     reference["layerscale_value"] = config.layerscale_value
     reference["drop_path_prob"] = config.drop_path_rate
@@ -411,6 +415,10 @@ def nepa_config_from_reference(
     if dtype is not None:
         kwargs["dtype"] = dtype
     kwargs["architectures"] = [REFERENCE_TO_NEPA_ARCHITECTURE[architecture]]
+    if architecture == "ViTNepaForImageClassification":
+        # Their classifier attends per `is_causal` (False for their fine-tuned releases, True for the causal
+        # fine-tuning ablation); ours reads `finetuning_is_causal`. `is_causal` keeps the source value for NepaModel.
+        kwargs["finetuning_is_causal"] = kwargs["is_causal"]
     try:
         return NepaConfig(**kwargs)
     except (ValueError, TypeError) as error:

@@ -155,7 +155,8 @@ def spec_from_config(name: str, config, source: str | None = None, training: str
         num_parameters=num_parameters,
         image_size=config.image_size,
         patch_size=config.patch_size,
-        is_causal=config.is_causal,
+        # The attention the saved model computes: a classifier's is `finetuning_is_causal`.
+        is_causal=config.finetuning_is_causal if architecture == "NepaForImageClassification" else config.is_causal,
         source=source,
         training=training,
         num_labels=config.num_labels if architecture == "NepaForImageClassification" and source is None else None,
