@@ -37,7 +37,7 @@ from PIL import Image
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .transforms import seeded, to_rgb
+from .transforms import array_to_image, seeded, to_rgb
 from .weight_decay import NO_WEIGHT_DECAY_NAMES, decays_in_pretraining, weight_decay_flags
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def decode_image(value) -> Image.Image:
     """Decode one dataset value into a fully loaded PIL image.
 
     Accepts a PIL image, a `datasets.Image(decode=False)` dict (`{"bytes", "path"}`), raw bytes, a file path or an
-    HxW[xC] uint8 array. The pixels are read here (`Image.load()`), so truncated files fail now rather than later.
+    HxW[xC] array (uint16 arrays scaled to 8 bits by the image processor's rule, `transforms.array_to_image`). The
+    pixels are read here (`Image.load()`), so truncated files fail now rather than later.
     """
     if isinstance(value, Image.Image):
         image = value
@@ -76,7 +77,7 @@ def decode_image(value) -> Image.Image:
     elif isinstance(value, (str, os.PathLike)):
         image = Image.open(value)
     elif isinstance(value, np.ndarray):
-        image = Image.fromarray(value)
+        image = array_to_image(value)
     else:
         raise TypeError(f"Cannot decode an image from a {type(value).__name__}.")
     image.load()
