@@ -18,7 +18,9 @@ Examples:
     python examples/finetune_classification.py --preset nepa-vit-micro --dataset_name path/to/folder ...
 
 Writes to --output_dir: the model (`save_pretrained`) and image processor (the evaluation preprocessing), which
-`pipeline("image-classification", model=output_dir)` serves, `ema.safetensors`, and `*_results.json`.
+`pipeline("image-classification", model=output_dir)` serves, `ema.safetensors`, `*_results.json`, and
+`data_split.json` (what was held out for evaluation; examples/evaluate_nepa.py reads it). Unreadable images are
+skipped with a warning naming them and counted once per file (`train/eval/test_unreadable_images` in the results).
 """
 
 import json

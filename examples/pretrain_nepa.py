@@ -16,7 +16,9 @@ with its defaults (scale 0.08-1, ratio 3/4-4/3, bilinear), horizontal flip, the 
 
 Outputs in --output_dir: the model (`AutoModelForPreTraining.from_pretrained(output_dir)`) and its image processor,
 `ema.safetensors` (with --ema_decay), `metrics.jsonl` (one JSON object per logged step), `run_config.json`, and
-`checkpoints/checkpoint-<step>/` (resume with --resume_from_checkpoint latest).
+`checkpoints/checkpoint-<step>/` (resume with --resume_from_checkpoint latest: the newest checkpoint whose files all
+load). Unreadable images are skipped with a warning and counted once per file (`images_skipped`); the loss is the
+mean over the readable images of the global batch, so any number of processes trains the same model.
 """
 
 import argparse
