@@ -81,8 +81,9 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     `config.reshape_hidden_states` (else (B, N, D)). Attention is `config.finetuning_is_causal`, bidirectional
     unless set, as for every fine-tuning model; `is_causal=` per call overrides it.
 
-    Note: `AutoBackbone.from_pretrained(local_dir)` fails in transformers 5.x before reaching this class (it asks the
-    Hub whether the path is a repo); use `NepaBackbone.from_pretrained(local_dir)` or `AutoBackbone.from_config`.
+    Note: `AutoBackbone.from_pretrained(local_dir)` fails in transformers 5.18 to at least 5.24 before reaching this
+    class (it asks the Hub whether the path is a repo); use `NepaBackbone.from_pretrained(local_dir)` or
+    `AutoBackbone.from_config`.
     """
 
     remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
