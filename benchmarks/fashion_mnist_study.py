@@ -350,7 +350,9 @@ def pretrain_mae(seed: int, budget: Budget, data: dict, output: Path) -> dict:
 def probe_random(seed: int, budget: Budget, data: dict, output: Path) -> dict:
     torch.manual_seed(seed)
     return {"kind": "probe", "method": "random-init", "seed": seed,
-            **probe(NepaForImageClassification(micro_config(is_causal=True, num_labels=10)), budget, data, seed)}
+            # causal features, like the NEPA probes (a classifier's trunk attends per finetuning_is_causal)
+            **probe(NepaForImageClassification(micro_config(finetuning_is_causal=True, num_labels=10)), budget, data,
+                    seed)}
 
 
 def build_classifier(init: str, seed: int, output_root: Path) -> nn.Module:
@@ -587,14 +589,15 @@ def make_visualizations(output_root: Path, report_dir: Path) -> list[str]:
         return []
     model = NepaForPreTraining.from_pretrained(checkpoint, attn_implementation="eager")
     written = []
-    for name, image, size in (
-        ("photo", Image.open(bundled_photo_paths()[0]).convert("L").convert("RGB"), 64),
-        ("fashion", Image.fromarray(load_split("test")[0][0].numpy()).convert("RGB"), 32),
+    photo = bundled_photo_paths()[0]
+    for name, image, size, image_name in (
+        ("photo", Image.open(photo).convert("L").convert("RGB"), 64, f"{photo.name} (greyscale)"),
+        ("fashion", Image.fromarray(load_split("test")[0][0].numpy()).convert("RGB"), 32, "Fashion-MNIST test item 0"),
     ):
-        paths = save_visualizations(model, fashion_processor(size), image, report_dir, prefix=f"study_{name}_")
-        for path in paths.values():
-            Image.open(path).resize((192, 192), Image.NEAREST).save(path)
-            written.append(Path(path).name)
+        # Written at their own size: each PNG carries its title, colourbar and notes (nepa_hf.visualization).
+        paths = save_visualizations(model, fashion_processor(size), image, report_dir, prefix=f"study_{name}_",
+                                    model_name="seed-0 NEPA backbone (Fashion-MNIST study)", image_name=image_name)
+        written.extend(Path(path).name for path in paths.values())
     return written
 
 

@@ -134,11 +134,17 @@ def main():
     visual_dir = os.path.join(out, "visualizations")
     backbone = AutoModel.from_pretrained(pretrained_dir, attn_implementation="eager").eval()
     processor = AutoImageProcessor.from_pretrained(pretrained_dir)
-    written = save_visualizations(backbone, processor, items[0], visual_dir, prefix="fashion_item_")
+    model_name = f"{pretrained_dir} (demo NEPA, {args.pretrain_steps} steps)"
+    written = save_visualizations(
+        backbone, processor, items[0], visual_dir, prefix="fashion_item_", model_name=model_name,
+        image_name=f"Fashion-MNIST test item 0 ({FASHION_MNIST_CLASSES[test_labels[0]]})",
+    )
+    # The model was pretrained at 32x32; RoPE lets it run on a photo at 64x64 (16x16 patches) for a finer map.
     photo_processor = AutoImageProcessor.from_pretrained(pretrained_dir, size={"height": 64, "width": 64})
     with Image.open(bundled_photo_paths()[0]) as photo:
-        written.update({f"photo {k}": v for k, v in
-                        save_visualizations(backbone, photo_processor, photo, visual_dir, prefix="photo_").items()})
+        written.update({f"photo {k}": v for k, v in save_visualizations(
+            backbone, photo_processor, photo, visual_dir, prefix="photo_", model_name=model_name,
+        ).items()})
     loss_plot = os.path.join(out, "loss_curves.png")
     plot_losses(pretrained_dir, runs, loss_plot)
 

@@ -7,6 +7,12 @@
   a logistic-regression probe. The quick way to compare pretrained backbones without fine-tuning.
 * `--task all`: everything that applies to the checkpoint.
 
+Evaluation data: --eval_split (default "test", else "validation"). A dataset with neither, e.g. a plain image folder,
+is evaluated on a class-stratified hold-out of --train_split, the one examples/finetune_classification.py holds out:
+its fraction and seed come from the model's `data_split.json` when the fine-tuning script wrote one (which also
+tells when the model trained on the whole split, which is then refused), else from --validation_fraction and --seed.
+The k-NN bank and the probe then train on the rest. The output says which images were scored.
+
 Examples:
     python examples/evaluate_nepa.py --model_name_or_path outputs/ft --dataset_name fashion_mnist --task accuracy
     python examples/evaluate_nepa.py --model_name_or_path outputs/demo/pretrained --dataset_name fashion_mnist \\
@@ -30,9 +36,10 @@ from nepa_hf.classification_data import (
     check_labels,
     collate_image_batch,
     encode_labels,
+    train_validation_split,
     with_image_transform,
 )
-from nepa_hf.data import load_image_dataset, resolve_column
+from nepa_hf.data import load_image_dataset, resolve_column, split_names
 from nepa_hf.evaluation import (
     POOLINGS,
     classification_accuracy,
@@ -43,6 +50,7 @@ from nepa_hf.evaluation import (
 from nepa_hf.transforms import INTERPOLATIONS, ImageProcessorTransform, evaluation_image_processor
 
 TASKS = ("accuracy", "knn", "linear_probe", "all")
+DATA_SPLIT_FILE = "data_split.json"  # written by examples/finetune_classification.py beside the model
 
 
 def parse_args(argv=None):
@@ -52,7 +60,11 @@ def parse_args(argv=None):
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--task", action="append", choices=TASKS, help="Repeatable; default: all that apply.")
     parser.add_argument("--train_split", default="train", help="Feature bank / probe training split.")
-    parser.add_argument("--eval_split", default="test")
+    parser.add_argument("--eval_split", default=None,
+                        help="Default: 'test', else 'validation', else a stratified hold-out of --train_split.")
+    parser.add_argument("--validation_fraction", type=float, default=0.1,
+                        help="Hold-out fraction per class when there is no evaluation split (as in fine-tuning; "
+                             "a fine-tuned model's data_split.json wins).")
     parser.add_argument("--image_column", default=None)
     parser.add_argument("--label_column", default=None)
     parser.add_argument("--max_train_samples", type=int, default=None)
@@ -77,21 +89,80 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_labeled_split(args, split, class_names=None, max_samples=None):
-    kwargs = {"name": args.dataset_config_name} if args.dataset_config_name else {}
-    dataset = load_image_dataset(args.dataset_name, split=split, max_samples=max_samples, seed=args.seed, **kwargs)
+def load_kwargs(args) -> dict:
+    return {"name": args.dataset_config_name} if args.dataset_config_name else {}
+
+
+def subsample(dataset, max_samples, seed):
+    if max_samples is not None and max_samples < len(dataset):
+        return dataset.shuffle(seed=seed).select(range(max_samples))
+    return dataset
+
+
+def read_data_split(model_name_or_path):
+    """The fine-tuning script's record of what it trained and evaluated on, or None."""
+    path = os.path.join(model_name_or_path, DATA_SPLIT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def evaluation_split(args):
+    """--eval_split, else 'test', else 'validation' when the dataset has them; None: hold out part of --train_split."""
+    available = split_names(args.dataset_name, **load_kwargs(args))
+    if args.eval_split is not None and args.eval_split not in available:
+        raise ValueError(
+            f"--eval_split {args.eval_split!r}: {args.dataset_name} has the splits {available}. Leave --eval_split "
+            f"out to evaluate on a stratified hold-out of --train_split {args.train_split!r}."
+        )
+    return args.eval_split or next((name for name in ("test", "validation") if name in available), None)
+
+
+def hold_out(args, train_set, label_column):
+    """(held-out evaluation set, the rest, description): a class-stratified hold-out of the training split, with the
+    fraction and seed the fine-tuning script used when the model's data_split.json says so. Refuses when the model
+    was fine-tuned on the whole split: its accuracy there is training-set accuracy."""
+    fraction, seed = args.validation_fraction, args.seed
+    record = read_data_split(args.model_name_or_path)
+    same_data = record is not None and (record.get("dataset"), record.get("train_split")) == (
+        args.dataset_name, args.train_split)
+    if same_data and record.get("eval") != "held_out":
+        raise ValueError(
+            f"{args.dataset_name} has no 'test' or 'validation' split, and {args.model_name_or_path} was fine-tuned "
+            f"on all of its {args.train_split!r} split ({DATA_SPLIT_FILE}): a hold-out of it would score training "
+            "images. Pass --eval_split with a split the model did not train on."
+        )
+    if same_data:
+        fraction, seed = record["validation_fraction"], record["seed"]
+        origin = f"the images the model was fine-tuned without, per its {DATA_SPLIT_FILE}"
+    else:
+        origin = ("--validation_fraction and --seed; the model has no record of its fine-tuning data here, so make "
+                  "sure it did not train on these images")
+    rest, held_out = train_validation_split(train_set, label_column, fraction, seed=seed)
+    description = (f"a stratified hold-out of {fraction:.0%} of every class of the {args.train_split!r} split (seed "
+                   f"{seed}: {origin})")
+    print(f"No 'test' or 'validation' split in {args.dataset_name}: evaluating on {description}. k-NN and probe "
+          f"features come from the other {len(rest)} images.")
+    return held_out, rest, description
+
+
+def prepare(dataset, args, class_names, max_samples, split):
+    """(dataset with integer labels, image column, label column), subsampled and checked."""
     image_column = resolve_column(dataset, args.image_column, IMAGE_COLUMN_CANDIDATES, "image")
     label_column = resolve_column(dataset, args.label_column, LABEL_COLUMN_CANDIDATES, "label")
-    dataset, names = encode_labels(dataset, label_column, class_names)
-    check_labels(dataset, label_column, len(names), split)
-    return dataset, image_column, label_column, names
+    dataset, _ = encode_labels(dataset, label_column, class_names)
+    dataset = subsample(dataset, max_samples, args.seed)
+    check_labels(dataset, label_column, len(class_names), split)
+    return dataset, image_column, label_column
 
 
 def batches(dataset, image_column, label_column, transform, args, desc):
-    with_image_transform(dataset, transform, image_column, label_column)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+    """(normalised batches, the `UnreadableImages` record of the images skipped as unreadable)."""
+    images = with_image_transform(dataset, transform, image_column, label_column)
+    loader = DataLoader(images, batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=collate_image_batch)
-    return tqdm(loader, desc=desc, leave=False)
+    return tqdm(loader, desc=desc, leave=False), images.unreadable
 
 
 def main(argv=None):
@@ -115,33 +186,49 @@ def main(argv=None):
         evaluation_image_processor(size, mean, std, crop_pct=args.crop_pct, interpolation=args.interpolation)
     )
 
-    eval_set, image_column, label_column, names = load_labeled_split(args, args.eval_split,
-                                                                     max_samples=args.max_eval_samples)
-    results = {"model": args.model_name_or_path, "dataset": args.dataset_name, "eval_split": args.eval_split,
-               "num_eval": len(eval_set), "image_size": size}
+    # The class set comes from the training split when it is needed anyway, else from the evaluation split
+    # (ClassLabel names, or the labels present; see encode_labels).
+    eval_split = evaluation_split(args)
+    train_set = names = None
+    if eval_split is None or tasks & {"knn", "linear_probe"}:
+        train_set = load_image_dataset(args.dataset_name, split=args.train_split, **load_kwargs(args))
+        train_label_column = resolve_column(train_set, args.label_column, LABEL_COLUMN_CANDIDATES, "label")
+        train_set, names = encode_labels(train_set, train_label_column)
+    if eval_split is None:
+        eval_set, train_set, eval_description = hold_out(args, train_set, train_label_column)
+        eval_split = f"{args.train_split} (held out)"
+    else:
+        eval_set = load_image_dataset(args.dataset_name, split=eval_split, **load_kwargs(args))
+        eval_description = f"the {eval_split!r} split"
+        if names is None:
+            eval_label_column = resolve_column(eval_set, args.label_column, LABEL_COLUMN_CANDIDATES, "label")
+            _, names = encode_labels(eval_set, eval_label_column)
+    eval_set, image_column, label_column = prepare(eval_set, args, names, args.max_eval_samples, eval_split)
+    results = {"model": args.model_name_or_path, "dataset": args.dataset_name, "eval_split": eval_split,
+               "eval_images": eval_description, "num_eval": len(eval_set), "image_size": size}
     start = time.time()
 
+    unreadable = {}
     if "accuracy" in tasks:
         model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path).to(args.device)
         if model.config.num_labels != len(names):
             raise ValueError(f"The classifier has {model.config.num_labels} labels, the dataset {len(names)}.")
-        data = batches(eval_set, image_column, label_column, transform, args, "accuracy")
+        data, skipped = batches(eval_set, image_column, label_column, transform, args, "accuracy")
         results.update({f"eval_{k}": v for k, v in classification_accuracy(model, data).items()})
+        unreadable["eval"] = skipped.count()
 
     if tasks & {"knn", "linear_probe"}:
         backbone = AutoModel.from_pretrained(args.model_name_or_path).to(args.device)
         is_causal = None if args.is_causal == "config" else args.is_causal == "true"
-        train_set, train_image_column, train_label_column, _ = load_labeled_split(
-            args, args.train_split, class_names=names, max_samples=args.max_train_samples
-        )
+        train_set, train_image_column, train_label_column = prepare(train_set, args, names, args.max_train_samples,
+                                                                    args.train_split)
         feature_kwargs = dict(pooling=args.pooling, layer=args.layer, is_causal=is_causal)
-        train_features, train_labels = extract_features(
-            backbone, batches(train_set, train_image_column, train_label_column, transform, args, "train features"),
-            **feature_kwargs,
-        )
-        eval_features, eval_labels = extract_features(
-            backbone, batches(eval_set, image_column, label_column, transform, args, "eval features"), **feature_kwargs
-        )
+        train_data, train_skipped = batches(train_set, train_image_column, train_label_column, transform, args,
+                                            "train features")
+        train_features, train_labels = extract_features(backbone, train_data, **feature_kwargs)
+        eval_data, eval_skipped = batches(eval_set, image_column, label_column, transform, args, "eval features")
+        eval_features, eval_labels = extract_features(backbone, eval_data, **feature_kwargs)
+        unreadable.update(train=train_skipped.count(), eval=eval_skipped.count())
         results.update({"num_train": len(train_features), "pooling": args.pooling, "layer": args.layer,
                         "is_causal": backbone.config.is_causal if is_causal is None else is_causal})
         if "knn" in tasks:
@@ -155,6 +242,7 @@ def main(argv=None):
                                           weight_decay=args.probe_weight_decay, seed=args.seed)
             results.update({f"linear_probe_{k}": v for k, v in probe.items()})
 
+    results.update({f"{split}_unreadable_images": count for split, count in unreadable.items()})
     results["seconds"] = round(time.time() - start, 1)
     for key, value in results.items():
         print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")

@@ -18,9 +18,12 @@ Examples:
     python examples/finetune_classification.py --preset nepa-vit-micro --dataset_name path/to/folder ...
 
 Writes to --output_dir: the model (`save_pretrained`) and image processor (the evaluation preprocessing), which
-`pipeline("image-classification", model=output_dir)` serves, `ema.safetensors`, and `*_results.json`.
+`pipeline("image-classification", model=output_dir)` serves, `ema.safetensors`, `*_results.json`, and
+`data_split.json` (what was held out for evaluation; examples/evaluate_nepa.py reads it). Unreadable images are
+skipped with a warning naming them and counted once per file (`train/eval/test_unreadable_images` in the results).
 """
 
+import json
 import logging
 import os
 import sys
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, set_seed
+from accelerate.utils import gather_object
 from transformers.trainer_utils import get_last_checkpoint
 
 from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForImageClassification
@@ -42,12 +46,16 @@ from nepa_hf.classification_data import (
     train_validation_split,
     with_image_transform,
 )
-from nepa_hf.data import load_image_dataset, resolve_column
+from nepa_hf.data import load_image_dataset, resolve_column, split_names
 from nepa_hf.evaluation import classification_metrics
 from nepa_hf.finetuning import NepaTrainer, NepaTrainingArguments
 from nepa_hf.transforms import ImageProcessorTransform
 
 logger = logging.getLogger(__name__)
+
+# Written beside the model: which split the model was evaluated on, so examples/evaluate_nepa.py can reuse a
+# hold-out of the training split (and never score images the model trained on as held out).
+DATA_SPLIT_FILE = "data_split.json"
 
 
 @dataclass
@@ -102,7 +110,7 @@ class DataArguments:
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of test data."})
 
 
-def load_split(data_args: DataArguments, model_args: ModelArguments, split: str):
+def load_kwargs(data_args: DataArguments, model_args: ModelArguments) -> dict:
     kwargs = {}
     if data_args.dataset_config_name:
         kwargs["name"] = data_args.dataset_config_name
@@ -110,7 +118,19 @@ def load_split(data_args: DataArguments, model_args: ModelArguments, split: str)
         kwargs["cache_dir"] = model_args.cache_dir
     if model_args.token:
         kwargs["token"] = model_args.token
-    return load_image_dataset(data_args.dataset_name, split=split, **kwargs)
+    return kwargs
+
+
+def load_split(data_args: DataArguments, model_args: ModelArguments, split: str):
+    return load_image_dataset(data_args.dataset_name, split=split, **load_kwargs(data_args, model_args))
+
+
+def count_unreadable(dataset, trainer) -> int:
+    """Distinct unreadable images of a `with_image_transform` dataset, over all processes."""
+    indices = dataset.unreadable.indices()
+    if trainer.accelerator.num_processes > 1:
+        indices = gather_object(indices)
+    return len(set(indices))
 
 
 def subsample(dataset, max_samples: int | None, seed: int):
@@ -156,7 +176,9 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
         if model_args.image_size is not None:
             overrides["image_size"] = model_args.image_size
         overrides.update(parse_config_overrides(model_args.config_overrides))
-        config = NepaConfig.from_preset(model_args.preset, is_causal=bool(model_args.is_causal), **overrides)
+        # From scratch there is no pretraining attention: the trunk attends as the head does.
+        causal = bool(model_args.is_causal)
+        config = NepaConfig.from_preset(model_args.preset, is_causal=causal, finetuning_is_causal=causal, **overrides)
         return NepaForImageClassification(config), None, False
     if model_args.config_overrides:
         raise ValueError("--config_overrides only applies to --preset (training from scratch).")
@@ -176,7 +198,7 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
             f"{len(id2label)}. Pass --ignore_mismatched_sizes to replace its head with a new {len(id2label)}-way one."
         )
     if model_args.is_causal is not None:
-        overrides["is_causal"] = model_args.is_causal
+        overrides["finetuning_is_causal"] = model_args.is_causal  # the head's attention (NepaConfig docstring)
     model = NepaForImageClassification.from_pretrained(
         model_args.model_name_or_path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, dtype=torch.float32,
         **overrides, **hub_kwargs,
@@ -195,6 +217,11 @@ def main(argv: list[str] | None = None):
         model_args, data_args, aug_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
     else:
         model_args, data_args, aug_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.do_train and training_args.max_steps == 0:
+        # The Trainer would take 0 as a step count and fail later on an empty schedule: say what the flag takes.
+        parser.error("--max_steps 0: give a positive number of optimizer updates, or leave --max_steps at -1 (the "
+                     "default) to train for --num_train_epochs. To save a model without training, leave out "
+                     "--do_train.")
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -214,24 +241,27 @@ def main(argv: list[str] | None = None):
     train_dataset = load_split(data_args, model_args, data_args.train_split)
     image_column = resolve_column(train_dataset, data_args.image_column, IMAGE_COLUMN_CANDIDATES, "image")
     label_column = resolve_column(train_dataset, data_args.label_column, LABEL_COLUMN_CANDIDATES, "label")
-    train_dataset, class_names = encode_labels(train_dataset, label_column)
-    if len(class_names) < 2:
-        raise ValueError(f"The training labels have {len(class_names)} class(es); classification needs at least 2.")
+    train_dataset, class_names = encode_labels(train_dataset, label_column)  # errors on gaps and on one class
 
     eval_dataset = None
+    # What the model is evaluated on, saved beside it: examples/evaluate_nepa.py reuses a hold-out and refuses to
+    # score images the model trained on.
+    data_split = {"dataset": data_args.dataset_name, "train_split": data_args.train_split, "eval": None,
+                  "validation_fraction": None, "seed": training_args.seed}
     if training_args.do_eval or (training_args.do_train and training_args.eval_strategy != "no"):
         split = data_args.eval_split
+        if split is None and "validation" in split_names(data_args.dataset_name, **load_kwargs(data_args, model_args)):
+            split = "validation"
         if split is None:
-            try:
-                eval_dataset = load_split(data_args, model_args, "validation")
-            except (ValueError, FileNotFoundError, KeyError) as error:
-                logger.info(f"No 'validation' split ({error}); holding out {data_args.validation_fraction:.0%} of "
-                            "every class of the training split.")
-                train_dataset, eval_dataset = train_validation_split(
-                    train_dataset, label_column, data_args.validation_fraction, seed=training_args.seed
-                )
+            logger.info(f"No 'validation' split: holding out {data_args.validation_fraction:.0%} of every class of "
+                        f"the {data_args.train_split!r} split (seed {training_args.seed}).")
+            train_dataset, eval_dataset = train_validation_split(
+                train_dataset, label_column, data_args.validation_fraction, seed=training_args.seed
+            )
+            data_split.update(eval="held_out", validation_fraction=data_args.validation_fraction)
         else:
             eval_dataset = load_split(data_args, model_args, split)
+            data_split["eval"] = split
         resolve_column(eval_dataset, image_column, (), "image")
         resolve_column(eval_dataset, label_column, (), "label")
         eval_dataset, _ = encode_labels(eval_dataset, label_column, class_names)
@@ -271,12 +301,16 @@ def main(argv: list[str] | None = None):
                 f"{'pretrained weights' if pretrained else 'scratch'}.")
 
     # ---- transforms: timm's per sample (training) or the image processor (evaluation); Mixup in the collator ----
+    # Unreadable images are skipped (the collators drop them), counted per distinct file and reported.
     if training_args.do_train:
-        with_image_transform(train_dataset, aug_args.train_transform(size, mean, std), image_column, label_column,
-                             mixable=True)
-    for dataset in (eval_dataset, predict_dataset):
-        if dataset is not None:
-            with_image_transform(dataset, ImageProcessorTransform(processor), image_column, label_column)
+        train_dataset = with_image_transform(train_dataset, aug_args.train_transform(size, mean, std), image_column,
+                                             label_column, mixable=True)
+    if eval_dataset is not None:
+        eval_dataset = with_image_transform(eval_dataset, ImageProcessorTransform(processor), image_column,
+                                            label_column)
+    if predict_dataset is not None:
+        predict_dataset = with_image_transform(predict_dataset, ImageProcessorTransform(processor), image_column,
+                                               label_column)
     collator = aug_args.collator(len(class_names), label_smoothing=training_args.label_smoothing_factor)
 
     trainer = NepaTrainer(
@@ -289,23 +323,35 @@ def main(argv: list[str] | None = None):
         processing_class=processor,
     )
 
+    unreadable = {}  # split -> distinct unreadable images
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
+        unreadable["train"] = count_unreadable(train_dataset, trainer)
+        train_result.metrics["train_unreadable_images"] = unreadable["train"]
+        if training_args.should_save:
+            with open(os.path.join(training_args.output_dir, DATA_SPLIT_FILE), "w") as handle:
+                json.dump(data_split, handle, indent=2)
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
 
     if training_args.do_eval:
         metrics = trainer.evaluate()
+        metrics["eval_unreadable_images"] = unreadable["eval"] = count_unreadable(eval_dataset, trainer)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
     if training_args.do_predict:
         metrics = trainer.predict(predict_dataset, metric_key_prefix="test").metrics
+        metrics["test_unreadable_images"] = unreadable["test"] = count_unreadable(predict_dataset, trainer)
         trainer.log_metrics("test", metrics)
         trainer.save_metrics("test", metrics)
+
+    skipped = {key: value for key, value in unreadable.items() if value}
+    if skipped:
+        logger.warning(f"Skipped unreadable images (distinct files): {skipped}; the warnings above name them.")
 
     if not training_args.do_train and training_args.should_save:
         trainer.save_model()  # still give the output folder a servable model + processor

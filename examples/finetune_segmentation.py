@@ -50,6 +50,7 @@ from nepa_hf.segmentation_data import (
     random_scale_crop_flip,
     segmentation_folder_dataset,
 )
+from nepa_hf.transforms import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ def main():
             final_metric = evaluate.load(str(MEAN_IOU_METRIC))
             for example in tqdm(eval_dataset, desc=f"{data_args.final_eval_mode} eval",
                                 disable=not trainer.is_world_process_zero()):
-                image, mask = example["image"].convert("RGB"), np.asarray(example["annotation"])
+                image, mask = to_rgb(example["image"]), np.asarray(example["annotation"])  # 16-bit: processor rule
                 scale = base_size / min(image.width, image.height)
                 size = (max(1, round(image.height * scale)), max(1, round(image.width * scale)))
                 resized = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)

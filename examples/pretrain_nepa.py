@@ -16,7 +16,9 @@ with its defaults (scale 0.08-1, ratio 3/4-4/3, bilinear), horizontal flip, the 
 
 Outputs in --output_dir: the model (`AutoModelForPreTraining.from_pretrained(output_dir)`) and its image processor,
 `ema.safetensors` (with --ema_decay), `metrics.jsonl` (one JSON object per logged step), `run_config.json`, and
-`checkpoints/checkpoint-<step>/` (resume with --resume_from_checkpoint latest).
+`checkpoints/checkpoint-<step>/` (resume with --resume_from_checkpoint latest: the newest checkpoint whose files all
+load). Unreadable images are skipped with a warning and counted once per file (`images_skipped`); the loss is the
+mean over the readable images of the global batch, so any number of processes trains the same model.
 """
 
 import argparse
@@ -33,7 +35,7 @@ import transformers
 from transformers import AutoImageProcessor, AutoModelForPreTraining
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -49,13 +51,16 @@ from nepa_hf.pretraining import (
     PretrainingCollator,
     PretrainingImageDataset,
     PretrainingIterableDataset,
+    UNKNOWN_FILE,
     create_pretraining_optimizer,
-    latest_checkpoint,
     list_checkpoints,
     read_checkpoint_meta,
+    readable_loss_weight,
+    resume_checkpoint,
     save_checkpoint,
     scaled_learning_rate,
     select_readable,
+    skipped_file_keys,
     warmup_cosine_schedule,
     warmup_steps_for,
 )
@@ -157,6 +162,10 @@ def parse_args(argv=None):
             parser.error(f"--{name} is required (or use --demo).")
     if not 0.0 <= args.mask_ratio < 1.0:
         parser.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}.")
+    if args.max_steps is not None and args.max_steps < 1:
+        # 0 used to fall through to one epoch: say what the flag takes instead of guessing.
+        parser.error(f"--max_steps {args.max_steps}: give a positive number of optimizer updates, or leave --max_steps "
+                     "out to train for --num_train_epochs.")
     if args.streaming and args.max_steps is None:
         parser.error("--streaming needs --max_steps (a streamed dataset has no length to count epochs with).")
     return args
@@ -257,6 +266,17 @@ def build_train_dataloader(args, config, image_size, mean, std, accelerator):
     ), len(dataset) if not args.streaming else None
 
 
+def gather_skipped(accelerator, new_keys: list, keys: set) -> int:
+    """Move every process's newly seen unreadable-file keys into `keys` (the union, on the main process; a
+    collective, so call it on every process at the same point) and empty `new_keys`. Returns the number of
+    skips that name no file (`UNKNOWN_FILE`), which cannot be told apart and count once each."""
+    gathered = gather_object([list(new_keys)]) if accelerator.num_processes > 1 else [list(new_keys)]
+    new_keys.clear()
+    found = [key for part in gathered for key in part]
+    keys.update(key for key in found if key != UNKNOWN_FILE)
+    return sum(key == UNKNOWN_FILE for key in found)
+
+
 def resolve_mixed_precision(choice):
     """auto: bf16 where the hardware runs it natively (the reference trains in bf16), else fp16 on older GPUs and
     fp32 on CPUs without AMX. Measured on a shared 2-core AMX Xeon: ViT-B/14 at 224 trains 2.9x faster in bf16 with
@@ -280,8 +300,9 @@ def main(argv=None):
     # Resume position first: the metrics log drops records past it.
     resume_dir = None
     if args.resume_from_checkpoint:
-        resume_dir = latest_checkpoint(checkpoints_dir) if args.resume_from_checkpoint == "latest" \
-            else Path(args.resume_from_checkpoint)
+        # Every file must load: `latest` falls back past damaged checkpoints (with a warning naming the file), a named
+        # checkpoint with a damaged file is an error naming it.
+        resume_dir = resume_checkpoint(checkpoints_dir, args.resume_from_checkpoint)
         if resume_dir is None:
             print(f"No checkpoint under {checkpoints_dir}: starting from scratch.")
     resume_meta = read_checkpoint_meta(resume_dir) if resume_dir is not None else None
@@ -359,10 +380,14 @@ def main(argv=None):
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    # Logging window, summed over micro-batches (and processes when logged): loss, embedding loss, pixel loss,
-    # micro-batches, images, skipped images, seconds waiting for data, grad norm, optimizer steps.
+    # Logging window, summed over micro-batches (and processes when logged): loss, embedding loss and pixel loss
+    # summed over readable images, micro-batches, readable images, reads of unreadable images, seconds waiting for
+    # data, grad norm, optimizer steps.
     window = torch.zeros(9, device=accelerator.device)
-    global_step = epoch = batches_done = images_seen = images_skipped = 0
+    global_step = epoch = batches_done = images_seen = 0
+    # Unreadable files, counted once each however often they are read: keys seen by this process since the last
+    # gather, and (main process) all keys so far plus skips that name no file.
+    new_skipped_keys, skipped_keys, unknown_skips = [], set(), 0
 
     # Resume: weights, optimizer, schedule, EMA, RNG states; the data position and counters come from meta.json.
     if resume_dir is not None:
@@ -370,7 +395,9 @@ def main(argv=None):
         accelerator.load_state(str(resume_dir))
         global_step, epoch = resume_meta["step"], resume_meta["epoch"]
         batches_done = resume_meta["batches_in_epoch"]
-        images_seen, images_skipped = resume_meta["images_seen"], resume_meta["images_skipped"]
+        images_seen = resume_meta["images_seen"]
+        skipped_keys = set(resume_meta.get("skipped_keys", []))
+        unknown_skips = resume_meta.get("unknown_skips", resume_meta["images_skipped"] - len(skipped_keys))
         if accelerator.is_main_process:  # the partly filled window of the interrupted run (already summed)
             window += torch.tensor(resume_meta["log_window"], device=accelerator.device)
         if resume_meta.get("max_steps") not in (None, max_steps):
@@ -405,22 +432,27 @@ def main(argv=None):
             window[6] += time.perf_counter() - wait_start
             batch_index, produced = batch_index + 1, True
             inputs, num_skipped, all_skipped = select_readable(batch)
+            if num_skipped:  # rare: only then read the keys off the device
+                new_skipped_keys.extend(skipped_file_keys(batch))
+            readable = batch["valid"].sum()
             with accelerator.accumulate(objective):
                 outputs = objective(pixel_values=inputs["pixel_values"],
                                     bool_masked_pos=inputs.get("bool_masked_pos"))
-                # A batch of only unreadable images still runs (DDP needs every process) but contributes nothing.
-                loss = outputs.loss * 0.0 if all_skipped else outputs.loss
+                # The gradient is the mean over the readable images of every process, whatever their split across
+                # processes (2 processes == 1); a process with only unreadable images still runs (DDP needs every
+                # process) with weight 0.
+                loss = outputs.loss * readable_loss_weight(batch["valid"], accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if not all_skipped:
-                window[0] += loss.detach().float()
-                window[1] += outputs.embedding_loss.detach().float()
+            if not all_skipped:  # the logged losses are means over the readable images of the window
+                window[0] += outputs.loss.detach().float() * readable
+                window[1] += outputs.embedding_loss.detach().float() * readable
                 if outputs.pixel_loss is not None:
-                    window[2] += outputs.pixel_loss.detach().float()
-                window[4] += inputs["pixel_values"].shape[0]
+                    window[2] += outputs.pixel_loss.detach().float() * readable
+                window[4] += readable
             window[3] += 1
             window[5] += num_skipped
 
@@ -436,22 +468,22 @@ def main(argv=None):
                     totals = accelerator.reduce(window.clone(), reduction="sum").cpu()
                     elapsed = time.perf_counter() - window_start
                     images_seen += int(totals[4])
-                    images_skipped += int(totals[5])
-                    micro_batches = max(totals[3].item(), 1.0)
+                    unknown_skips += gather_skipped(accelerator, new_skipped_keys, skipped_keys)
+                    readable_images = max(totals[4].item(), 1.0)
                     values = {
-                        "loss": totals[0].item() / micro_batches,
-                        "embedding_loss": totals[1].item() / micro_batches,
+                        "loss": totals[0].item() / readable_images,
+                        "embedding_loss": totals[1].item() / readable_images,
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": totals[7].item() / max(totals[8].item(), 1.0),
                         "images_per_s": totals[4].item() / elapsed,
                         "data_wait_fraction": totals[6].item() / accelerator.num_processes / elapsed,
                         "epoch": epoch,
                         "images_seen": images_seen,
-                        "images_skipped": images_skipped,
+                        "images_skipped": len(skipped_keys) + unknown_skips,  # distinct files
                         **monitor(outputs.last_hidden_state),
                     }
                     if unwrapped.pixel_decoder is not None:
-                        values["pixel_loss"] = totals[2].item() / micro_batches
+                        values["pixel_loss"] = totals[2].item() / readable_images
                     accelerator.log(values, step=global_step)
                     progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
                                          img_s=f"{values['images_per_s']:.0f}")
@@ -465,8 +497,10 @@ def main(argv=None):
                     # continues the data stream and the metrics exactly.
                     pending = accelerator.reduce(window.clone(), reduction="sum").cpu()
                     pending[6] = 0.0  # wall time does not carry over
+                    unknown_skips += gather_skipped(accelerator, new_skipped_keys, skipped_keys)
                     meta = {"epoch": epoch, "batches_in_epoch": batch_index, "max_steps": max_steps,
-                            "images_seen": images_seen, "images_skipped": images_skipped,
+                            "images_seen": images_seen, "images_skipped": len(skipped_keys) + unknown_skips,
+                            "skipped_keys": sorted(skipped_keys), "unknown_skips": unknown_skips,
                             "log_window": pending.tolist()}
                     save_checkpoint(accelerator, checkpoints_dir, global_step, meta, args.checkpoints_total_limit)
                 if global_step >= max_steps:
@@ -479,6 +513,8 @@ def main(argv=None):
             continue
         break
     progress.close()
+    unknown_skips += gather_skipped(accelerator, new_skipped_keys, skipped_keys)
+    images_skipped = len(skipped_keys) + unknown_skips
 
     # Save: the model and its image processor (AutoModelForPreTraining.from_pretrained(output_dir) works), the EMA
     # weights beside it, and the training-only pixel decoder.
@@ -500,7 +536,7 @@ def main(argv=None):
                              if k.startswith("pixel_decoder.")}
             save_file(decoder_state, str(output_dir / "pixel_decoder.safetensors"))
     accelerator.print(f"Saved the pretrained model to {output_dir} after {global_step} steps; skipped "
-                      f"{images_skipped} unreadable image(s).")
+                      f"{images_skipped} unreadable image(s) (distinct files; the warnings name them).")
     accelerator.end_training()
 
 

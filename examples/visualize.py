@@ -4,11 +4,16 @@ Example:
     python examples/visualize.py --model outputs/demo/pretrained --image data/photos/chelsea_cat.jpg \
         --output_dir outputs/visualize --query_row 4 --query_col 5
 
+Writes attention.png, similarity.png and pca.png: each names the model, the image, the query patch and how layers
+and heads are averaged, shows the input beside the map with the query marked, and has a colourbar (see
+`nepa_hf.visualization`). Needs matplotlib (`pip install 'nepa-hf[viz]'`).
+
 Works with our checkpoints and converted reference checkpoints, at any resolution the processor produces
 (`--size 448` overrides it). Attention maps need eager attention: other backends switch for that call.
 """
 
 import argparse
+import os
 
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
@@ -38,9 +43,11 @@ def main():
     overrides = {"size": {"height": args.size, "width": args.size}} if args.size else {}
     processor = AutoImageProcessor.from_pretrained(args.model, **overrides)
     query = (args.query_row, args.query_col) if args.query_row is not None else None
-    paths = save_visualizations(
-        model, processor, Image.open(args.image), args.output_dir, query=query, layers=args.layers, heads=args.heads
-    )
+    with Image.open(args.image) as image:
+        paths = save_visualizations(
+            model, processor, image, args.output_dir, query=query, layers=args.layers, heads=args.heads,
+            model_name=args.model.rstrip("/"), image_name=os.path.basename(args.image),
+        )
     for name, path in paths.items():
         print(f"{name:10s} {path}")
 

@@ -161,3 +161,84 @@ def test_16_bit_images_follow_the_image_processor_rule():
     rgb = np.asarray(to_rgb(Image.fromarray(values)))
     assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == [0, 1, 255, 128]  # value / 257, rounded
     assert np.array_equal(np.asarray(to_rgb(values)), rgb)  # uint16 arrays too
+
+
+def test_16_bit_images_give_the_same_8_bit_values_through_the_processor_and_every_training_loader(tmp_path):
+    """Item 4 of issue 14: one 16-bit rule (value / 257, rounded) for a 16-bit PNG, a uint16 grayscale array and a
+    uint16 RGB array, through the image processor, the pretraining and fine-tuning loaders and the segmentation
+    augmentation (none scales by the image's maximum, none clips, none refuses 16-bit colour)."""
+    import datasets
+
+    from nepa_hf.augmentation import RGBTransform
+    from nepa_hf.classification_data import with_image_transform
+    from nepa_hf.pretraining import PretrainingImageDataset
+    from nepa_hf.segmentation_data import random_scale_crop_flip
+
+    rng = np.random.default_rng(0)
+    gray = (np.arange(8 * 12).reshape(8, 12) * 600 + 77).astype(np.uint16)  # up to 57077, far from its max rule
+    color = rng.integers(0, 65536, size=(8, 12, 3), dtype=np.uint16)
+    png = tmp_path / "gray16.png"
+    Image.fromarray(gray).save(png)
+    assert Image.open(png).mode.startswith("I")  # Pillow reads 16-bit PNGs in a 16-bit mode
+
+    def eight_bit(array):
+        expected = np.clip(np.round(array.astype(np.float64) / 257), 0, 255).astype(np.uint8)
+        return np.repeat(expected[..., None], 3, axis=-1) if expected.ndim == 2 else expected
+
+    capture = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32)])  # the RGB image the loader hands on, as is
+    processor = NepaImageProcessor(do_resize=False, do_rescale=False, do_normalize=False)
+    for source, array in ((str(png), gray), (gray, gray), (color, color)):
+        expected = torch.as_tensor(eight_bit(array)).permute(2, 0, 1).float()
+        image = Image.open(source) if isinstance(source, str) else source
+        through_processor = processor(image, return_tensors="pt").pixel_values[0]
+        assert torch.equal(through_processor, expected)
+        pretraining = PretrainingImageDataset([source], None, capture)[0]["pixel_values"]
+        assert torch.equal(pretraining, expected)
+        if isinstance(source, str):
+            rows = datasets.Dataset.from_dict({"image": [source], "label": [0]})
+        else:  # a uint16 array column (datasets' numpy format casts integers to int64 unless told the dtype)
+            array_type = datasets.Array2D if array.ndim == 2 else datasets.Array3D
+            features = datasets.Features({"image": array_type(array.shape, "uint16"), "label": datasets.Value("int64")})
+            rows = datasets.Dataset.from_dict({"image": [source], "label": [0]}, features=features)
+            rows = rows.with_format("numpy", dtype=np.uint16)
+        for transform in (RGBTransform(capture), ImageProcessorTransform(processor)):
+            finetuning = with_image_transform(rows, transform, "image", "label")[0]["pixel_values"]
+            assert torch.equal(finetuning, expected)
+        crop, _ = random_scale_crop_flip(image, np.zeros(array.shape[:2], np.uint8), array.shape[:2], rng,
+                                         scale_range=(1.0, 1.0), flip_probability=0.0, cat_max_ratio=1.0)
+        assert np.array_equal(crop, eight_bit(array))
+
+
+def test_collators_drop_unreadable_examples_and_mixup_still_pairs_the_rest(caplog):
+    """Item 7 of issue 14: unreadable examples (pixel_values None) are dropped by both collators; Mixup mixes the
+    readable ones (dropping one more for an even batch); a batch with nothing readable is a clear error."""
+    rows = examples(6)
+    rows[2] = {**rows[2], "pixel_values": None}
+    plain = collate_image_batch([{k: v for k, v in r.items() if k != MIXABLE_KEY} for r in rows])
+    assert plain["labels"].tolist() == [0, 1, 3, 4, 5] and plain["pixel_values"].shape == (5, 3, 8, 8)
+    collator = AugmentationArguments().collator(10, label_smoothing=0.1)
+    with caplog.at_level(logging.WARNING):
+        mixed = collator(rows)
+    assert mixed["labels"].shape == (4, 10) and "even batch" in caplog.text
+    single = collator([rows[0], {**rows[1], "pixel_values": None}])  # one left: smoothed soft target, unmixed
+    assert single["labels"].shape == (1, 10) and single["labels"][0, 0] == pytest.approx(0.91)
+    with pytest.raises(ValueError, match="All 2 images of a batch are unreadable"):
+        collator([{**rows[0], "pixel_values": None}, {**rows[1], "pixel_values": None}])
+    with pytest.raises(ValueError, match="pass the dataset returned by with_image_transform"):
+        collate_image_batch([{"image": Image.new("RGB", (4, 4)), "label": 0}])
+
+
+def test_mixable_marker_survives_the_trainers_column_removal():
+    """A plain Trainer (remove_unused_columns=True) filters example dicts to the model's arguments; the dataset's
+    examples are mappings it leaves alone, so Mixup still sees `mixable`."""
+    import datasets
+    from transformers.trainer_utils import RemoveColumnsCollator
+
+    from nepa_hf.classification_data import with_image_transform
+
+    rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8), (i * 30, 0, 0)) for i in range(4)],
+                                       "label": [0, 1, 2, 3]})
+    train = with_image_transform(rows, AugmentationArguments().train_transform(8, MEAN, STD), "image", "label",
+                                 mixable=True)
+    collator = RemoveColumnsCollator(AugmentationArguments().collator(10, 0.1), ["pixel_values", "labels"])
+    assert collator([train[i] for i in range(4)])["labels"].shape == (4, 10)  # soft targets: mixed

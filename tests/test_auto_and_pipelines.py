@@ -102,7 +102,9 @@ def test_classifier_from_pretraining_checkpoint_is_bidirectional_with_zero_head(
         model = NepaForImageClassification.from_pretrained(
             tmp_path, num_labels=4, qk_norm_affine=True, output_loading_info=False
         )
-    assert model.config.is_causal is False
+    # Attention per the fine-tuning rule; the config keeps the pretraining attention (no constructor changes it).
+    assert model.default_is_causal is False and model.config.finetuning_is_causal is False
+    assert model.config.is_causal is True
     assert torch.all(model.classifier.weight == 0) and torch.all(model.classifier.bias == 0)
     # Affine QK-norm weights start at 1.0 where the source had none (functionally identical).
     assert torch.all(model.nepa.encoder.layers[0].attention.q_norm.weight == 1.0)

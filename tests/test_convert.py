@@ -257,6 +257,10 @@ VARIANTS = {
     "classifier-bidirectional-affine": dict(
         architecture="ViTNepaForImageClassification", qk_norm_affine=True, is_causal=False, drop_path_prob=0.1
     ),
+    # the causal fine-tuning ablation: their classifier attends per `is_causal` (ours: finetuning_is_causal)
+    "classifier-causal-ablation": dict(
+        architecture="ViTNepaForImageClassification", qk_norm_affine=True, is_causal=True, drop_path_prob=0.1
+    ),
     # SwiGLU, QK-norm with bias, last-token pooling (no fc_norm)
     "classifier-gated-last-token": dict(
         architecture="ViTNepaForImageClassification", use_gated_mlp=True, hidden_act="silu", qk_norm_affine=True,
@@ -623,6 +627,74 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     (source / "model.safetensors").unlink()
     assert main(["--input", str(source), "--output", str(tmp_path / "y")]) == 2
     assert "No weights in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_truncated_weights_name_the_file_and_leave_no_output(tmp_path, capsys, weights):
+    """Issue 14 item 9: a cut-off weight file is one clear error naming the file and the fix, and the failed
+    conversion leaves nothing at --output (a folder the user already had is kept as it was)."""
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    source = write_reference_folder(tmp_path / "src", config, state_dict, weights=weights)
+    path = source / weights
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # an interrupted download or copy
+
+    assert main(["--input", str(source), "--output", str(tmp_path / "new" / "nepa")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Cannot read the weights in {path} (") and "Traceback" not in err
+    assert "truncated or corrupt" in err and "Fix: copy or download it again" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output folder, parents or partial folder
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["--input", str(source), "--output", str(mine), "--overwrite"]) == 2
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "src"]
+    with pytest.raises(ConversionError, match="truncated or corrupt"):  # the Python API raises the same error
+        convert_reference_checkpoint(source, tmp_path / "api")
+    assert not (tmp_path / "api").exists()
+
+
+def test_truncated_hub_download_suggests_force_download(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    cache = tmp_path / "hub-cache"
+    snapshot = write_reference_folder(cache / "models--SixAILab--nepa" / "snapshots" / "abc", config, state_dict)
+    intact = (snapshot / "model.safetensors").read_bytes()
+    (snapshot / "model.safetensors").write_bytes(intact[:1000])
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, token=None, allow_patterns=None, force_download=False):
+        calls.append(force_download)
+        if force_download:
+            (snapshot / "model.safetensors").write_bytes(intact)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert main(["--input", "SixAILab/nepa", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupt" in err and "rerun with --force-download" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(["--input", "SixAILab/nepa", "--output", str(tmp_path / "out"), "--force-download"]) == 0
+    assert calls == [False, True] and (tmp_path / "out" / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_a_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
+    import nepa_hf.convert as convert
+
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    source = write_reference_folder(tmp_path / "src", config, state_dict)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert.NepaImageProcessorPil, "save_pretrained", full_disk)  # after the weights are written
+    assert main(["--input", str(source), "--output", str(tmp_path / "out")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -96,8 +96,9 @@ def test_extract_features_pooling_and_layers():
     torch.testing.assert_close(extract_features(backbone, pixels, layer=2)[0], mean, rtol=1e-5, atol=1e-5)
     first_block = extract_features(backbone, pixels, layer=1)[0]
     assert not torch.allclose(first_block, mean)
-    # causal (config) vs bidirectional features differ
-    assert not torch.allclose(extract_features(backbone, pixels, is_causal=False)[0], mean)
+    # a classifier's trunk attends as the head does (finetuning_is_causal: bidirectional); causal features differ
+    torch.testing.assert_close(extract_features(backbone, pixels, is_causal=False)[0], mean)
+    assert not torch.allclose(extract_features(backbone, pixels, is_causal=True)[0], mean)
     uint8 = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     with pytest.raises(ValueError, match="not normalised floats"):  # never features of raw 0-255 pixels
         extract_features(backbone, uint8)

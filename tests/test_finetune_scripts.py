@@ -115,7 +115,7 @@ def test_finetune_from_pretraining_checkpoint_uses_the_recipe(tmp_path, finetune
         "--drop_path_rate", "0.1",
     ))
     model = NepaForImageClassification.from_pretrained(output_dir)
-    assert model.config.is_causal is False and model.config.drop_path_rate == 0.1
+    assert model.config.finetuning_is_causal is False and model.config.drop_path_rate == 0.1
     assert model.config.num_labels == 10 and model.config.id2label[9] == "Ankle boot"
     # the reference recipe: patch embedding frozen, Mixup soft targets, EMA evaluated beside the online weights
     torch.testing.assert_close(model.nepa.embeddings.patch_embeddings.projection.weight,
@@ -181,3 +181,110 @@ def test_label_checks_and_stratified_splits():
     train, validation = train_validation_split(table, "label", 0.2, seed=0)
     assert len(train) + len(validation) == len(table)
     assert np.bincount(validation["label"], minlength=10).tolist() == [10] * 5 + [2] * 5
+
+
+def test_integer_labels_need_every_id_from_0_and_two_classes():
+    """Item 5 of issue 14: plain integer labels no longer set the class count as max + 1."""
+    import datasets
+
+    with pytest.raises(ValueError, match=r"no example of 2 of them \(10, 11\).*ClassLabel\(names="):
+        encode_labels(datasets.Dataset.from_dict({"label": list(range(10)) + [12]}), "label")  # was a 13-way head
+    with pytest.raises(ValueError, match=r"1 class\(es\).*at least 2"):
+        encode_labels(datasets.Dataset.from_dict({"label": [3, 3, 3]}), "label")  # was a 4-way head, 100% accuracy
+    with pytest.raises(ValueError, match=r"1 class\(es\)"):
+        encode_labels(datasets.Dataset.from_dict({"label": ["cat", "cat"]}), "label")
+    _, names = encode_labels(datasets.Dataset.from_dict({"label": [2, 0, 1, 1]}), "label")
+    assert names == ["0", "1", "2"]
+    # ClassLabel names define the classes, including ones without examples; other splits keep the training ids.
+    labelled = datasets.Dataset.from_dict({"label": [0, 1]}, features=datasets.Features(
+        {"label": datasets.ClassLabel(names=["a", "b", "c"])}))
+    assert encode_labels(labelled, "label")[1] == ["a", "b", "c"]
+    assert encode_labels(datasets.Dataset.from_dict({"label": [2]}), "label", ["0", "1", "2"])[1] == ["0", "1", "2"]
+
+
+def write_class_folder(root: Path, classes=("cat", "dog"), per_class=10, corrupt=()) -> Path:
+    """An imagefolder of real photo crops, one sub-folder per class, plus unreadable files named in `corrupt`."""
+    photo = Image.open(EXAMPLES.parent / "data" / "photos" / "chelsea_cat.jpg").convert("RGB")
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            crop = photo.crop((i * 12 + c * 40, i * 6, i * 12 + c * 40 + 48, i * 6 + 48))
+            crop.save(root / name / f"{i}.jpg", quality=90)
+    for relative in corrupt:
+        (root / relative).write_bytes(b"not an image" * 10)
+    return root
+
+
+FOLDER_ARGS = ["--config_overrides", "hidden_size=32,num_hidden_layers=1,intermediate_size=64,image_size=28,patch_size=7",
+               "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0",
+               "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--save_strategy", "no",
+               "--ema_decay", "0"]
+
+
+def test_finetuning_skips_counts_and_reports_unreadable_images(tmp_path, finetune_script, single_thread):
+    """Item 7 of issue 14: corrupt files no longer end fine-tuning at step 0; each is skipped (with Mixup on), counted
+    once however many epochs read it, and reported in all_results.json; evaluation skips them too."""
+    folder = write_class_folder(tmp_path / "folder", per_class=10, corrupt=("cat/broken.jpg", "dog/empty.png"))
+    (folder / "dog" / "empty.png").write_bytes(b"")
+    output_dir = tmp_path / "out"
+    finetune_script.main(["--preset", "nepa-vit-micro", "--dataset_name", str(folder), "--output_dir",
+                          str(output_dir), "--do_train", "--do_eval", "--max_steps", "12", "--validation_fraction",
+                          "0.2", *FOLDER_ARGS])
+    results = json.loads((output_dir / "all_results.json").read_text())
+    # 22 files, 20% of each class held out: 18 training files (3 epochs of 18 read each bad file 3 times).
+    assert results["train_unreadable_images"] + results["eval_unreadable_images"] == 2 and "eval_accuracy" in results
+    split = json.loads((output_dir / "data_split.json").read_text())
+    assert split == {"dataset": str(folder), "train_split": "train", "eval": "held_out",
+                     "validation_fraction": 0.2, "seed": 0}
+
+
+def test_evaluate_on_a_plain_image_folder_holds_out_what_fine_tuning_held_out(tmp_path, finetune_script,
+                                                                             single_thread, capsys):
+    """Item 8 of issue 14: no 'test' split is no longer an error: the evaluation scores the fine-tuning script's own
+    stratified hold-out (read from data_split.json), says so, and refuses when the model trained on every image."""
+    import datasets
+
+    evaluate_script = load_example("evaluate_nepa")
+    folder = write_class_folder(tmp_path / "folder", per_class=10)
+    model_dir = tmp_path / "model"
+    finetune_script.main(["--preset", "nepa-vit-micro", "--dataset_name", str(folder), "--output_dir", str(model_dir),
+                          "--do_train", "--do_eval", "--max_steps", "2", "--validation_fraction", "0.3",
+                          *FOLDER_ARGS, "--seed", "7"])
+    results = evaluate_script.main(["--model_name_or_path", str(model_dir), "--dataset_name", str(folder),
+                                    "--task", "accuracy", "--task", "knn", "--batch_size", "8"])
+    out = capsys.readouterr().out
+    assert "stratified hold-out of 30% of every class of the 'train' split (seed 7" in out
+    assert results["eval_split"] == "train (held out)" and results["num_eval"] == 6 and results["num_train"] == 14
+    # The very images the fine-tuning script evaluated on (and did not train on).
+    train = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    assert results["num_eval"] == len(train_validation_split(train, "label", 0.3, seed=7)[1])
+    # A model fine-tuned on the whole split (no evaluation during fine-tuning): a hold-out would be training data.
+    whole = tmp_path / "whole"
+    finetune_script.main(["--preset", "nepa-vit-micro", "--dataset_name", str(folder), "--output_dir", str(whole),
+                          "--do_train", "--max_steps", "1", "--eval_strategy", "no", *FOLDER_ARGS])
+    with pytest.raises(ValueError, match="fine-tuned on all of its 'train' split.*would score training images"):
+        evaluate_script.main(["--model_name_or_path", str(whole), "--dataset_name", str(folder)])
+    with pytest.raises(ValueError, match=r"--eval_split 'test': .* has the splits \['train'\]"):
+        evaluate_script.main(["--model_name_or_path", str(model_dir), "--dataset_name", str(folder),
+                              "--eval_split", "test"])
+
+
+def test_single_class_folder_and_max_steps_0_fail_before_training(tmp_path, finetune_script, monkeypatch, capsys):
+    """Items 5 and 12 of issue 14: a one-class image folder and --max_steps 0 stop with errors that name the cause."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started despite bad input")
+
+    monkeypatch.setattr(NepaTrainer, "train", no_training)
+    for name, labels, message in (("one", [3, 3, 3, 3], r"1 class\(es\).*at least 2"),
+                                  ("gaps", [0, 1, 1, 12], r"no example of 10 of them")):
+        folder = tmp_path / name  # an image folder whose metadata.csv gives plain integer labels
+        folder.mkdir()
+        for i, label in enumerate(labels):
+            Image.new("RGB", (28, 28), (40 * i, 0, 0)).save(folder / f"{i}.png")
+        (folder / "metadata.csv").write_text("file_name,label\n" + "".join(f"{i}.png,{v}\n" for i, v in enumerate(labels)))
+        with pytest.raises(ValueError, match=message):
+            finetune_script.main(["--preset", "nepa-vit-micro", "--dataset_name", str(folder), "--output_dir",
+                                  str(tmp_path / "a"), "--do_train", *FOLDER_ARGS])
+    with pytest.raises(SystemExit):
+        finetune_script.main(base_args(tmp_path / "b", "--preset", "nepa-vit-micro", "--do_train", "--max_steps", "0"))
+    assert "--max_steps 0: give a positive number of optimizer updates" in capsys.readouterr().err

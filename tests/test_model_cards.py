@@ -9,12 +9,22 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
+from PIL import Image
+from transformers import AutoImageProcessor
 
-from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining, NepaImageProcessorPil
+from nepa_hf import (
+    NepaBackbone,
+    NepaConfig,
+    NepaForImageClassification,
+    NepaForPreTraining,
+    NepaForSemanticSegmentation,
+    NepaImageProcessorPil,
+)
 from nepa_hf.data import bundled_photo_paths
 from nepa_hf.model_card import (
     HUB_NAMESPACE,
     PUBLISHED_CHECKPOINTS,
+    card_for_conversion,
     make_model_card,
     spec_from_config,
     write_model_cards,
@@ -71,6 +81,8 @@ def test_card_text_has_usage_preprocessing_limitations_citation(name):
                    "Xie, Saining", "Yu, Stella X."):  # fmt: skip
         assert author in text
     assert "mean = std = (0.5, 0.5, 0.5)" in text and "bilinear" in text
+    imagenet = "[ILSVRC/imagenet-1k](https://huggingface.co/datasets/ILSVRC/imagenet-1k)"
+    assert f"| Training data | ImageNet-1k ({imagenet}) |" in text
     assert f"python -m nepa_hf.convert --input {SOURCES[name]} --output {name}" in text
     if name.endswith("-in1k"):  # the release's own number, with its source, next to the paper's
         assert {"nepa-vit-b-in1k": "83.75", "nepa-vit-l-in1k": "85.4"}[name] in text
@@ -87,10 +99,38 @@ def test_published_parameter_counts_match_the_presets():
         assert (derived.size, derived.is_causal, derived.architecture) == (spec.size, spec.is_causal, spec.architecture)
 
 
+def test_card_names_the_processor_class_auto_image_processor_returns(tmp_path):
+    """Issue 14 item 14: the card says which class `AutoImageProcessor` loads, with the fallback without torchvision."""
+    from transformers.utils import is_torchvision_available
+
+    text = (CARDS / "nepa-vit-b" / "README.md").read_text()
+    NepaImageProcessorPil().save_pretrained(tmp_path)
+    loaded = type(AutoImageProcessor.from_pretrained(tmp_path)).__name__
+    assert loaded == ("NepaImageProcessor" if is_torchvision_available() else "NepaImageProcessorPil")
+    assert ("`AutoImageProcessor` returns `NepaImageProcessor` (torchvision backend) where torchvision is installed "
+            "and\n`NepaImageProcessorPil` (PIL backend, same settings) where it is not") in text  # fmt: skip
+    assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")).__name__ == "NepaImageProcessorPil"
+
+
+def test_converted_unknown_checkpoint_claims_no_dataset():
+    """Only the authors' four releases are known to be ImageNet-1k; other vit_nepa sources state no data set."""
+    config = NepaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=7)
+    config.architectures = ["NepaForImageClassification"]
+    card = card_for_conversion("someone/their-nepa", config, repo_id="their-nepa")
+    assert card.data.datasets is None and "ImageNet" not in card.text
+    assert "| Training data | not recorded |" in card.text and "Predicts the 7 classes" in card.text
+    known = card_for_conversion("SixAILab/nepa-base-patch14-224", config, repo_id="nepa-vit-b")
+    assert known.data.datasets == ["ILSVRC/imagenet-1k"]
+
+
 USAGE_RUNNER = textwrap.dedent(
     """
     import re, sys
     sys.modules["nepa_hf"] = None  # the card promises that transformers alone is enough
+    # The cards load Hub repos; these are local folders, which AutoBackbone.from_pretrained would send to timm after
+    # asking the Hub whether they exist (transformers 5.18 to at least 5.24). Answer as the Hub would for the repo.
+    import huggingface_hub
+    huggingface_hub.HfApi.repo_exists = lambda self, repo_id, **kwargs: True
     for card in sys.argv[1:]:
         text = open(card).read()
         for snippet in re.findall(r"```python\\n(.*?)```", text, flags=re.S):
@@ -101,13 +141,20 @@ USAGE_RUNNER = textwrap.dedent(
 
 
 def test_card_usage_code_runs_with_transformers_only(tmp_path):
-    """The usage snippets of a classifier card and a pretraining card run, offline, against small local models."""
+    """The usage snippets of the cards of every head run, offline, against small local models."""
     photo = str(bundled_photo_paths()[0])
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
                  image_size=32)  # fmt: skip
     cards = []
-    for cls, kwargs in ((NepaForPreTraining, {}), (NepaForImageClassification, {"num_labels": 5, "is_causal": False})):
-        config = NepaConfig(**small, **kwargs)
+    heads = (
+        (NepaForPreTraining, {}),
+        (NepaForImageClassification, {"num_labels": 5, "is_causal": False}),
+        (NepaForSemanticSegmentation, {"num_labels": 3, "num_hidden_layers": 4, "decode_hidden_size": 16,
+                                       "auxiliary_hidden_size": 16}),  # four stages for the neck
+        (NepaBackbone, {}),
+    )
+    for cls, kwargs in heads:
+        config = NepaConfig(**{**small, **kwargs})
         config.architectures = [cls.__name__]
         folder = tmp_path / cls.__name__
         cls(config).save_pretrained(folder)
@@ -122,6 +169,10 @@ def test_card_usage_code_runs_with_transformers_only(tmp_path):
         [sys.executable, str(script), *cards], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ran ") == 2
+    assert result.stdout.count("ran ") == 4
     assert re.search(r"LABEL_\d: 0\.\d{3}", result.stdout)  # the classifier printed its top-5
     assert "torch.Size([1, 17, 32])" in result.stdout  # the pretraining card printed the prediction shape
+    height, width = Image.open(photo).size[::-1]
+    assert f"torch.Size([{height}, {width}])" in result.stdout  # the segmentation card: one class per pixel
+    maps = "['stem', 'stage1', 'stage2'] [(1, 32, 4, 4), (1, 32, 4, 4), (1, 32, 4, 4)]"
+    assert maps in result.stdout  # the backbone card printed its feature maps (default stages of a 2-block model)

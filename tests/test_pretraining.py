@@ -173,7 +173,7 @@ def test_dataset_skips_and_counts_unreadable_images_across_workers(tmp_path, cap
     undecoded = wrapped.dataset
     bad = [i for i in range(12) if undecoded[i]["image"]["path"].endswith(("garbage.jpg", "truncated.jpg"))]
     with caplog.at_level("WARNING", logger="nepa_hf.pretraining"):
-        assert all(wrapped[i] is None for i in bad)
+        assert all(wrapped[i] == {"unreadable": i} for i in bad)  # the row index identifies the file
     assert "garbage.jpg" in caplog.text and "truncated.jpg" in caplog.text
     # A batch with nothing readable keeps its placeholders and says so.
     empty = PretrainingCollator(3, 16)([None, None])
@@ -515,6 +515,65 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     config = json.loads((output_dir / "run_config.json").read_text())
     assert config["num_processes"] == 2 and config["global_batch_size"] == 8
+
+
+def test_two_processes_match_one_process_with_unreadable_images(run_pretraining, tmp_path, capsys):
+    """Item 6 of issue 14: with unreadable files split unevenly across the processes, the loss is still the mean over
+    the readable images of the global batch (each process's loss weighted by its share), so 2 processes == 1; and
+    "skipped N" counts each bad file once over several epochs."""
+    folder = write_image_folder(tmp_path / "images", num_good=14)  # 16 files, 2 unreadable
+    common = TINY_ARGS + ["--dataset", folder, "--max_steps", "6", "--learning_rate", "1e-3", "--logging_steps", "1",
+                          "--seed", "3"]
+    run_pretraining(common + ["--per_device_batch_size", "8", "--output_dir", tmp_path / "single"])
+    assert "skipped 2 unreadable image(s)" in capsys.readouterr().out  # 3 epochs: 6 reads of the 2 files
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+               *map(str, common), "--per_device_batch_size", "4", "--output_dir", str(tmp_path / "double")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "skipped 2 unreadable image(s)" in result.stdout
+    single, double = read_jsonl(tmp_path / "single" / "metrics.jsonl"), read_jsonl(tmp_path / "double" / "metrics.jsonl")
+    assert [r["step"] for r in double] == list(range(1, 7))
+    assert sum(r["images_seen"] < 8 * r["step"] for r in single) > 0  # some global batches lost images
+    for a, b in zip(single, double):
+        assert b["images_seen"] == a["images_seen"] and b["images_skipped"] == a["images_skipped"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    assert single[-1]["images_skipped"] == 2
+
+
+def test_resume_latest_falls_back_past_a_damaged_checkpoint(run_pretraining, reference_run, tmp_path, caplog):
+    """Item 9 of issue 14: `latest` verifies that every file of the newest checkpoint loads and falls back to the
+    previous one with a warning naming the bad file (the result is still bit-exact); a named checkpoint with a
+    truncated file is an error naming it."""
+    resumed = tmp_path / "resumed"
+    for step in (2, 4, 6):
+        shutil.copytree(reference_run / "checkpoints" / f"checkpoint-{step}", resumed / "checkpoints" / f"checkpoint-{step}")
+    damaged = resumed / "checkpoints" / "checkpoint-6" / "optimizer.bin"
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # cut short, e.g. by a full disk or an interrupted copy
+    records = read_jsonl(reference_run / "metrics.jsonl")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:6]))
+    args = REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed]
+
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-6: .*checkpoint-6/optimizer\.bin does not "
+                                         r"load .*--resume_from_checkpoint latest"):
+        run_pretraining(args + ["--resume_from_checkpoint", resumed / "checkpoints" / "checkpoint-6"])
+    with caplog.at_level("WARNING", logger="nepa_hf.pretraining"):
+        run_pretraining(args + ["--resume_from_checkpoint", "latest"])
+    assert "Skipping damaged checkpoint" in caplog.text and "checkpoint-6/optimizer.bin does not load" in caplog.text
+    expected, actual = load_file(reference_run / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)  # resumed from step 4, as if never damaged
+    assert _without_timing(read_jsonl(resumed / "metrics.jsonl")) == _without_timing(records)
+
+
+def test_max_steps_0_is_refused_with_the_flag_and_its_range(capsys):
+    """Item 12 of issue 14: --max_steps 0 no longer trains for an epoch."""
+    script = _load_script()
+    for value in ("0", "-3"):
+        with pytest.raises(SystemExit):
+            script.parse_args(TINY_ARGS + ["--dataset", "bundled", "--output_dir", "out", "--max_steps", value])
+        assert f"--max_steps {value}: give a positive number of optimizer updates" in capsys.readouterr().err
 
 
 def test_ablation_flags_and_corrupt_images_end_to_end(run_pretraining, tmp_path, capsys):

@@ -144,3 +144,125 @@ def test_validate_catches_incomplete_folders(checkpoint, tmp_path):
     (staging / "README.md").write_text("# no metadata\n")
     with pytest.raises(PublishError, match="lacks license, library_name, pipeline_tag"):
         validate(staging, check_load=False)
+
+
+# ------------------------------------------------------------------------------------------- every registered head
+
+
+def save_head(folder, head: str, processor=None):
+    """A small model of class `head`, saved the usual way, with its image processor."""
+    from nepa_hf import NepaBackbone, NepaForPreTraining, NepaForSemanticSegmentation, NepaModel
+
+    classes = {cls.__name__: cls for cls in (NepaModel, NepaForPreTraining, NepaForImageClassification,
+                                             NepaForSemanticSegmentation, NepaBackbone)}  # fmt: skip
+    labels = {"id2label": dict(enumerate(LABELS)), "label2id": {n: i for i, n in enumerate(LABELS)}}
+    config = NepaConfig(
+        hidden_size=32, num_hidden_layers=4 if head == "NepaForSemanticSegmentation" else 2,  # 4: the neck's stages
+        num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32,
+        decode_hidden_size=16, auxiliary_hidden_size=16,
+        **(labels if head in ("NepaForImageClassification", "NepaForSemanticSegmentation") else {}),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    classes[head](config).save_pretrained(folder)
+    (processor or NepaImageProcessorPil(size={"height": 32, "width": 32})).save_pretrained(folder)
+    return folder
+
+
+HEADS = {  # head -> (pipeline tag, Auto class in the card's usage code)
+    "NepaModel": ("image-feature-extraction", "AutoModel"),
+    "NepaForPreTraining": ("image-feature-extraction", "AutoModelForPreTraining"),
+    "NepaForImageClassification": ("image-classification", "AutoModelForImageClassification"),
+    "NepaForSemanticSegmentation": ("image-segmentation", "AutoModelForSemanticSegmentation"),
+    "NepaBackbone": ("image-feature-extraction", "AutoBackbone"),
+}
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_every_registered_head_assembles_with_its_pipeline_tag(head, tmp_path):
+    """Issue 14 item 13: every head the package registers publishes; the card's tag and usage code follow it."""
+    staging = assemble(save_head(tmp_path / "model", head), tmp_path / "staging", "someone/x")
+    assert validate(staging, check_load=False) == ["files and auto_map", "model card metadata"]
+    card = ModelCard.load(staging / "README.md")
+    tag, auto_class = HEADS[head]
+    assert card.data.pipeline_tag == tag and tag in card.data.tags
+    assert f'model = {auto_class}.from_pretrained("someone/x", trust_remote_code=True)' in card.text
+    assert f"(`{head}`" in card.text
+    if head in ("NepaForSemanticSegmentation", "NepaBackbone"):
+        assert (staging / "modeling_nepa_segmentation.py").exists()
+        (staging / "modeling_nepa_segmentation.py").unlink()
+        with pytest.raises(PublishError, match="missing modeling_nepa_segmentation.py"):
+            validate(staging, check_load=False)
+
+
+@pytest.mark.parametrize("head", ["NepaForSemanticSegmentation", "NepaBackbone"])
+def test_dense_heads_load_back_without_nepa_hf(head, tmp_path, capsys, monkeypatch):
+    """The dry run's load-back in a fresh process without nepa_hf compares segmentation logits / feature maps."""
+    monkeypatch.setattr(publish, "HfApi", no_hub)
+    model = save_head(tmp_path / "model", head)
+    code = main(["--model", str(model), "--repo-id", "someone/x", "--dry-run", "--staging-dir", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "ok: load-back with trust_remote_code and without nepa_hf" in out and "modeling_nepa_segmentation.py" in out
+
+
+def test_load_back_compares_the_dense_outputs(tmp_path, monkeypatch):
+    """A remote-code backbone that computes something else is caught (the comparison is not vacuous)."""
+    staging = assemble(save_head(tmp_path / "model", "NepaBackbone"), tmp_path / "staging", "someone/x")
+    code = (staging / "modeling_nepa_segmentation.py").read_text()
+    marker = "        return BackboneOutput(\n            feature_maps=tuple(feature_maps)"
+    assert marker in code
+    (staging / "modeling_nepa_segmentation.py").write_text(
+        code.replace(marker, marker.replace("tuple(feature_maps)", "tuple(2 * f for f in feature_maps)"))
+    )
+    with pytest.raises(PublishError, match="computes different outputs"):
+        validate(staging)
+
+
+# ------------------------------------------------------------------------------------------- training data on the card
+
+
+def test_card_names_only_the_dataset_the_run_recorded(tmp_path):
+    """Issue 14 item 14: no ImageNet-1k claim for models trained here; the recorded dataset, or nothing."""
+    model = save_head(tmp_path / "nothing", "NepaForPreTraining")
+    card = ModelCard.load(assemble(model, tmp_path / "s0", "someone/x") / "README.md")
+    assert card.data.datasets is None and "ImageNet" not in card.text
+    assert "| Training data | not recorded |" in card.text
+
+    # examples/pretrain_nepa.py writes run_config.json with its --dataset
+    model = save_head(tmp_path / "pretrained", "NepaForPreTraining")
+    (model / "run_config.json").write_text(json.dumps({"dataset": "my-org/street-photos", "max_steps": 10}))
+    card = ModelCard.load(assemble(model, tmp_path / "s1", "someone/x") / "README.md")
+    assert card.data.datasets == ["my-org/street-photos"] and "ImageNet" not in card.text
+    link = "[my-org/street-photos](https://huggingface.co/datasets/my-org/street-photos)"
+    assert f"| Training data | {link} |" in card.text
+
+    # the Trainer scripts pass dataset= to Trainer.create_model_card, which writes it into README.md
+    model = save_head(tmp_path / "finetuned", "NepaForImageClassification")
+    (model / "README.md").write_text(
+        "---\nlibrary_name: transformers\ntags:\n- generated_from_trainer\n---\n\n# finetuned\n\nThis model is a "
+        "fine-tuned version of [outputs/demo/pretrained](https://huggingface.co/outputs/demo/pretrained) on the "
+        "fashion_mnist dataset.\nIt achieves the following results on the evaluation set:\n- Accuracy: 0.8\n"
+    )
+    assert publish.recorded_dataset(model) == "fashion_mnist"
+    card = ModelCard.load(assemble(model, tmp_path / "s2", "someone/x") / "README.md")
+    assert card.data.datasets == ["zalando-datasets/fashion_mnist"] and "Fashion-MNIST" in card.text
+    assert "Trained on Fashion-MNIST only" in card.text and "ImageNet" not in card.text
+
+    # a local folder is named in the text but is no Hub dataset id for the metadata
+    (model / "README.md").write_text((model / "README.md").read_text().replace("fashion_mnist", "/data/my_images"))
+    card = ModelCard.load(assemble(model, tmp_path / "s3", "someone/x") / "README.md")
+    assert card.data.datasets is None and "| Training data | `/data/my_images` |" in card.text
+    # --dataset states it explicitly
+    card = ModelCard.load(assemble(model, tmp_path / "s4", "someone/x", dataset="my-org/cats") / "README.md")
+    assert card.data.datasets == ["my-org/cats"]
+
+
+def test_card_describes_the_saved_preprocessing(tmp_path):
+    processor = NepaImageProcessorPil(size={"shortest_edge": 36}, resample=3, do_center_crop=True,
+                                      crop_size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                                      image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    model = save_head(tmp_path / "model", "NepaForImageClassification", processor=processor)
+    text = (assemble(model, tmp_path / "staging", "someone/x") / "README.md").read_text()
+    assert ("resize the shorter side to 36 (bicubic), centre-crop 32x32, rescale by 1/255, normalise with "
+            "mean = (0.485, 0.456, 0.406) and std = (0.229, 0.224, 0.225)") in text  # fmt: skip
+    assert "`AutoImageProcessor` returns `NepaImageProcessor`" in text and "`NepaImageProcessorPil`" in text

@@ -149,7 +149,7 @@ def test_backbone_is_bidirectional_and_loads_every_nepa_checkpoint(tmp_path):
         trunk = source.nepa if hasattr(source, "nepa") else source
         for key, tensor in backbone.state_dict().items():
             assert torch.equal(tensor, trunk.state_dict()[key]), (name, key)
-        assert backbone.config.is_causal is False, name
+        assert backbone.default_is_causal is False, name
     # Bidirectional by default for a pretraining checkpoint: different from a causal call.
     backbone = NepaBackbone.from_pretrained(tmp_path / "pretrain").eval()
     with torch.no_grad():
@@ -157,9 +157,9 @@ def test_backbone_is_bidirectional_and_loads_every_nepa_checkpoint(tmp_path):
         causal = backbone(pixels, is_causal=True).feature_maps[-1]
     assert not torch.allclose(bidirectional, causal)
     # A deliberate causal backbone keeps its choice through save/load.
-    backbone.config.is_causal = True
+    backbone.config.finetuning_is_causal = True
     backbone.save_pretrained(tmp_path / "causal-backbone")
-    assert NepaBackbone.from_pretrained(tmp_path / "causal-backbone").config.is_causal is True
+    assert NepaBackbone.from_pretrained(tmp_path / "causal-backbone").default_is_causal is True
     # out_indices can be chosen at load time; AutoBackbone.from_config resolves NEPA.
     picked = NepaBackbone.from_pretrained(tmp_path / "pretrain", out_indices=[2, 4])
     assert picked.out_features == ["stage2", "stage4"]
@@ -172,7 +172,7 @@ def test_backbone_is_bidirectional_and_loads_every_nepa_checkpoint(tmp_path):
 def test_upernet_with_nepa_backbone_trains_saves_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = UperNetForSemanticSegmentation(tiny_upernet_config())
-    assert type(model.backbone) is NepaBackbone and model.config.backbone_config.is_causal is False
+    assert type(model.backbone) is NepaBackbone and model.backbone.default_is_causal is False
     pixels, labels = torch.randn(2, 3, 20, 28), torch.randint(0, len(LABELS), (2, 20, 28))
     labels[0, :4] = 255
     outputs = model(pixels, labels=labels)
@@ -201,7 +201,7 @@ def test_segmentation_model_from_a_pretraining_checkpoint(tmp_path):
         output_loading_info=True,
     )
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert model.config.is_causal is False and model.config.out_indices == [1, 2, 3, 4]
+    assert model.default_is_causal is False and model.config.out_indices == [1, 2, 3, 4]
     assert torch.equal(model.nepa.embeddings.cls_token, pretrain.nepa.embeddings.cls_token)
     assert torch.equal(model.nepa.encoder.layers[3].mlp.up_proj.weight, pretrain.nepa.encoder.layers[3].mlp.up_proj.weight)
     assert model.loss_type == "ForSemanticSegmentation" and model.accepts_loss_kwargs is False
@@ -554,7 +554,7 @@ def test_example_on_the_scenes_task_from_a_pretrained_checkpoint(tmp_path, monke
     labels = {r["label"] for r in segmenter(Image.new("RGB", (40, 30), (90, 90, 90)))}
     assert labels and labels <= set(FASHION_SCENES_LABELS)
     saved = json.loads((output / "config.json").read_text())
-    assert saved["is_causal"] is False and saved["id2label"]["1"] == "T-shirt/top"
+    assert saved["finetuning_is_causal"] is False and saved["id2label"]["1"] == "T-shirt/top"
 
 
 def test_example_on_a_hub_layout_dataset_with_reduced_labels(tmp_path, monkeypatch):

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 from timm.data import Mixup, create_transform
+from timm.data.mixup import mixup_target
 from transformers.utils import logging
 
-from .classification_data import MIXABLE_KEY, collate_image_batch
+from .classification_data import MIXABLE_KEY, collate_image_batch, drop_unreadable
 from .transforms import INTERPOLATIONS, evaluation_image_processor, to_rgb
 
 logger = logging.get_logger(__name__)
@@ -41,8 +42,9 @@ class MixupCollator:
 
     A batch is mixed only when its examples were marked as training samples (`with_image_transform(...,
     mixable=True)`), so the same collator serves the Trainer's evaluation batches unchanged. timm mixes pairs
-    within a batch and needs an even size: an odd batch (the last partial batch of an epoch) drops its last sample,
-    with a warning, as `drop_last` would.
+    within a batch and needs an even size: an odd batch (the last partial batch of an epoch, or one that lost an
+    unreadable image) drops its last sample, with a warning, as `drop_last` would; a single remaining sample passes
+    unmixed (with the smoothed soft targets). Unreadable images (`pixel_values` None) are dropped first.
     """
 
     def __init__(self, mixup: Mixup):
@@ -50,8 +52,9 @@ class MixupCollator:
         self._warned_odd = False
 
     def __call__(self, examples: list[dict]) -> dict:
+        examples = drop_unreadable(examples)  # before the parity check: Mixup pairs the images that remain
         mixable = all(example.get(MIXABLE_KEY, False) for example in examples)
-        if mixable and len(examples) % 2:
+        if mixable and len(examples) % 2 and len(examples) > 1:
             if not self._warned_odd:
                 logger.warning(
                     f"Mixup needs an even batch; dropping the last sample of a batch of {len(examples)} (set "
@@ -60,8 +63,12 @@ class MixupCollator:
                 self._warned_odd = True
             examples = examples[:-1]
         batch = collate_image_batch(examples)
-        if mixable and len(examples) and "labels" in batch:
-            batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"])
+        if mixable and "labels" in batch:
+            if len(examples) > 1:
+                batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"])
+            else:  # nothing to mix with: the same smoothed soft targets as the mixed batches
+                batch["labels"] = mixup_target(batch["labels"], self.mixup.num_classes, 1.0,
+                                               self.mixup.label_smoothing)
         return batch
 
 

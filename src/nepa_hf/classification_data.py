@@ -1,17 +1,24 @@
 """Image-classification data preparation shared by the fine-tuning and evaluation scripts.
 
-Label columns of any common form (ClassLabel, integers, strings) become integer ids with class names; labels are
-checked against the number of classes BEFORE any training starts; low-label subsets and validation hold-outs are
-class-stratified; a collate function batches the normalised float tensors of the image processor or the
-training transforms.
+Label columns of any common form (ClassLabel, integers, strings) become integer ids with class names (ClassLabel
+names define the classes; plain integer ids must run 0..K-1 without gaps, K >= 2); labels are checked against the
+number of classes BEFORE any training starts; low-label subsets and validation hold-outs are class-stratified;
+`with_image_transform` turns a dataset into model inputs with unreadable images skipped and counted per file, and
+the collate function drops them and batches the normalised float tensors of the image processor or the training
+transforms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from .pretraining import _describe, _undecoded, decode_image
+
+logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "photo")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target")
@@ -25,9 +32,16 @@ def label_values(dataset, label_column: str) -> np.ndarray:
 def encode_labels(dataset, label_column: str, class_names: Sequence[str] | None = None):
     """(dataset with integer labels, class names).
 
-    ClassLabel columns keep their names. String labels are mapped to ids (sorted names, or the order of
-    `class_names`, e.g. the training split's, so that validation/test splits share the ids). Integer labels get
-    names "0".."K-1" unless `class_names` is given. Anything else raises a ValueError.
+    * ClassLabel columns keep their names (they define the class count, also for classes without examples).
+    * String labels are mapped to ids: sorted names, or the order of `class_names` (e.g. the training split's, so that
+      validation/test splits share the ids).
+    * Plain integer labels: with `class_names` (another split's), kept as they are (`check_labels` checks the
+      range); otherwise the ids present must be exactly 0..K-1. Gaps (e.g. 0-9 and 12, which would make a 13-way
+      head with three classes never seen) are an error naming the missing ids: cast the column to ClassLabel with
+      the class names when those classes really exist without examples.
+
+    Without `class_names` (the split that defines the classes) fewer than two classes are an error: a one-class
+    classifier is always right. Anything else than ClassLabel, integer or string raises a ValueError.
     """
     import datasets
 
@@ -38,11 +52,15 @@ def encode_labels(dataset, label_column: str, class_names: Sequence[str] | None 
             raise ValueError(
                 f"Label names of this split {names} differ from the training split's {list(class_names)}."
             )
+        if class_names is None:
+            _check_class_count(names, label_column)
         return dataset, names
     dtype = getattr(feature, "dtype", None)
     if dtype in ("string", "large_string"):
         values = label_values(dataset, label_column)
         names = list(class_names) if class_names is not None else sorted(set(values.tolist()))
+        if class_names is None:
+            _check_class_count(names, label_column)
         index = {name: i for i, name in enumerate(names)}
         unknown = sorted(set(values.tolist()) - set(index))
         if unknown:
@@ -51,20 +69,40 @@ def encode_labels(dataset, label_column: str, class_names: Sequence[str] | None 
                               features=_with_class_label(dataset.features, label_column, names))
         return dataset, names
     if dtype is not None and ("int" in dtype):
-        values = label_values(dataset, label_column)
         if class_names is not None:
             return dataset, list(class_names)
+        values = label_values(dataset, label_column)
         if values.size and values.min() < 0:
             raise ValueError(
                 f"Label column {label_column!r} has negative values ({int(values.min())}); unlabeled examples must be "
                 "filtered out before fine-tuning."
             )
-        count = int(values.max()) + 1 if values.size else 0
-        return dataset, [str(i) for i in range(count)]
+        present = np.unique(values)
+        _check_class_count([str(i) for i in present], label_column)
+        missing = np.setdiff1d(np.arange(int(present[-1]) + 1), present)
+        if missing.size:
+            shown = ", ".join(str(i) for i in missing[:20]) + (", ..." if missing.size > 20 else "")
+            raise ValueError(
+                f"Label column {label_column!r} has integer ids up to {int(present[-1])} but no example of "
+                f"{missing.size} of them ({shown}): the class count would be {int(present[-1]) + 1} with classes "
+                "never seen. If those classes exist, cast the column to ClassLabel with the class names, e.g. "
+                f"dataset.cast_column({label_column!r}, datasets.ClassLabel(names=[...])); otherwise fix or filter the "
+                "examples with the stray ids."
+            )
+        return dataset, [str(i) for i in present]
     raise ValueError(
         f"Label column {label_column!r} has type {feature}; expected a ClassLabel, integer or string column "
         "(multi-label and regression targets are not handled by this script)."
     )
+
+
+def _check_class_count(names: Sequence[str], label_column: str) -> None:
+    if len(names) < 2:
+        raise ValueError(
+            f"Label column {label_column!r} has {len(names)} class(es) ({list(names)[:1]}): classification needs at "
+            "least 2 (a one-class model is always right). Check the label column and the split, or cast the column "
+            "to ClassLabel with all the class names."
+        )
 
 
 def _with_class_label(features, column: str, names: Sequence[str]):
@@ -140,35 +178,150 @@ def train_validation_split(dataset, label_column: str, validation_fraction: floa
 MIXABLE_KEY = "mixable"
 
 
+class UnreadableImages:
+    """Which rows of a dataset could not be decoded, shared by the DataLoader workers (a shared-memory flag per row),
+    so `count()` in the main process counts distinct files however often each was read and whichever worker read it.
+    Under several processes, combine the ranks' `indices()` (e.g. `accelerate.utils.gather_object`)."""
+
+    def __init__(self, num_rows: int):
+        self.flags = torch.zeros(num_rows, dtype=torch.uint8).share_memory_()
+
+    def mark(self, index: int) -> None:
+        self.flags[index] = 1
+
+    def indices(self) -> list[int]:
+        return torch.nonzero(self.flags).flatten().tolist()
+
+    def count(self) -> int:
+        return int(self.flags.sum())
+
+
+class ImageExample(Mapping):
+    """One transformed example: `pixel_values` (None when the image was unreadable), `labels` and, for training data,
+    `mixable`.
+
+    A read-only mapping rather than a dict on purpose: the Trainer's `remove_unused_columns` strips dict keys the
+    model's `forward` does not take, which would silently drop `mixable` (no Mixup); it leaves other mappings alone.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, **data):
+        self._data = data
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"ImageExample({self._data!r})"
+
+    def __reduce__(self):  # pickled to and from DataLoader workers
+        return _image_example, (self._data,)
+
+
+def _image_example(data: dict) -> ImageExample:
+    return ImageExample(**data)
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """A `datasets.Dataset` of images and labels as model inputs: per index, the image is decoded here and run through
+    `transform` into normalised float `pixel_values` (C, H, W), with its integer `labels`.
+
+    An image that cannot be decoded or transformed (truncated or corrupt file, missing path, ...) does not stop
+    training: the example comes back with `pixel_values=None` (the collators drop it), a warning names the file (the
+    first few per worker) and `unreadable` records the row, so the run can report how many distinct files were
+    skipped. Decoding happens here rather than in `datasets` (the image column is read with `decode=False`), since
+    a decoding error inside `datasets` would end the DataLoader.
+    """
+
+    max_warnings = 10
+
+    def __init__(self, dataset, transform: Callable, image_column: str, label_column: str | None,
+                 mixable: bool = False):
+        columns = [image_column] + ([label_column] if label_column is not None else [])
+        if hasattr(dataset, "select_columns"):
+            dataset = dataset.select_columns(columns)
+        self.dataset = _undecoded(dataset, image_column)
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+        self.mixable = mixable
+        self.unreadable = UnreadableImages(len(self.dataset))
+        self._num_warnings = 0  # per worker copy
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> ImageExample:
+        row, value = {}, None
+        try:
+            row = self.dataset[index]
+            value = row[self.image_column]
+            pixel_values = self.transform(decode_image(value))
+        except Exception as error:  # any decoder/transform failure: skip this image, never stop the run
+            self.unreadable.mark(index)
+            self._num_warnings += 1
+            if self._num_warnings <= self.max_warnings:
+                logger.warning(
+                    "Skipping unreadable image %s: %s: %s%s", _describe(value, f"#{index}"), type(error).__name__,
+                    error, " (further ones in this worker are only counted)" if self._num_warnings == self.max_warnings
+                    else "",
+                )
+            pixel_values = None
+        example = {"pixel_values": pixel_values}
+        if self.label_column is not None:
+            example["labels"] = row.get(self.label_column)
+        if self.mixable:
+            example[MIXABLE_KEY] = True
+        return ImageExample(**example)
+
+
 def with_image_transform(dataset, transform: Callable, image_column: str, label_column: str | None,
-                         mixable: bool = False):
-    """Set a lazy transform producing {"pixel_values": float (C, H, W), "labels": int} per example.
+                         mixable: bool = False) -> ImageClassificationDataset:
+    """The dataset to train or evaluate on: {"pixel_values": float (C, H, W), "labels": int} per example, with
+    unreadable images skipped and counted (see `ImageClassificationDataset`; use the returned dataset, the input
+    is left as it is).
 
     `transform` maps one image to a normalised tensor (`AugmentationArguments.train_transform`, or
     `nepa_hf.transforms.ImageProcessorTransform` for evaluation). `mixable=True` marks training examples for
     `MixupCollator`.
     """
-
-    def apply(batch):
-        out = {"pixel_values": [transform(image) for image in batch[image_column]]}
-        if label_column is not None:
-            out["labels"] = batch[label_column]
-        if mixable:
-            out[MIXABLE_KEY] = [True] * len(out["pixel_values"])
-        return out
-
-    dataset.set_transform(apply)
-    return dataset
+    return ImageClassificationDataset(dataset, transform, image_column, label_column, mixable)
 
 
-def collate_image_batch(examples: list[dict]) -> dict:
-    """Stack per-example normalised float `pixel_values` and integer `labels`.
+def drop_unreadable(examples: Sequence) -> list:
+    """The examples whose image could be read (`pixel_values` not None). Raises a ValueError when none is left: a
+    batch needs at least one image, and a whole batch of unreadable files means the data need fixing."""
+    if not examples:
+        raise ValueError("Got an empty list of examples to collate.")
+    readable = [example for example in examples if example["pixel_values"] is not None]
+    if not readable:
+        raise ValueError(
+            f"All {len(examples)} images of a batch are unreadable (the warnings above name the files): fix or remove "
+            "them, or raise the batch size if only a few files are broken."
+        )
+    return readable
+
+
+def collate_image_batch(examples: list) -> dict:
+    """Stack per-example normalised float `pixel_values` and integer `labels`, dropping examples whose image was
+    unreadable (`pixel_values` None; see `ImageClassificationDataset`).
 
     Integer pixels are refused: a model fed 0-255 values trains on unnormalised inputs while pipelines normalise at
     inference, so build examples with the image processor or the `nepa_hf` transforms.
     """
-    if not examples:
-        raise ValueError("collate_image_batch got an empty list of examples.")
+    if examples and any("pixel_values" not in example for example in examples):
+        raise ValueError(
+            f"Examples without 'pixel_values' (keys {sorted(examples[0])}): pass the dataset returned by "
+            "with_image_transform(...) (it does not change its input in place)."
+        )
+    examples = drop_unreadable(examples)
     pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
     if not pixel_values.is_floating_point():
         raise ValueError(
@@ -182,11 +335,15 @@ def collate_image_batch(examples: list[dict]) -> dict:
 
 
 __all__ = [
+    "ImageClassificationDataset",
+    "ImageExample",
     "MIXABLE_KEY",
+    "UnreadableImages",
     "IMAGE_COLUMN_CANDIDATES",
     "LABEL_COLUMN_CANDIDATES",
     "check_labels",
     "collate_image_batch",
+    "drop_unreadable",
     "encode_labels",
     "label_values",
     "stratified_indices",

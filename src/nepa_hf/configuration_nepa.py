@@ -61,6 +61,15 @@ def default_backbone_out_indices(num_hidden_layers: int) -> list[int]:
     return stages
 
 
+# Models whose attention is `finetuning_is_causal` (the others, NepaModel and NepaForPreTraining, use `is_causal`).
+FINETUNING_ARCHITECTURES = ("NepaForImageClassification", "NepaForSemanticSegmentation", "NepaBackbone")
+
+
+def saved_by_finetuning_model(config) -> bool:
+    """Whether `config.architectures` names a fine-tuning model, i.e. the config was saved by one."""
+    return any(name in FINETUNING_ARCHITECTURES for name in (getattr(config, "architectures", None) or []))
+
+
 class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration of a NEPA Vision Transformer (arXiv 2512.16922).
 
@@ -82,7 +91,15 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
         layerscale_value: init of both LayerScale vectors; `None` builds blocks without LayerScale.
         drop_path_rate: stochastic depth at the last block (linear from 0 at the first block).
         pooling: `"mean"` (mean of patch tokens, then `fc_norm`) or `"last"` (last token, no `fc_norm`).
-        is_causal: causal attention (pretraining) or bidirectional (fine-tuning); overridable per call.
+        is_causal: attention of the pretraining models, `NepaModel` and `NepaForPreTraining`: causal (True, the
+            method) or bidirectional. A call's `is_causal=` overrides it.
+        finetuning_is_causal: attention of the fine-tuning models, `NepaForImageClassification`,
+            `NepaForSemanticSegmentation` and `NepaBackbone` (and of the `NepaModel` inside a head): bidirectional
+            (False, the paper's fine-tuning) unless set; True is the causal fine-tuning ablation. A call's
+            `is_causal=` overrides it. This is the one rule every head follows, so a pretraining checkpoint
+            (`is_causal=True`) loads into any head as a bidirectional model and keeps its own attention as a
+            `NepaModel`; no constructor changes the config. Left unset in a config saved by a fine-tuning head
+            before this field existed, it is that config's `is_causal` (what the head computed then).
         pos_embed_shift, pos_embed_jitter, pos_embed_rescale: training-time RoPE coordinate augmentation.
         use_mask_token: build a learned mask token so `bool_masked_pos` can replace input patches.
         pretraining_shift: next-position targets (True, the method) or same-position targets (ablation).
@@ -122,6 +139,7 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
     drop_path_rate: float | int = 0.0
     pooling: str = "mean"
     is_causal: bool = True
+    finetuning_is_causal: bool | None = None
     pos_embed_shift: float | int | None = None
     pos_embed_jitter: float | int | None = None
     pos_embed_rescale: float | int | None = 2.0
@@ -145,6 +163,8 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
             self.drop_path_rate = kwargs.pop("drop_path_prob")
         if "add_pooling_layer" in kwargs:
             self.pooling = "mean" if kwargs.pop("add_pooling_layer") else "last"
+        if self.finetuning_is_causal is None:
+            self.finetuning_is_causal = self.is_causal if saved_by_finetuning_model(self) else False
         self._validate_nepa()
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
         out_indices, out_features = kwargs.pop("out_indices", None), kwargs.pop("out_features", None)
@@ -194,4 +214,10 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
         return cls(**{**NEPA_PRESETS[name], **overrides})
 
 
-__all__ = ["NepaConfig", "NEPA_PRESETS", "default_backbone_out_indices"]
+__all__ = [
+    "NepaConfig",
+    "NEPA_PRESETS",
+    "FINETUNING_ARCHITECTURES",
+    "default_backbone_out_indices",
+    "saved_by_finetuning_model",
+]

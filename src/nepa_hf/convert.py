@@ -20,13 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging as std_logging
+import os
+import pickle
 import re
+import shutil
+import struct
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
@@ -256,6 +263,10 @@ def reference_config_from_nepa(config: NepaConfig, architecture: str | None = No
     reference = {"architectures": [NEPA_TO_REFERENCE_ARCHITECTURE[architecture]], "model_type": REFERENCE_MODEL_TYPE}
     for name in SAME_NAME_FIELDS:
         reference[name] = getattr(config, name)
+    if architecture == "NepaForImageClassification":
+        # The authors' classifier attends per its one `is_causal`; ours per `finetuning_is_causal` (is_causal is the
+        # attention of NepaModel/NepaForPreTraining). Write the attention the classifier computes.
+        reference["is_causal"] = config.finetuning_is_causal
     reference["qk_norm"] = True
     reference["layerscale_value"] = config.layerscale_value
     reference["drop_path_prob"] = config.drop_path_rate
@@ -411,6 +422,10 @@ def nepa_config_from_reference(
     if dtype is not None:
         kwargs["dtype"] = dtype
     kwargs["architectures"] = [REFERENCE_TO_NEPA_ARCHITECTURE[architecture]]
+    if architecture == "ViTNepaForImageClassification":
+        # Their classifier attends per `is_causal` (False for their fine-tuned releases, True for the causal
+        # fine-tuning ablation); ours reads `finetuning_is_causal`. `is_causal` keeps the source value for NepaModel.
+        kwargs["finetuning_is_causal"] = kwargs["is_causal"]
     try:
         return NepaConfig(**kwargs)
     except (ValueError, TypeError) as error:
@@ -638,7 +653,11 @@ def convert_to_reference(
 
 
 def _resolve_folder(
-    source: str | Path, allow_patterns: list[str], revision: str | None, token: str | bool | None
+    source: str | Path,
+    allow_patterns: list[str],
+    revision: str | None,
+    token: str | bool | None,
+    force_download: bool = False,
 ) -> Path:
     """A local folder as is, otherwise a Hub repo id downloaded (only `allow_patterns`) into the HF cache."""
     path = Path(source).expanduser()
@@ -656,8 +675,11 @@ def _resolve_folder(
         RevisionNotFoundError,
     )
 
+    extra = {"force_download": True} if force_download else {}
     try:
-        return Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=allow_patterns))
+        return Path(
+            snapshot_download(str(source), revision=revision, token=token, allow_patterns=allow_patterns, **extra)
+        )
     except HFValidationError:
         raise ConversionError(f"{source} is neither an existing local folder nor a valid Hub repo id.") from None
     except GatedRepoError:
@@ -702,13 +724,43 @@ def _unwrap_bin(obj, path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _in_hub_cache(path: Path) -> bool:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return path.absolute().is_relative_to(Path(HF_HUB_CACHE).absolute())
+    except (OSError, ValueError):
+        return False
+
+
+def _unreadable_weights(path: Path, error: Exception) -> ConversionError:
+    """The error for a weight file that exists but cannot be parsed: usually an interrupted download or copy."""
+    size = path.stat().st_size if path.exists() else 0
+    if _in_hub_cache(path):
+        fix = "rerun with --force-download to download it again (force_download=True in Python)"
+    else:
+        fix = "copy or download it again, or convert another checkpoint"
+    return ConversionError(
+        f"Cannot read the weights in {path} ({size:,} bytes): the file is truncated or corrupt ({error}). "
+        f"Fix: {fix}."
+    )
+
+
 def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:  # header/length checks fail on truncated or corrupt files
+            raise _unreadable_weights(path, error) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except Exception as error:  # torch raises UnpicklingError/RuntimeError for unsafe or corrupt files
-        raise ConversionError(f"Could not read {path} safely with torch.load(weights_only=True): {error}") from None
+    except pickle.UnpicklingError as error:  # weights_only refused an object (or a damaged legacy pickle)
+        raise ConversionError(
+            f"Could not read {path} safely with torch.load(weights_only=True): it holds objects other than tensors, "
+            f"or is damaged. {error}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, struct.error) as error:  # zip or pickle stream cut short or damaged
+        raise _unreadable_weights(path, error) from None
     return _unwrap_bin(obj, path)
 
 
@@ -742,16 +794,17 @@ def _files_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
-def _download_reference(source, ema: bool, revision, token) -> Path:
+def _download_reference(source, ema: bool, revision, token, force_download: bool = False) -> Path:
     base = ["config.json", "preprocessor_config.json"]
+    hub = dict(revision=revision, token=token, force_download=force_download)
     if ema:
-        return _resolve_folder(source, base + [REFERENCE_EMA_FILE], revision, token)
+        return _resolve_folder(source, base + [REFERENCE_EMA_FILE], **hub)
     folder = _resolve_folder(
-        source, base + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"], revision, token
+        source, base + ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"], **hub
     )
     if not any((folder / name).exists() for name in REFERENCE_WEIGHT_FILES[:2]) and not Path(source).exists():
         folder = _resolve_folder(
-            source, base + ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"], revision, token
+            source, base + ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"], **hub
         )
     return folder
 
@@ -766,10 +819,17 @@ class ReferenceCheckpoint:
 
 
 def load_reference_checkpoint(
-    source: str | Path, *, ema: bool = False, revision: str | None = None, token: str | bool | None = None
+    source: str | Path,
+    *,
+    ema: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    force_download: bool = False,
 ) -> ReferenceCheckpoint:
-    """Read a reference checkpoint (local folder or Hub id): config.json, weights, preprocessor_config.json."""
-    folder = _download_reference(source, ema, revision, token)
+    """Read a reference checkpoint (local folder or Hub id): config.json, weights, preprocessor_config.json.
+
+    `force_download=True` downloads a Hub id's files again even if they are cached (e.g. a truncated download)."""
+    folder = _download_reference(source, ema, revision, token, force_download)
     if not (folder / "config.json").exists():
         raise ConversionError(f"{folder} has no config.json. Files there: {_files_in(folder)}.")
     config = _read_json(folder / "config.json")
@@ -814,12 +874,36 @@ def reference_preprocessor_config(processor: NepaImageProcessorPil | None, confi
     return dict(sorted(result.items()))
 
 
-def _prepare_output(output_dir: str | Path, overwrite: bool) -> Path:
+@contextmanager
+def _staged_output(output_dir: str | Path, overwrite: bool):
+    """Yield a temporary folder beside `output_dir` to write the conversion into.
+
+    On success its files move into `output_dir` (renamed into place when the folder is new; a folder the user
+    already had is kept, with our files replacing theirs of the same name). On any failure the temporary folder is
+    removed, so a failed conversion leaves neither an empty nor a half-written output folder.
+    """
     output = Path(output_dir).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise ConversionError(f"Output {output} exists and is not empty; choose another folder or pass --overwrite.")
-    output.mkdir(parents=True, exist_ok=True)
-    return output
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"Output {output} is a file; pass a folder path for --output.")
+    anchor = output.parent  # missing parents are created only once the conversion has succeeded
+    while not anchor.exists():
+        anchor = anchor.parent
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=anchor))
+    try:
+        yield staging
+        if output.is_dir():
+            for item in staging.iterdir():
+                target = output / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+        else:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(staging, output)  # a rename on the same file system
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _independent(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -864,27 +948,37 @@ def convert_reference_checkpoint(
     qk_norm_affine: bool | None = None,
     overwrite: bool = False,
     model_card: bool = True,
+    force_download: bool = False,
 ) -> Path:
     """Convert a reference checkpoint (local folder or Hub id) into a nepa-hf folder that the Auto classes load.
 
-    Returns the output folder. See `convert_reference_state_dict` for the mapping and its checks.
+    Returns the output folder. See `convert_reference_state_dict` for the mapping and its checks. Nothing is left at
+    `output_dir` when the conversion fails (see `_staged_output`).
     """
-    output = _prepare_output(output_dir, overwrite)
-    checkpoint = load_reference_checkpoint(source, ema=ema, revision=revision, token=token)
-    config, state_dict = convert_reference_state_dict(
-        checkpoint.state_dict, checkpoint.config, qk_norm_affine=qk_norm_affine
-    )
-    processor = image_processor_from_reference(checkpoint.preprocessor_config, config)
-    card = None
-    if model_card:
-        from .model_card import card_for_conversion
+    output = Path(output_dir).expanduser()
+    with _staged_output(output, overwrite) as staging:
+        checkpoint = load_reference_checkpoint(
+            source, ema=ema, revision=revision, token=token, force_download=force_download
+        )
+        config, state_dict = convert_reference_state_dict(
+            checkpoint.state_dict, checkpoint.config, qk_norm_affine=qk_norm_affine
+        )
+        processor = image_processor_from_reference(checkpoint.preprocessor_config, config)
+        card = None
+        if model_card:
+            from .model_card import card_for_conversion
 
-        card = card_for_conversion(str(source), config, repo_id=output.name, ema=ema, revision=revision)
-    return save_nepa_checkpoint(config, state_dict, output, processor, card)
+            card = card_for_conversion(str(source), config, repo_id=output.name, ema=ema, revision=revision)
+        save_nepa_checkpoint(config, state_dict, staging, processor, card)
+    return output
 
 
 def load_nepa_checkpoint(
-    source: str | Path, *, revision: str | None = None, token: str | bool | None = None
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    force_download: bool = False,
 ) -> tuple[NepaConfig, dict[str, torch.Tensor], NepaImageProcessorPil | None]:
     """Read a nepa-hf folder (local or Hub id) without building the model: config, state dict, processor."""
     folder = _resolve_folder(
@@ -898,6 +992,7 @@ def load_nepa_checkpoint(
         ],
         revision,
         token,
+        force_download,
     )
     if not (folder / "config.json").exists():
         raise ConversionError(f"{folder} has no config.json. Files there: {_files_in(folder)}.")
@@ -944,14 +1039,20 @@ def convert_to_reference_checkpoint(
     revision: str | None = None,
     token: str | bool | None = None,
     overwrite: bool = False,
+    force_download: bool = False,
 ) -> Path:
-    """Convert a nepa-hf folder (local or Hub id) into the authors' `vit_nepa` layout."""
-    output = _prepare_output(output_dir, overwrite)
-    config, state_dict, processor = load_nepa_checkpoint(source, revision=revision, token=token)
-    reference_config, reference_state_dict = convert_to_reference(state_dict, config)
-    return save_reference_checkpoint(
-        reference_config, reference_state_dict, output, reference_preprocessor_config(processor, config)
-    )
+    """Convert a nepa-hf folder (local or Hub id) into the authors' `vit_nepa` layout (nothing is left at
+    `output_dir` when it fails)."""
+    output = Path(output_dir).expanduser()
+    with _staged_output(output, overwrite) as staging:
+        config, state_dict, processor = load_nepa_checkpoint(
+            source, revision=revision, token=token, force_download=force_download
+        )
+        reference_config, reference_state_dict = convert_to_reference(state_dict, config)
+        save_reference_checkpoint(
+            reference_config, reference_state_dict, staging, reference_preprocessor_config(processor, config)
+        )
+    return output
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -980,6 +1081,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--token", default=None, help="Hub token for private repos (default: HF_TOKEN or `hf auth login`)."
     )
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder.")
+    parser.add_argument(
+        "--force-download",
+        action="store_true",
+        help="Download a Hub --input again even if it is cached (e.g. after an interrupted download).",
+    )
     return parser.parse_args(argv)
 
 
@@ -992,8 +1098,9 @@ def main(argv=None) -> int:
             if args.ema or args.qk_norm_affine:
                 raise ConversionError("--ema and --qk-norm-affine apply to reference sources, not to --to-reference.")
             output = convert_to_reference_checkpoint(
-                args.input, args.output, revision=args.revision, token=args.token, overwrite=args.overwrite
-            )
+                args.input, args.output, revision=args.revision, token=args.token, overwrite=args.overwrite,
+                force_download=args.force_download,
+            )  # fmt: skip
             print(f"Wrote the authors' vit_nepa layout to {output}")
         else:
             output = convert_reference_checkpoint(
@@ -1004,10 +1111,11 @@ def main(argv=None) -> int:
                 token=args.token,
                 qk_norm_affine=True if args.qk_norm_affine else None,
                 overwrite=args.overwrite,
+                force_download=args.force_download,
             )
             architecture = json.loads((output / "config.json").read_text())["architectures"][0]
             print(f"Wrote {architecture} to {output}; load it with transformers' Auto classes after `import nepa_hf`.")
-    except ConversionError as error:
+    except (ConversionError, OSError) as error:  # OSError: disk full, no permission to write --output, ...
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -30,6 +30,7 @@ __all__ = [
     "photos_dataset",
     "load_image_dataset",
     "resolve_column",
+    "split_names",
     "BUILTIN_DATASETS",
 ]
 
@@ -380,6 +381,28 @@ def load_image_dataset(
         elif max_samples < len(dataset):
             dataset = dataset.shuffle(seed=seed).select(range(max_samples))
     return dataset
+
+
+def split_names(source: str, **load_kwargs) -> List[str]:
+    """The splits `load_image_dataset(source, split=...)` can load (built-in names, a local image folder, a Hub id),
+    without loading any data. A plain image folder (class sub-folders) has only "train"."""
+    import datasets
+
+    if source in ("fashion_mnist", "fashion-mnist", "fashion_mnist_debian", "bundled", "bundled_fashion_mnist"):
+        return list(FASHION_MNIST_FILES)
+    if source == "bundled_photos":
+        return ["train"]
+    if "name" in load_kwargs:  # load_dataset's name is get_dataset_split_names' config_name
+        load_kwargs["config_name"] = load_kwargs.pop("name")
+    if os.path.isdir(source):
+        return list(datasets.get_dataset_split_names("imagefolder", data_dir=source, **load_kwargs))
+    try:
+        return list(datasets.get_dataset_split_names(source, **load_kwargs))
+    except Exception as error:  # network, unknown name: say what was tried
+        raise ValueError(
+            f"Could not list the splits of dataset {source!r}: {error}. Use a local image folder or one of the "
+            f"built-in names {sorted(BUILTIN_DATASETS)}."
+        ) from error
 
 
 def resolve_column(dataset, requested: Optional[str], candidates: Sequence[str], what: str) -> str:

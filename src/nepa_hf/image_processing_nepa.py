@@ -32,8 +32,11 @@ This module only imports from transformers, torch, numpy, PIL and the standard l
 saved checkpoints so that it can be loaded with `trust_remote_code=True`.
 """
 
+import os
+
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
@@ -45,6 +48,7 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
     get_image_size_for_max_height_width,
+    load_image,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType, is_torch_available, is_torchvision_available, logging
@@ -117,6 +121,12 @@ def to_8bit_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     "F" images with values in [0, 1] are scaled by 255; anything else is clipped to [0, 255].
     """
     array = np.asarray(image).astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(
+            f"The mode {image.mode!r} PIL image has {int(np.isnan(array).sum())} NaN and {int(np.isinf(array).sum())} "
+            "infinite pixel values, which have no 8-bit value. Fix the image source, or replace them "
+            "(numpy.nan_to_num)."
+        )
     if image.mode.startswith("I;16") or (image.mode == "I" and array.size and array.max() > 255):
         array = _sixteen_bit_to_uint8(array)
     else:
@@ -124,6 +134,62 @@ def to_8bit_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
             array = array * 255.0
         array = np.clip(np.round(array), 0, 255).astype(np.uint8)
     return PIL.Image.fromarray(np.stack([array] * 3, axis=-1))
+
+
+def open_image(source: str, timeout: float | None = None) -> PIL.Image.Image:
+    """
+    Open an image file path, URL or base64 string, with errors that name the source and the fix.
+
+    Unlike transformers' `load_image`, a local file keeps its mode (the processor's RGB conversion, with its 16-bit
+    rule, applies later; label maps stay single-channel) and is decoded here, so a damaged file fails with its name:
+    `FileNotFoundError` for a path that does not exist, `OSError` for a file PIL cannot decode (truncated, not an
+    image).
+    """
+    if source.startswith(("http://", "https://")):
+        try:
+            return load_image(source, timeout=timeout)
+        except Exception as error:
+            raise OSError(
+                f"Cannot load the image at {source}: {error}. Check the URL and the network, or download the file and "
+                "pass its path."
+            ) from error
+    if os.path.isfile(source):
+        try:
+            image = PIL.Image.open(source)
+            image.load()  # decode now: PIL opens lazily, and a truncated file would fail later without its name
+        except OSError as error:
+            raise OSError(
+                f"Cannot read the image file {source!r}: {error}. The file is damaged, incomplete or not an image: "
+                "re-download or re-export it, or leave it out."
+            ) from error
+        return PIL.ImageOps.exif_transpose(image)
+    try:  # transformers also takes base64-encoded images ("data:image/...;base64,..." or bare base64)
+        return load_image(source, timeout=timeout)
+    except Exception as error:
+        raise FileNotFoundError(
+            f"No image file at {source!r} (absolute path {os.path.abspath(source)!r}), and it is not a URL or base64 "
+            "image data. Check the path and the working directory."
+        ) from error
+
+
+def _check_finite(image, index: int) -> None:
+    """Refuse float images with NaN or infinite values, which would give NaN logits and scores downstream."""
+    if _is_torch_tensor(image):
+        image = image.detach()
+        finite = bool(torch.isfinite(image).all())
+    else:
+        finite = bool(np.isfinite(image).all())
+    if finite:
+        return
+    if _is_torch_tensor(image):
+        num_nan, num_inf = int(torch.isnan(image).sum()), int(torch.isinf(image).sum())
+    else:
+        num_nan, num_inf = int(np.isnan(image).sum()), int(np.isinf(image).sum())
+    raise ValueError(
+        f"Image {index} of the input ({tuple(image.shape)}, {image.dtype}) has {num_nan} NaN and {num_inf} infinite "
+        "pixel values; the model would return NaN logits (and `score: nan` in pipelines). Fix the image source, or "
+        "replace them, e.g. with numpy.nan_to_num / torch.nan_to_num."
+    )
 
 
 def _reduce_labels(labels):
@@ -223,7 +289,7 @@ class _NepaImageProcessorMixin:
 
     def _split_image_like(self, item, expected_ndims: int, allow_batch: bool) -> list:
         if isinstance(item, str):
-            item = self.fetch_images(item)
+            item = open_image(item)
         if isinstance(item, PIL.Image.Image):
             return [item]
         if not (isinstance(item, np.ndarray) or _is_torch_tensor(item)):
@@ -300,7 +366,9 @@ class _NepaImageProcessorMixin:
         images = self._prepare_image_like_inputs(
             images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=kwargs.get("device")
         )
-        for image in images:
+        for index, image in enumerate(images):
+            if _is_floating(image):  # integer pixels are always finite
+                _check_finite(image, index)
             if image.shape[0] != 3:
                 raise ValueError(
                     f"NEPA expects 3-channel RGB images, got an image with {image.shape[0]} channel(s) (shape"
@@ -526,4 +594,4 @@ else:
     NepaImageProcessor = None
 
 
-__all__ = ["NepaImageProcessorKwargs", "NepaImageProcessorPil", "NepaImageProcessor"]
+__all__ = ["NepaImageProcessorKwargs", "NepaImageProcessorPil", "NepaImageProcessor", "open_image"]

@@ -9,6 +9,7 @@ upload, and `scripts/make_model_cards.py` writes the committed cards under `mode
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +21,24 @@ PAPER_URL = "https://arxiv.org/abs/2512.16922"
 PAPER_TITLE = "Next-Embedding Prediction Makes Strong Vision Learners"
 EXAMPLE_IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"
 IMAGENET = "ILSVRC/imagenet-1k"
+IMAGENET_NAME = "ImageNet-1k"
+FASHION_MNIST = "zalando-datasets/fashion_mnist"  # the Hub copy of the data behind `fashion_mnist` and `bundled`
+
+# Every head the package registers with an Auto class, the Auto class that loads it, and its Hub pipeline tag.
+AUTO_CLASS_OF_HEAD = {
+    "NepaModel": "AutoModel",
+    "NepaForPreTraining": "AutoModelForPreTraining",
+    "NepaForImageClassification": "AutoModelForImageClassification",
+    "NepaForSemanticSegmentation": "AutoModelForSemanticSegmentation",
+    "NepaBackbone": "AutoBackbone",
+}
+PIPELINE_TAG_OF_HEAD = {
+    "NepaModel": "image-feature-extraction",
+    "NepaForPreTraining": "image-feature-extraction",
+    "NepaForImageClassification": "image-classification",
+    "NepaForSemanticSegmentation": "image-segmentation",
+    "NepaBackbone": "image-feature-extraction",
+}
 CITATION = """@article{xu2025nepa,
   title   = {Next-Embedding Prediction Makes Strong Vision Learners},
   author  = {Xu, Sihan and Ma, Ziqiao and Chai, Wenhao and Chen, Xuweiyi and Jin, Weiyang and Chai, Joyce and
@@ -44,7 +63,7 @@ class CheckpointSpec:
     """Everything a card says about one checkpoint."""
 
     name: str
-    architecture: str  # NepaModel | NepaForPreTraining | NepaForImageClassification
+    architecture: str  # a key of AUTO_CLASS_OF_HEAD
     size: str  # e.g. "ViT-B/14"
     num_parameters: int
     image_size: int
@@ -55,11 +74,21 @@ class CheckpointSpec:
     reported_results: tuple[ReportedResult, ...] = ()
     conversion_command: str | None = None
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
-    num_labels: int | None = None  # classifiers not trained on ImageNet-1k
+    num_labels: int | None = None  # classifiers and segmenters not trained on ImageNet-1k
+    # The training data, only where it is known: a readable name for the text (None: not recorded) and the Hub
+    # dataset ids for the `datasets` metadata.
+    dataset: str | None = None
+    dataset_ids: tuple[str, ...] = ()
+    # The saved image processor's settings (`to_dict()`); None: the released checkpoints' preprocessing.
+    preprocessing: dict | None = None
 
     @property
     def is_classifier(self) -> bool:
         return self.architecture == "NepaForImageClassification"
+
+    @property
+    def is_segmenter(self) -> bool:
+        return self.architecture == "NepaForSemanticSegmentation"
 
     @property
     def num_labels_text(self) -> str:
@@ -67,7 +96,11 @@ class CheckpointSpec:
 
     @property
     def pipeline_tag(self) -> str:
-        return "image-classification" if self.is_classifier else "image-feature-extraction"
+        return PIPELINE_TAG_OF_HEAD[self.architecture]
+
+    @property
+    def auto_class(self) -> str:
+        return AUTO_CLASS_OF_HEAD[self.architecture]
 
 
 def _paper(metric: str, value: float) -> ReportedResult:
@@ -90,7 +123,7 @@ _FINETUNING = (
 
 def _published(**fields) -> CheckpointSpec:
     command = f"python -m nepa_hf.convert --input {fields['source']} --output {fields['name']}"
-    return CheckpointSpec(conversion_command=command, **fields)
+    return CheckpointSpec(conversion_command=command, dataset=IMAGENET_NAME, dataset_ids=(IMAGENET,), **fields)
 
 
 PUBLISHED_CHECKPOINTS: dict[str, CheckpointSpec] = {
@@ -138,16 +171,62 @@ def _size_name(hidden_size: int, num_layers: int, patch_size: int) -> str:
     return f"{base}/{patch_size}"
 
 
-def spec_from_config(name: str, config, source: str | None = None, training: str = "", **overrides) -> CheckpointSpec:
-    """A `CheckpointSpec` for any NEPA checkpoint (e.g. one trained with this project), from its `NepaConfig`."""
+def head_classes() -> dict:
+    """{class name: class} of every head in `AUTO_CLASS_OF_HEAD`."""
+    from .modeling_nepa import NepaForImageClassification, NepaForPreTraining, NepaModel
+    from .modeling_nepa_segmentation import NepaBackbone, NepaForSemanticSegmentation
+
+    classes = (NepaModel, NepaForPreTraining, NepaForImageClassification, NepaForSemanticSegmentation, NepaBackbone)
+    return {cls.__name__: cls for cls in classes}
+
+
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def describe_dataset(recorded: str | None) -> tuple[str | None, tuple[str, ...]]:
+    """(name for the card text, Hub ids for the `datasets` metadata) of a dataset as a training run recorded it
+    (`--dataset` / `--dataset_name`: a built-in name, a Hub id or a local folder). Only a value of the form
+    `namespace/name` that is not a local path, or a built-in name with a Hub copy, goes into the metadata."""
+    from .data import BUILTIN_DATASETS
+
+    if not recorded:
+        return None, ()
+    builtin = {
+        "fashion_mnist": ("Fashion-MNIST", (FASHION_MNIST,)),
+        "fashion-mnist": ("Fashion-MNIST", (FASHION_MNIST,)),
+        "fashion_mnist_debian": ("Fashion-MNIST", (FASHION_MNIST,)),
+        "bundled": (f"Fashion-MNIST ({BUILTIN_DATASETS['bundled']})", (FASHION_MNIST,)),
+        "bundled_fashion_mnist": (f"Fashion-MNIST ({BUILTIN_DATASETS['bundled']})", (FASHION_MNIST,)),
+        "bundled_photos": (BUILTIN_DATASETS["bundled_photos"], ()),
+        "fashion-mnist-scenes": ("synthetic scenes of Fashion-MNIST items pasted on photo crops "
+                                 "(`nepa_hf.segmentation_data`)", ()),
+    }  # fmt: skip
+    if recorded in builtin:
+        return builtin[recorded]
+    if _HUB_DATASET_ID.match(recorded) and not Path(recorded).expanduser().exists():
+        return recorded, (recorded,)
+    return f"`{recorded}`", ()
+
+
+def spec_from_config(
+    name: str,
+    config,
+    source: str | None = None,
+    training: str = "",
+    dataset: str | None = None,
+    **overrides,
+) -> CheckpointSpec:
+    """A `CheckpointSpec` for any NEPA checkpoint (e.g. one trained with this project), from its `NepaConfig`.
+
+    `dataset` is the training data as the run recorded it (see `describe_dataset`); None states none.
+    """
     import torch
 
-    from .modeling_nepa import NepaForImageClassification, NepaForPreTraining, NepaModel
-
-    classes = {cls.__name__: cls for cls in (NepaModel, NepaForPreTraining, NepaForImageClassification)}
+    classes = head_classes()
     architecture = next((a for a in (config.architectures or []) if a in classes), "NepaModel")
     with torch.device("meta"):
         num_parameters = sum(p.numel() for p in classes[architecture](config).parameters())
+    dataset_name, dataset_ids = describe_dataset(dataset)
     spec = CheckpointSpec(
         name=name,
         architecture=architecture,
@@ -155,10 +234,13 @@ def spec_from_config(name: str, config, source: str | None = None, training: str
         num_parameters=num_parameters,
         image_size=config.image_size,
         patch_size=config.patch_size,
-        is_causal=config.is_causal,
+        # The attention the saved model computes: a classifier's is `finetuning_is_causal`.
+        is_causal=config.finetuning_is_causal if architecture == "NepaForImageClassification" else config.is_causal,
         source=source,
         training=training,
-        num_labels=config.num_labels if architecture == "NepaForImageClassification" and source is None else None,
+        num_labels=config.num_labels if PIPELINE_TAG_OF_HEAD[architecture] != "image-feature-extraction" else None,
+        dataset=dataset_name,
+        dataset_ids=dataset_ids,
     )
     return replace(spec, **overrides)
 
@@ -216,7 +298,7 @@ def card_metadata(spec: CheckpointSpec) -> ModelCardData:
         library_name="transformers",
         pipeline_tag=spec.pipeline_tag,
         tags=tags,
-        datasets=[IMAGENET],
+        datasets=list(spec.dataset_ids) or None,
         metrics=["accuracy"] if eval_results else None,
         base_model=spec.source,
         model_name=spec.name,
@@ -243,6 +325,24 @@ inputs = processor(image, return_tensors="pt")
 top5 = logits.softmax(-1)[0].topk(5)
 for score, index in zip(top5.values.tolist(), top5.indices.tolist()):
     print(f"{model.config.id2label[index]}: {score:.3f}")
+"""
+        )
+    if spec.is_segmenter:
+        return (
+            common.format(auto_class="AutoModelForSemanticSegmentation")
+            + """with torch.no_grad():
+    outputs = model(**inputs)
+segmentation = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+print(segmentation.shape)  # (height, width) of the image: one class index per pixel
+print(sorted(model.config.id2label[index] for index in segmentation.unique().tolist()))
+"""
+        )
+    if spec.architecture == "NepaBackbone":
+        return (
+            common.format(auto_class="AutoBackbone")
+            + """with torch.no_grad():
+    feature_maps = model(**inputs).feature_maps
+print(model.out_features, [tuple(f.shape) for f in feature_maps])  # (1, hidden, H/patch, W/patch) per stage
 """
         )
     if spec.architecture == "NepaForPreTraining":
@@ -273,13 +373,61 @@ def _details_table(spec: CheckpointSpec) -> str:
         ("Input", f"{spec.image_size}x{spec.image_size} RGB, {grid}x{grid} patches of {spec.patch_size}x"
                   f"{spec.patch_size} (any size divisible by the patch size runs)"),
         ("Attention", "causal (pretraining setting)" if spec.is_causal else "bidirectional (fine-tuning setting)"),
-        ("Training data", "ImageNet-1k" if spec.source else "as described above" if spec.training else "not given"),
+        ("Training data", _dataset_text(spec)),
         ("Weights", f"converted from [{spec.source}](https://huggingface.co/{spec.source})" if spec.source
+                    else "converted from the authors' `vit_nepa` layout" if spec.conversion_command
                     else "trained with nepa-hf"),
         ("Paper", f"[{PAPER_TITLE}]({PAPER_URL})"),
         ("License", "Apache-2.0"),
     ]  # fmt: skip
     return "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def _dataset_text(spec: CheckpointSpec) -> str:
+    if spec.dataset is None:
+        return "not recorded"
+    links = ", ".join(f"[{i}](https://huggingface.co/datasets/{i})" for i in spec.dataset_ids)
+    if spec.dataset_ids == (spec.dataset,):
+        return links
+    return f"{spec.dataset} ({links})" if links else spec.dataset
+
+
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
+
+
+def preprocessing_steps(settings: dict | None, image_size: int) -> str:
+    """What the image processor with these `to_dict()` settings does, in words (None: the released checkpoints'
+    preprocessing, which is `NepaImageProcessor`'s default)."""
+    settings = settings or {"size": {"height": image_size, "width": image_size}}
+    size = settings.get("size") or {"height": 224, "width": 224}
+    resample = settings.get("resample")
+    resample = "bilinear" if resample is None else _RESAMPLE_NAMES.get(int(resample), f"resample={resample}")
+    crop = settings.get("crop_size") if settings.get("do_center_crop") else None
+    steps = []
+    if settings.get("do_resize", True):
+        if "height" in size and "width" in size:
+            no_crop = "" if crop else ", no crop"
+            steps.append(f"resize straight to {size['height']}x{size['width']} ({resample}{no_crop})")
+        elif "shortest_edge" in size:
+            steps.append(f"resize the shorter side to {size['shortest_edge']} ({resample})")
+        else:
+            steps.append(f"resize to {size} ({resample})")
+    if crop:
+        steps.append(f"centre-crop {crop.get('height')}x{crop.get('width')}")
+    if settings.get("do_rescale", True):
+        factor = float(settings.get("rescale_factor", 1 / 255))
+        steps.append(f"rescale by 1/{1 / factor:g}" if factor < 1 else f"rescale by {factor:g}")
+    if settings.get("do_normalize", True):
+        mean, std = settings.get("image_mean", [0.5] * 3), settings.get("image_std", [0.5] * 3)
+        if list(mean) == list(std):
+            steps.append(f"normalise with mean = std = {_numbers(mean)}")
+        else:
+            steps.append(f"normalise with mean = {_numbers(mean)} and std = {_numbers(std)}")
+    return ", ".join(steps)
 
 
 def _results_section(spec: CheckpointSpec) -> str:
@@ -307,6 +455,15 @@ def model_card_text(spec: CheckpointSpec, repo_id: str, example_image: str = EXA
         what = f"an image classifier ({spec.size}, {spec.num_labels} classes) built on a NEPA backbone"
     elif spec.is_classifier:
         what = f"an ImageNet-1k classifier ({spec.size}) built on a NEPA-pretrained backbone"
+    elif spec.is_segmenter:
+        what = (
+            f"a semantic-segmentation model ({spec.size} NEPA backbone, multi-scale neck and UperNet head, "
+            f"{spec.num_labels} classes)"
+        )
+    elif spec.architecture == "NepaBackbone":
+        what = f"a NEPA {spec.size} backbone (`NepaBackbone`: feature maps of several blocks, for dense tasks)"
+    elif spec.architecture == "NepaModel":
+        what = f"a NEPA {spec.size} encoder (`NepaModel`, no task head)"
     else:
         what = f"a NEPA-pretrained {spec.size} backbone (the causal pretraining model, no task head)"
     provenance = ""
@@ -327,7 +484,7 @@ nepa-hf's forward pass is tested against an independent implementation of the au
         )
 
     fine_tune = ""
-    if not spec.is_classifier:
+    if spec.pipeline_tag == "image-feature-extraction":
         fine_tune = f"""
 To fine-tune for classification, load it into the classification head; attention switches to bidirectional
 and the classifier starts at zero, as in the paper's fine-tuning:
@@ -337,17 +494,22 @@ from transformers import AutoModelForImageClassification
 classifier = AutoModelForImageClassification.from_pretrained("{repo_id}", num_labels=10, trust_remote_code=True)
 ```
 """
-    if spec.source:  # the authors' weights
+    if spec.dataset == IMAGENET_NAME:  # the authors' weights
         limitations = [
             "Trained on ImageNet-1k only (about 1.28M object-centric photos); it inherits that data set's biases and "
             "has not been evaluated for robustness, fairness or out-of-distribution inputs."
         ]
+    elif spec.dataset is not None:
+        limitations = [
+            f"Trained on {spec.dataset} only; not evaluated beyond that, and not for robustness, fairness or "
+            "out-of-distribution inputs."
+        ]
     else:
         limitations = [
-            "Trained with nepa-hf as described above; not evaluated beyond that, and not for robustness, fairness "
-            "or out-of-distribution inputs."
+            "Its training data is not recorded here; not evaluated for robustness, fairness or out-of-distribution "
+            "inputs."
         ]
-    if spec.is_classifier:
+    if spec.is_classifier or spec.is_segmenter:
         limitations.append(f"Predicts the {spec.num_labels_text} only; fine-tune for other label sets.")
     else:
         limitations.append(
@@ -361,6 +523,7 @@ classifier = AutoModelForImageClassification.from_pretrained("{repo_id}", num_la
         )
     limitation_lines = "\n".join(f"- {line}" for line in limitations)
     training = f"\n{spec.training}\n" if spec.training else ""
+    preprocessing = preprocessing_steps(spec.preprocessing, spec.image_size)
     return f"""# {spec.name}
 
 NEPA (Next-Embedding Predictive Autoregression) trains a plain Vision Transformer to predict, with causal
@@ -383,10 +546,10 @@ With `pip install nepa-hf` and `import nepa_hf`, the same calls work without `tr
 {fine_tune}
 ## Preprocessing
 
-`AutoImageProcessor` loads `NepaImageProcessor`: resize straight to {spec.image_size}x{spec.image_size} (bilinear, no
-crop), rescale by 1/255, normalise with mean = std = (0.5, 0.5, 0.5). Other resolutions divisible by
-{spec.patch_size} also run (`processor(image, size={{"height": 448, "width": 448}})`), since positions come from 2D
-RoPE rather than a learned table; accuracy at other resolutions has not been measured.
+`AutoImageProcessor` returns `NepaImageProcessor` (torchvision backend) where torchvision is installed and
+`NepaImageProcessorPil` (PIL backend, same settings) where it is not: {preprocessing}.
+Other resolutions divisible by {spec.patch_size} also run (`processor(image, size={{"height": 448, "width": 448}})`),
+since positions come from 2D RoPE rather than a learned table; accuracy at other resolutions has not been measured.
 
 {_results_section(spec)}## Limitations
 
@@ -431,6 +594,11 @@ __all__ = [
     "card_metadata",
     "usage_snippet",
     "spec_from_config",
+    "describe_dataset",
+    "preprocessing_steps",
+    "head_classes",
+    "AUTO_CLASS_OF_HEAD",
+    "PIPELINE_TAG_OF_HEAD",
     "card_for_conversion",
     "write_model_cards",
 ]

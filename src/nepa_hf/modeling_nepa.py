@@ -8,7 +8,10 @@ This file is copied next to saved checkpoints for `trust_remote_code=True` users
 transformers and its sibling `configuration_nepa.py`.
 """
 
+import glob
+import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_nepa import NepaConfig
+from .configuration_nepa import NepaConfig, saved_by_finetuning_model
 
 # Internal transformers helpers that moved between 5.x releases: import defensively.
 try:
@@ -317,7 +320,8 @@ class NepaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
-        self.is_causal = config.is_causal  # read by backends only when no per-call flag is passed
+        # Backends read this only when a call passes no flag; every NEPA forward passes its model's attention.
+        self.is_causal = config.is_causal
         self.dropout = config.attention_probs_dropout_prob
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
@@ -603,6 +607,69 @@ class NepaEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def safetensors_file_problem(path: str) -> str | None:
+    """Why `path` is not a complete safetensors file, or None when its size matches what its header describes.
+
+    Reads the header only (8-byte length, JSON table of tensors with their byte ranges), with the standard library.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                return f"{size} bytes, too short for a safetensors header"
+            header_length = int.from_bytes(prefix, "little")
+            if 8 + header_length > size:
+                return f"{size:,} bytes, cut inside its {header_length:,}-byte header (truncated)"
+            header = json.loads(file.read(header_length))
+        data_end = max(
+            (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0
+        )
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        return f"unreadable safetensors header ({error})"
+    expected = 8 + header_length + data_end
+    if size < expected:
+        return f"{size:,} bytes where its header describes {expected:,} (truncated)"
+    if size > expected:
+        return f"{size:,} bytes where its header describes {expected:,} (trailing data)"
+    return None
+
+
+def _safetensors_files(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
+    """The .safetensors files of a local folder, or of a Hub model's cached snapshot (no download)."""
+    subfolder = kwargs.get("subfolder") or ""
+    folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder)
+    if not os.path.isdir(folder):
+        try:
+            from transformers.utils import cached_file
+
+            config_file = cached_file(
+                pretrained_model_name_or_path, "config.json", subfolder=subfolder, cache_dir=kwargs.get("cache_dir"),
+                revision=kwargs.get("revision"), local_files_only=True,
+                _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
+            )  # fmt: skip
+        except Exception:  # only used to improve an error message: never replace the original error
+            config_file = None
+        if config_file is None:
+            return []
+        folder = os.path.dirname(config_file)
+    return sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
+
+
+def _corrupt_weights_message(pretrained_model_name_or_path, kwargs: dict, error: Exception) -> str:
+    problems = [
+        f"{path}: {problem}"
+        for path in _safetensors_files(pretrained_model_name_or_path, kwargs)
+        if (problem := safetensors_file_problem(path)) is not None
+    ]
+    where = "; ".join(problems) if problems else f"a .safetensors weight file of {pretrained_model_name_or_path}"
+    return (
+        f"Cannot load the weights of {pretrained_model_name_or_path}: {where}. safetensors reports: {error}. The "
+        "file is incomplete or corrupt (e.g. an interrupted download, copy or save): download it again "
+        "(from_pretrained(..., force_download=True) for a Hub model) or save the model again with save_pretrained."
+    )
+
+
 class NepaPreTrainedModel(PreTrainedModel):
     config: NepaConfig
     config_class = NepaConfig
@@ -619,6 +686,10 @@ class NepaPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": NepaLayer, "attentions": NepaAttention}
     _input_embed_layer = "patch_embeddings"
 
+    # Which config field sets the attention of a call that passes no `is_causal`: the pretraining models read
+    # `config.is_causal`, the fine-tuning models (and the trunk inside them) `config.finetuning_is_causal`.
+    is_finetuning_model = False
+
     # Every Auto class that can load a NEPA folder through `trust_remote_code`, whichever head was saved.
     remote_code_auto_map = {
         "AutoConfig": "configuration_nepa.NepaConfig",
@@ -626,6 +697,46 @@ class NepaPreTrainedModel(PreTrainedModel):
         "AutoModelForPreTraining": "modeling_nepa.NepaForPreTraining",
         "AutoModelForImageClassification": "modeling_nepa.NepaForImageClassification",
     }
+
+    @property
+    def default_is_causal(self) -> bool:
+        """The attention of a call without `is_causal=`: `config.finetuning_is_causal` for the fine-tuning models
+        (`NepaForImageClassification`, `NepaForSemanticSegmentation`, `NepaBackbone` and the `NepaModel` inside
+        them), `config.is_causal` for `NepaModel` and `NepaForPreTraining`."""
+        return bool(self.config.finetuning_is_causal if self.is_finetuning_model else self.config.is_causal)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with two NEPA additions.
+
+        * A truncated or corrupt `.safetensors` file raises an `OSError` that names the file and the fix (safetensors'
+          own error names neither). Every other error passes through unchanged.
+        * A `NepaModel` / `NepaForPreTraining` loaded from a folder that a fine-tuning model saved warns when its
+          attention (`is_causal`) differs from the one the head was fine-tuned with (`finetuning_is_causal`).
+        """
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            # Matched by name: safetensors is not among the imports this file may use (see the module docstring).
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(_corrupt_weights_message(pretrained_model_name_or_path, kwargs, error)) from error
+        loaded = model[0] if isinstance(model, tuple) else model
+        config = loaded.config
+        if (
+            not loaded.is_finetuning_model
+            and saved_by_finetuning_model(config)
+            and config.is_causal != config.finetuning_is_causal
+        ):
+            attention = "causally" if config.is_causal else "bidirectionally"
+            logger.warning(
+                f"{type(loaded).__name__} attends {attention} (config.is_causal={config.is_causal}, the pretraining "
+                f"attention), but {pretrained_model_name_or_path} was saved by {config.architectures[0]}, fine-tuned "
+                f"with finetuning_is_causal={config.finetuning_is_causal}. For the features of the fine-tuned model, "
+                f"load with is_causal={config.finetuning_is_causal} (pipelines: "
+                f"model_kwargs={{'is_causal': {config.finetuning_is_causal}}}) or pass it per call."
+            )
+        return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # registered for remote code: advertise all heads, not just this one
@@ -679,7 +790,7 @@ class NepaPreTrainedModel(PreTrainedModel):
         """Embeddings, RoPE and blocks (before the final norm), for models holding the trunk's submodules directly
         (`NepaModel`, `NepaBackbone`). Returns (hidden states, clean input embeddings)."""
         self._check_pixel_values(pixel_values)
-        is_causal = self.config.is_causal if is_causal is None else is_causal
+        is_causal = self.default_is_causal if is_causal is None else is_causal
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         hidden_states, input_embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         patch = self.config.patch_size
@@ -708,6 +819,17 @@ class NepaPreTrainedModel(PreTrainedModel):
                 f"pixel_values must be 4-D (batch, {config.num_channels}, height, width), got shape "
                 f"{tuple(pixel_values.shape)}. Use the image processor to batch single images."
             )
+        if not pixel_values.is_floating_point():
+            # An error, not a warning: integer pixels are raw 0-255 values that the image processor would rescale
+            # and normalise, so a model run on them (e.g. a Trainer fed by an uint8 collator) trains or predicts on
+            # inputs ~100x off the scale it was trained on; nothing valid arrives as integers. The dtype is
+            # metadata: checking it costs no host sync.
+            raise ValueError(
+                f"pixel_values has dtype {pixel_values.dtype}, not floating point: integer pixels are raw 0-255 "
+                "values, but NEPA takes normalised float pixels. Pass the images through the image processor "
+                "(AutoImageProcessor: rescale by 1/255, then normalise), or convert them the same way yourself, e.g. "
+                "`(pixel_values.float() / 255 - 0.5) / 0.5` for the released checkpoints' mean = std = 0.5."
+            )
         batch_size, channels, height, width = pixel_values.shape
         if batch_size == 0:
             raise ValueError("pixel_values is an empty batch (batch size 0): pass at least one image.")
@@ -727,8 +849,11 @@ class NepaPreTrainedModel(PreTrainedModel):
 class NepaModel(NepaPreTrainedModel):
     """The bare NEPA ViT: embeddings, RoPE, blocks, final LayerNorm; pooled output per `config.pooling`."""
 
-    def __init__(self, config: NepaConfig):
+    def __init__(self, config: NepaConfig, is_finetuning_model: bool = False):
+        """`is_finetuning_model`: this is the trunk of a fine-tuning head, so its calls default to the head's
+        attention, `config.finetuning_is_causal` (see `default_is_causal`)."""
         super().__init__(config)
+        self.is_finetuning_model = is_finetuning_model
         self.embeddings = NepaEmbeddings(config)
         self.rope_embeddings = NepaRopePositionEmbedding(config)
         self.encoder = NepaEncoder(config)
@@ -749,7 +874,8 @@ class NepaModel(NepaPreTrainedModel):
         r"""
         pixel_values: (batch, channels, height, width); height and width multiples of the patch size.
         bool_masked_pos: (batch, num_patches) bool; True replaces that patch's input with the mask token.
-        is_causal: override `config.is_causal` for this call.
+        is_causal: attention of this call; default `config.is_causal` (`config.finetuning_is_causal` for the trunk
+            of a fine-tuning head).
         """
         hidden_states, input_embeddings = self._run_trunk(pixel_values, bool_masked_pos, is_causal, **kwargs)
         sequence_output = self.norm(hidden_states)
@@ -835,12 +961,17 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 class NepaForImageClassification(NepaPreTrainedModel):
     """NEPA with the reference classification head: pooled features, `fc_norm` (mean pooling only), Linear.
 
-    Built from a pretraining checkpoint it switches to bidirectional attention (the fine-tuning setting) and starts
-    from a zero head. To fine-tune causally instead, set `model.config.is_causal = True` after loading.
+    Attention is `config.finetuning_is_causal`, bidirectional unless set (the paper's fine-tuning), whatever the
+    source: a config, a pretraining checkpoint (whose `is_causal=True` stays what `NepaModel` uses) or a fine-tuned
+    one. For the causal fine-tuning ablation pass `finetuning_is_causal=True` to the config or `from_pretrained`;
+    `is_causal=` per call overrides either. A model built from a pretraining checkpoint starts from a zero head.
 
-    Labels: int64 (batch,) single-label; float (batch,) regression (num_labels 1); float (batch, num_labels)
-    soft targets (soft-target cross-entropy) unless `problem_type == "multi_label_classification"` (BCE).
+    Labels: int64 (batch,) class indices in [0, num_labels) (-100 is ignored); float (batch,) regression
+    (num_labels 1); float (batch, num_labels) soft targets (soft-target cross-entropy) unless
+    `problem_type == "multi_label_classification"` (BCE). Anything else raises a ValueError naming `num_labels`.
     """
+
+    is_finetuning_model = True
 
     # Trainer: let it average over gradient-accumulation steps (soft targets have no item count).
     accepts_loss_kwargs = False
@@ -849,13 +980,9 @@ class NepaForImageClassification(NepaPreTrainedModel):
     _keys_to_ignore_on_load_missing = [r"fc_norm\.", r"classifier\.", r"\.[qk]_norm\.weight"]
 
     def __init__(self, config: NepaConfig):
-        architectures = config.architectures or []
-        if architectures and not any(a.endswith(("ForImageClassification", "ForSemanticSegmentation")) for a in architectures) and config.is_causal:
-            logger.info("Building a classifier from a pretraining checkpoint: switching to bidirectional attention.")
-            config.is_causal = False
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.nepa = NepaModel(config)
+        self.nepa = NepaModel(config, is_finetuning_model=True)
         self.fc_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else nn.Identity()
         )
@@ -873,7 +1000,13 @@ class NepaForImageClassification(NepaPreTrainedModel):
         is_causal: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
+        r"""
+        labels: see the class docstring.
+        is_causal: attention of this call; default `config.finetuning_is_causal`.
+        """
         kwargs.pop("num_items_in_batch", None)
+        if labels is not None:
+            self._check_labels(labels, pixel_values)
         outputs = self.nepa(pixel_values, is_causal=is_causal, **kwargs)
         logits = self.classifier(self.fc_norm(outputs.pooler_output))
 
@@ -894,6 +1027,74 @@ class NepaForImageClassification(NepaPreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
+    def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+        """Shapes and class indices the loss can use, with errors naming `num_labels` (see `check_label_range`
+        for when the index range is checked)."""
+        num_labels, problem_type = self.num_labels, self.config.problem_type
+        if pixel_values is not None and labels.ndim and labels.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"labels has {labels.shape[0]} rows for a batch of {pixel_values.shape[0]} images; expected one "
+                "label (or one row of targets) per image."
+            )
+        if num_labels < 1:
+            raise ValueError("This model has num_labels=0 (no classifier): set num_labels or id2label to train it.")
+        if num_labels == 1 or problem_type == "regression":
+            return
+        if labels.is_floating_point() or problem_type == "multi_label_classification":
+            if labels.ndim != 2 or labels.shape[-1] != num_labels:
+                kind = "multi-hot targets" if problem_type == "multi_label_classification" else "soft targets"
+                hint = (
+                    " For class indices pass int64 labels of shape (batch,)."
+                    if labels.is_floating_point() and labels.ndim == 1
+                    else ""
+                )
+                raise ValueError(
+                    f"Float labels are {kind} and must have shape (batch, num_labels) = (batch, {num_labels}), got "
+                    f"{tuple(labels.shape)}. The model has num_labels={num_labels}: build the targets with one "
+                    f"column per class of config.id2label, or load the model with the dataset's class count "
+                    f"(num_labels=..., ignore_mismatched_sizes=True for a fine-tuned head).{hint}"
+                )
+            return
+        if labels.ndim > 1 and labels.numel() != labels.shape[0]:
+            raise ValueError(
+                f"Integer labels are class indices of shape (batch,), got {tuple(labels.shape)}. For soft targets "
+                f"pass float labels of shape (batch, num_labels={num_labels})."
+            )
+        check_label_range(
+            labels,
+            num_labels,
+            ignore_index=-100,
+            fix="Set num_labels (or id2label) to cover every class, e.g. "
+            "from_pretrained(..., num_labels=K, ignore_mismatched_sizes=True), or map the labels to 0..num_labels-1.",
+        )
+
+
+def check_label_range(labels: torch.Tensor, num_labels: int, ignore_index: int, fix: str) -> None:
+    """Raise a ValueError naming `num_labels` if a label is outside [0, num_labels) and not `ignore_index`.
+
+    A value check that reads the labels on the host would cost a GPU sync every training step. The check is
+    `torch._assert_async` instead, which queues it on the device: on CUDA (and under torch.compile) a bad label stops
+    the run at the next sync with a device-side assert that prints this message; on the CPU the assert fails at once
+    and becomes this ValueError, listing the offending values. Other devices are not checked here (the loss's own
+    error applies).
+    """
+    if torch.jit.is_tracing() or labels.device.type not in ("cpu", "cuda"):
+        return
+    in_range = ((labels >= 0) & (labels < num_labels)) | (labels == ignore_index)
+    problem = (
+        f"labels contain class indices outside [0, {num_labels - 1}] (num_labels={num_labels}) other than the ignore "
+        f"index {ignore_index}"
+    )
+    if torch.compiler.is_compiling() or labels.device.type == "cuda":
+        torch._assert_async(in_range.all(), f"{problem}. {fix}")
+        return
+    try:
+        torch._assert_async(in_range.all(), f"{problem}. {fix}")
+    except RuntimeError:  # the CPU kernel raises at once
+        found = torch.unique(labels[~in_range])
+        shown = ", ".join(str(int(value)) for value in found[:5]) + (", ..." if found.numel() > 5 else "")
+        raise ValueError(f"{problem}: found {shown}. {fix}") from None
+
 
 __all__ = [
     "NepaPreTrainedModel",
@@ -904,4 +1105,5 @@ __all__ = [
     "NepaForPreTrainingOutput",
     "nepa_loss",
     "soft_target_cross_entropy",
+    "check_label_range",
 ]

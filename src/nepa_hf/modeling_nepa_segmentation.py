@@ -26,6 +26,7 @@ from .modeling_nepa import (
     NepaRopePositionEmbedding,
     can_return_tuple,
     capture_outputs,
+    check_label_range,
 )
 
 try:
@@ -46,19 +47,23 @@ _DENSE_REMOTE_CODE_AUTO_MAP = {
 _HEAD_KEYS = [r"(^|\.)fc_norm\.", r"(^|\.)classifier\.", r"(^|\.)neck\.", r"(^|\.)decode_head\.", r"(^|\.)auxiliary_head\."]
 
 
-def _use_bidirectional_attention(config: NepaConfig, model_name: str) -> None:
-    """Dense fine-tuning uses bidirectional attention, like the paper's classification fine-tuning.
+def _register_for_image_segmentation_pipeline() -> None:
+    """Make `pipeline("image-segmentation")` accept NepaForSemanticSegmentation without logging an error.
 
-    A causal config (every pretraining checkpoint, and `NepaConfig()` itself) is switched to `is_causal=False`,
-    unless it was saved by a backbone or segmentation model, whose choice is kept. For causal features, set
-    `model.config.is_causal = True` after building the model, or pass `is_causal=True` per call.
+    The pipeline checks the model's class name against copies of the `MODEL_FOR_*_SEGMENTATION_MAPPING_NAMES`
+    dicts, which drop what `AutoModelForSemanticSegmentation.register` adds (transformers 5.x), so the name is added
+    to the semantic-segmentation names dict itself. The lazy Auto mapping only reads that dict for model types in
+    CONFIG_MAPPING_NAMES, which "nepa" is not, so loading still goes through the registered class. Done on import
+    of this file, so it also holds for `trust_remote_code` users without nepa-hf.
     """
-    saved_as_dense = any(
-        name == "NepaBackbone" or name.endswith("ForSemanticSegmentation") for name in (config.architectures or [])
-    )
-    if config.is_causal and not saved_as_dense:
-        logger.info(f"Building {model_name}: switching to bidirectional attention (config.is_causal=False).")
-        config.is_causal = False
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - a transformers without this mapping has no such check either
+        return
+    MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(NepaConfig.model_type, "NepaForSemanticSegmentation")
+
+
+_register_for_image_segmentation_pipeline()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -73,19 +78,20 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     NEPA checkpoint: pretrained, fine-tuned, converted (`NepaBackbone.from_pretrained(dir, out_indices=[...])`).
     For each stage in `config.out_features` (stage i = output of block i, "stem" = embeddings) it returns the patch
     tokens (CLS dropped), after the final LayerNorm when `config.apply_layernorm`, as (B, D, H/p, W/p) maps when
-    `config.reshape_hidden_states` (else (B, N, D)). Attention is bidirectional by default (see
-    `_use_bidirectional_attention`).
+    `config.reshape_hidden_states` (else (B, N, D)). Attention is `config.finetuning_is_causal`, bidirectional
+    unless set, as for every fine-tuning model; `is_causal=` per call overrides it.
 
-    Note: `AutoBackbone.from_pretrained(local_dir)` fails in transformers 5.x before reaching this class (it asks the
-    Hub whether the path is a repo); use `NepaBackbone.from_pretrained(local_dir)` or `AutoBackbone.from_config`.
+    Note: `AutoBackbone.from_pretrained(local_dir)` fails in transformers 5.18 to at least 5.24 before reaching this
+    class (it asks the Hub whether the path is a repo); use `NepaBackbone.from_pretrained(local_dir)` or
+    `AutoBackbone.from_config`.
     """
 
     remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
+    is_finetuning_model = True
     _keys_to_ignore_on_load_unexpected = _HEAD_KEYS
     _keys_to_ignore_on_load_missing = [r"\.[qk]_norm\.weight"]
 
     def __init__(self, config: NepaConfig):
-        _use_bidirectional_attention(config, "NepaBackbone")
         super().__init__(config)
         self.embeddings = NepaEmbeddings(config)
         self.rope_embeddings = NepaRopePositionEmbedding(config)
@@ -108,7 +114,7 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor | None = None, is_causal: bool | None = None, **kwargs) -> BackboneOutput:
         r"""
         pixel_values: (batch, channels, height, width); height and width multiples of the patch size.
-        is_causal: override `config.is_causal` for this call.
+        is_causal: attention of this call; default `config.finetuning_is_causal`.
 
         Returns `BackboneOutput.feature_maps`: one tensor per `config.out_features` stage.
         """
@@ -247,7 +253,8 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     """NEPA ViT + multi-scale neck + UperNet decode head (+ FCN auxiliary head for the loss).
 
     Built from any NEPA checkpoint (`NepaForSemanticSegmentation.from_pretrained(dir, id2label=..., label2id=...)`):
-    the backbone weights load into `nepa`, the neck and heads start from scratch, attention becomes bidirectional.
+    the backbone weights load into `nepa`, the neck and heads start from scratch. Attention is
+    `config.finetuning_is_causal`, bidirectional unless set, as for every fine-tuning model.
     The backbone always feeds four blocks (`config.out_indices`, default four evenly spaced ones).
 
     `logits` are (batch, num_labels, 4 * H/p, 4 * W/p), i.e. at stride p/4; the loss and
@@ -256,6 +263,7 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     """
 
     remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
+    is_finetuning_model = True
     # The Trainer counts every label != -100 as an item, including 255 "ignore" pixels: let the loss take its mean.
     accepts_loss_kwargs = False
     # Expected when starting from a pretraining or classification checkpoint.
@@ -264,7 +272,6 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
 
     def __init__(self, config: NepaConfig):
         self._select_four_stages(config)
-        _use_bidirectional_attention(config, "NepaForSemanticSegmentation")
         super().__init__(config)
         self.nepa = NepaBackbone(config)
         in_channels = self.nepa.channels
@@ -302,15 +309,13 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
             )
         if labels.is_floating_point():
             raise ValueError("labels must be integer class indices (torch.long), got a floating-point tensor.")
-        ignore_index = self.config.semantic_loss_ignore_index
-        valid = labels[labels != ignore_index]
-        if valid.numel() and (valid.min() < 0 or valid.max() >= self.config.num_labels):
-            raise ValueError(
-                f"labels contain values outside [0, {self.config.num_labels - 1}] (num_labels={self.config.num_labels}) "
-                f"other than the ignore index {ignore_index}: found min {int(valid.min())}, max {int(valid.max())}. "
-                "Set id2label/num_labels to cover every class, or use do_reduce_labels=True for ADE20K-style maps "
-                "where 0 means 'no label'."
-            )
+        check_label_range(
+            labels,
+            self.config.num_labels,
+            ignore_index=self.config.semantic_loss_ignore_index,
+            fix="Set id2label/num_labels to cover every class, or use do_reduce_labels=True for ADE20K-style maps "
+            "where 0 means 'no label'.",
+        )
 
     @can_return_tuple
     def forward(
@@ -322,7 +327,7 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     ) -> SemanticSegmenterOutput:
         r"""
         labels: (batch, height, width) int64 class indices; `config.semantic_loss_ignore_index` is ignored.
-        is_causal: override `config.is_causal` for this call.
+        is_causal: attention of this call; default `config.finetuning_is_causal`.
         """
         kwargs.pop("num_items_in_batch", None)  # see accepts_loss_kwargs
         if self.training and pixel_values is not None and pixel_values.shape[0] < 2:

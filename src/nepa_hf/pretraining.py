@@ -2,9 +2,12 @@
 """Reusable pieces of NEPA pretraining (reference §4 and §8), used by `examples/pretrain_nepa.py`.
 
 - Data: `PretrainingImageDataset` / `PretrainingIterableDataset` decode and crop one image at a time in DataLoader
-  workers and return `None` for unreadable or truncated files; `PretrainingCollator` turns those into flagged
-  placeholder rows (`valid == False`) so batches keep their shape (Accelerate can dispatch them) and the count of
-  skipped images travels with the batch across workers and processes; `select_readable` drops them on the device.
+  workers and return an `{"unreadable": key}` marker for unreadable or truncated files (key: the row index, or a
+  hash of the file's path or bytes when streaming); `PretrainingCollator` turns those into flagged placeholder rows
+  (`valid == False`, the key in `unreadable_keys`) so batches keep their shape (Accelerate can dispatch them) and
+  which files were skipped travels with the batch across workers and processes (counted once per file however
+  often it is read); `select_readable` drops them on the device, and `readable_loss_weight` weights each process's
+  loss so that the gradient is the mean over the readable images of all processes.
   The transform is the authors' (`nepa_hf.transforms.pretraining_transform`: torchvision RandomResizedCrop + flip +
   normalise). Per-sample randomness (crop, flip, input mask) runs under a seed made from (seed, epoch, index), so
   the augmented data do not depend on the number of workers or processes, nor on where a run was resumed.
@@ -16,11 +19,13 @@
 - Monitoring: `CollapseMonitor` (spread of the predicted embeddings), `JsonlTracker` (an Accelerate tracker that
   writes one JSON object per logged step, always available offline).
 - Checkpoints: `save_checkpoint` writes `accelerator.save_state` into a temporary folder and renames it into place,
-  so a kill during a save leaves the previous checkpoint intact; `latest_checkpoint` finds the newest complete one.
+  so a kill during a save leaves the previous checkpoint intact; `latest_checkpoint` finds the newest complete one;
+  `resume_checkpoint` also checks that every file loads (`verify_checkpoint`), falling back past damaged ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,7 +42,7 @@ from PIL import Image
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .transforms import seeded, to_rgb
+from .transforms import array_to_image, seeded, to_rgb
 from .weight_decay import NO_WEIGHT_DECAY_NAMES, decays_in_pretraining, weight_decay_flags
 
 logger = logging.getLogger(__name__)
@@ -59,7 +64,8 @@ def decode_image(value) -> Image.Image:
     """Decode one dataset value into a fully loaded PIL image.
 
     Accepts a PIL image, a `datasets.Image(decode=False)` dict (`{"bytes", "path"}`), raw bytes, a file path or an
-    HxW[xC] uint8 array. The pixels are read here (`Image.load()`), so truncated files fail now rather than later.
+    HxW[xC] array (uint16 arrays scaled to 8 bits by the image processor's rule, `transforms.array_to_image`). The
+    pixels are read here (`Image.load()`), so truncated files fail now rather than later.
     """
     if isinstance(value, Image.Image):
         image = value
@@ -76,7 +82,7 @@ def decode_image(value) -> Image.Image:
     elif isinstance(value, (str, os.PathLike)):
         image = Image.open(value)
     elif isinstance(value, np.ndarray):
-        image = Image.fromarray(value)
+        image = array_to_image(value)
     else:
         raise TypeError(f"Cannot decode an image from a {type(value).__name__}.")
     image.load()
@@ -103,9 +109,25 @@ def random_patch_mask(
     return mask.to(device) if device is not None else mask
 
 
+UNREADABLE_KEY = "unreadable"
+UNKNOWN_FILE = -1  # key of an unreadable sample that names no file (counted each time it is read)
+
+
+def unreadable_file_key(value) -> int:
+    """A stable non-negative 62-bit key for the file behind a streamed dataset value (its path, else its bytes), so
+    a file that fails in every epoch counts once; `UNKNOWN_FILE` for values that are neither."""
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
+    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, (bytes, bytearray)) else None
+    if path:
+        data = os.fsencode(path)
+    if not data:
+        return UNKNOWN_FILE
+    return int.from_bytes(hashlib.blake2b(bytes(data), digest_size=8).digest(), "little") >> 2
+
+
 class _SampleProcessor:
     """Shared per-sample logic of the two dataset wrappers: decode -> RGB (or L) -> transform -> (mask), all under
-    the sample's seed; None when unreadable."""
+    the sample's seed; `{"unreadable": key}` when unreadable."""
 
     max_warnings = 10
 
@@ -121,7 +143,7 @@ class _SampleProcessor:
         self.num_patches = num_patches
         self.num_failures = 0  # per worker copy; the batches carry the authoritative count
 
-    def __call__(self, value, seed: int, where) -> dict | None:
+    def __call__(self, value, seed: int, where, key: int) -> dict:
         try:
             image = to_rgb(decode_image(value))  # 16-bit/float sources are rescaled, not clipped
             if self.num_channels == 1:
@@ -137,7 +159,7 @@ class _SampleProcessor:
                     " (further failures in this worker are only counted)" if self.num_failures == self.max_warnings
                     else "",
                 )
-            return None
+            return {UNREADABLE_KEY: key}
         sample = {"pixel_values": pixels}
         if mask is not None:
             sample["bool_masked_pos"] = mask
@@ -157,7 +179,8 @@ def _undecoded(dataset, image_column: str):
 
 
 class PretrainingImageDataset(torch.utils.data.Dataset):
-    """Map-style pretraining data: one decoded, augmented, normalised image per index, or None when unreadable.
+    """Map-style pretraining data: one decoded, augmented, normalised image per index, or `{"unreadable": index}`
+    when the image cannot be read.
 
     Args:
         dataset: a `datasets.Dataset` (or any sequence of rows / images).
@@ -184,20 +207,20 @@ class PretrainingImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key) -> dict | None:
+    def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         try:
             row = self.dataset[index]
             value = row[self.image_column] if self.image_column is not None else row
         except Exception as error:  # e.g. a row the dataset itself cannot read
             return self._fail(index, error)
-        return self.processor(value, sample_seed(self.processor.seed, epoch, index), f"#{index}")
+        return self.processor(value, sample_seed(self.processor.seed, epoch, index), f"#{index}", index)
 
-    def _fail(self, index, error) -> None:
+    def _fail(self, index, error) -> dict:
         self.processor.num_failures += 1
         if self.processor.num_failures <= self.processor.max_warnings:
             logger.warning("Skipping unreadable sample #%s: %s: %s", index, type(error).__name__, error)
-        return None
+        return {UNREADABLE_KEY: index}
 
 
 class PretrainingIterableDataset(torch.utils.data.IterableDataset):
@@ -236,7 +259,7 @@ class PretrainingIterableDataset(torch.utils.data.IterableDataset):
                 continue
             seed = sample_seed(self.processor.seed, self.epoch, worker_id, position)
             value = row[self.image_column] if self.image_column is not None else row
-            yield self.processor(value, seed, f"#{position} of worker {worker_id}")
+            yield self.processor(value, seed, f"#{position} of worker {worker_id}", unreadable_file_key(value))
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -273,9 +296,11 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 class PretrainingCollator:
     """Batch samples from the pretraining datasets, keeping unreadable ones as flagged placeholders.
 
-    Returns `pixel_values` float (B, C, H, W), `valid` bool (B,) and, with masking, `bool_masked_pos` (B, N).
-    Rows with `valid == False` are zeros: the batch keeps its shape (what Accelerate's batch dispatching and
-    compiled models want) and the number of skipped images reaches the training loop from any worker/process.
+    Returns `pixel_values` float (B, C, H, W), `valid` bool (B,), `unreadable_keys` int64 (B,) (the file key of each
+    unreadable row, -1 elsewhere) and, with masking, `bool_masked_pos` (B, N). Rows with `valid == False` are
+    zeros: the batch keeps its shape (what Accelerate's batch dispatching and compiled models want) and which images
+    were skipped reaches the training loop from any worker/process. A `None` sample counts as unreadable with no
+    file key.
     """
 
     def __init__(self, num_channels: int, image_size: int | Sequence[int], num_patches: int | None = None):
@@ -284,11 +309,14 @@ class PretrainingCollator:
         self.num_patches = num_patches
 
     def __call__(self, samples: list[dict | None]) -> dict[str, torch.Tensor]:
-        valid = torch.tensor([sample is not None for sample in samples], dtype=torch.bool)
+        readable = [sample is not None and "pixel_values" in sample for sample in samples]
+        valid = torch.tensor(readable, dtype=torch.bool)
+        keys = torch.tensor([UNKNOWN_FILE if ok or sample is None else int(sample[UNREADABLE_KEY])
+                             for ok, sample in zip(readable, samples)], dtype=torch.int64)
         pixel_values = torch.zeros((len(samples), *self.image_shape), dtype=torch.float32)
         masks = torch.zeros(len(samples), self.num_patches or 0, dtype=torch.bool) if self.num_patches else None
-        for row, sample in enumerate(samples):
-            if sample is None:
+        for row, (ok, sample) in enumerate(zip(readable, samples)):
+            if not ok:
                 continue
             if tuple(sample["pixel_values"].shape) != self.image_shape:
                 raise ValueError(
@@ -298,27 +326,49 @@ class PretrainingCollator:
             pixel_values[row] = sample["pixel_values"]
             if masks is not None:
                 masks[row] = sample["bool_masked_pos"]
-        batch = {"pixel_values": pixel_values, "valid": valid}
+        batch = {"pixel_values": pixel_values, "valid": valid, "unreadable_keys": keys}
         if masks is not None:
             batch["bool_masked_pos"] = masks
         return batch
 
 
+_BOOKKEEPING_KEYS = ("valid", "unreadable_keys")
+
+
 def select_readable(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, bool]:
     """Drop the placeholder rows of unreadable images from a collated batch.
 
-    Returns (batch without `valid`, number of skipped rows, whether every row was skipped). When every row was
-    skipped the placeholders are kept so each process still runs a forward/backward (DDP needs all processes to
-    take part); multiply that loss by 0.
+    Returns (model inputs: the batch without `valid` and `unreadable_keys`, number of skipped rows, whether every
+    row was skipped). When every row was skipped the placeholders are kept so each process still runs a
+    forward/backward (DDP needs all processes to take part); `readable_loss_weight` is then 0 for that process.
     """
     valid = batch["valid"]
-    inputs = {key: value for key, value in batch.items() if key != "valid"}
+    inputs = {key: value for key, value in batch.items() if key not in _BOOKKEEPING_KEYS}
     num_skipped = int(valid.numel() - valid.sum().item())
     if num_skipped == 0:
         return inputs, 0, False
     if num_skipped == valid.numel():
         return inputs, num_skipped, True
     return {key: value[valid] for key, value in inputs.items()}, num_skipped, False
+
+
+def skipped_file_keys(batch: dict[str, torch.Tensor]) -> list[int]:
+    """The file keys of a batch's unreadable rows (`UNKNOWN_FILE` for rows that name no file). Reads the device:
+    call it only for a batch known to have skipped rows."""
+    return batch["unreadable_keys"][~batch["valid"]].tolist()
+
+
+def readable_loss_weight(valid: torch.Tensor, accelerator) -> torch.Tensor:
+    """Factor for one process's mean loss over its readable images so that the gradient DDP averages over processes
+    is the gradient of the mean over the readable images of the whole (global) micro-batch, as one process with
+    the same global batch computes it: readable_here x num_processes / readable_everywhere.
+
+    Without unreadable images the factor is exactly 1; a process whose images are all unreadable gets 0 (its
+    placeholder forward contributes nothing). One scalar all-reduce per micro-batch, on the device (no host sync).
+    """
+    readable = valid.sum().to(torch.float32)
+    everywhere = accelerator.reduce(readable, reduction="sum")
+    return readable * accelerator.num_processes / everywhere.clamp(min=1.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -691,6 +741,73 @@ def read_checkpoint_meta(checkpoint_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+class CheckpointLoadError(ValueError):
+    """A file of a checkpoint does not load (truncated or corrupt); the message names the file."""
+
+
+# How `verify_checkpoint` loads each kind of file a checkpoint holds (`accelerator.save_state` plus meta.json).
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+
+
+def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> None:
+    """Load every file of a checkpoint folder once (safetensors, torch/pickle files, JSON) and raise a
+    `CheckpointLoadError` naming the first one that does not load, e.g. a file truncated by a full disk or a copy cut
+    short. Files of other kinds (e.g. sharded FSDP states) are not checked. The files are the run's own, loaded as
+    `accelerator.load_state` loads them."""
+    from safetensors.torch import load_file
+
+    root = Path(checkpoint_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                load_file(path)
+            elif path.suffix in _TORCH_SUFFIXES:
+                torch.load(path, map_location="cpu", weights_only=False)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as error:
+            raise CheckpointLoadError(
+                f"{path} does not load ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+                "the checkpoint is damaged (truncated or corrupt file)."
+            ) from error
+
+
+def resume_checkpoint(checkpoints_dir: str | os.PathLike, requested: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from, verified (`verify_checkpoint`).
+
+    `requested == "latest"`: the newest complete checkpoint under `checkpoints_dir` whose files all load; a damaged
+    one is skipped with a warning naming the bad file, and the previous one is tried. None when there is no
+    checkpoint; a `CheckpointLoadError` when there are only damaged ones. A named checkpoint folder must load
+    entirely: a damaged file is a `CheckpointLoadError` naming it (`read_checkpoint_meta`'s error when it is not a
+    checkpoint at all).
+    """
+    if str(requested) != "latest":
+        read_checkpoint_meta(requested)
+        try:
+            verify_checkpoint(requested)
+        except CheckpointLoadError as error:
+            raise CheckpointLoadError(
+                f"Cannot resume from {requested}: {error} Resume from an earlier checkpoint, or pass "
+                "--resume_from_checkpoint latest to use the newest one that loads."
+            ) from error
+        return Path(requested)
+    damaged = []
+    for _, checkpoint in reversed(list_checkpoints(checkpoints_dir)):
+        try:
+            verify_checkpoint(checkpoint)
+        except CheckpointLoadError as error:
+            logger.warning("Skipping damaged checkpoint %s: %s Trying the previous one.", checkpoint, error)
+            damaged.append(str(error))
+            continue
+        return checkpoint
+    if damaged:
+        raise CheckpointLoadError(
+            f"No checkpoint under {checkpoints_dir} loads: {' '.join(damaged)} Start afresh with "
+            "--overwrite_output_dir (deletes them)."
+        )
+    return None
+
+
 def _remove(path: Path) -> None:
     """Delete a folder by first renaming it out of the checkpoint namespace, so a kill mid-delete never leaves a
     half-deleted folder that looks like a checkpoint."""
@@ -744,6 +861,7 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
 __all__ = [
     "CHECKPOINT_META",
     "CHECKPOINT_PREFIX",
+    "CheckpointLoadError",
     "CollapseMonitor",
     "EpochShuffleSampler",
     "JsonlTracker",
@@ -754,6 +872,8 @@ __all__ = [
     "PretrainingCollator",
     "PretrainingImageDataset",
     "PretrainingIterableDataset",
+    "UNKNOWN_FILE",
+    "UNREADABLE_KEY",
     "create_pretraining_optimizer",
     "decode_image",
     "embedding_spread",
@@ -770,7 +890,12 @@ __all__ = [
     "sample_seed",
     "save_checkpoint",
     "scaled_learning_rate",
+    "readable_loss_weight",
+    "resume_checkpoint",
     "select_readable",
+    "skipped_file_keys",
+    "unreadable_file_key",
+    "verify_checkpoint",
     "warmup_cosine_schedule",
     "warmup_steps_for",
 ]

@@ -6,7 +6,9 @@
 
 Steps: (1) assemble a complete Hub-ready folder from a nepa-hf checkpoint folder: safetensors weights, config,
 image-processor config, model card (from `nepa_hf.model_card`) and the model code files with an `auto_map`, so
-`trust_remote_code=True` users need nothing but transformers; (2) validate it: required files, card metadata, and a
+`trust_remote_code=True` users need nothing but transformers. Every head the package registers publishes:
+`NepaModel`, `NepaForPreTraining`, `NepaForImageClassification`, `NepaForSemanticSegmentation`, `NepaBackbone`;
+(2) validate it: required files, card metadata, and a
 load-back in a fresh process where `nepa_hf` cannot be imported, whose outputs must match this process; (3) upload
 it with huggingface_hub (`create_repo`, then `upload_folder`), or with `--dry-run` only list what would be
 uploaded (works offline). The token comes from `--token`, `HF_TOKEN` or `hf auth login`.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,16 +30,21 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 
 from .configuration_nepa import NepaConfig
-from .convert import NEPA_CLASSES
 from .image_processing_nepa import NepaImageProcessorPil
-from .model_card import HUB_NAMESPACE, PUBLISHED_CHECKPOINTS, CheckpointSpec, make_model_card, spec_from_config
+from .model_card import (
+    AUTO_CLASS_OF_HEAD,
+    HUB_NAMESPACE,
+    PUBLISHED_CHECKPOINTS,
+    CheckpointSpec,
+    head_classes,
+    make_model_card,
+    spec_from_config,
+)
 
+# Code files every published folder needs; the modeling files come from its auto_map (segmentation and backbone
+# folders add modeling_nepa_segmentation.py).
 CODE_FILES = ("configuration_nepa.py", "modeling_nepa.py", "image_processing_nepa.py")
-AUTO_CLASS_OF = {
-    "NepaModel": "AutoModel",
-    "NepaForPreTraining": "AutoModelForPreTraining",
-    "NepaForImageClassification": "AutoModelForImageClassification",
-}
+AUTO_CLASS_OF = AUTO_CLASS_OF_HEAD
 
 
 class PublishError(RuntimeError):
@@ -65,20 +73,57 @@ def _load_config(model_dir: Path) -> NepaConfig:
 
 def _architecture(config: NepaConfig) -> str:
     for name in config.architectures or []:
-        if name in NEPA_CLASSES:
+        if name in AUTO_CLASS_OF:
             return name
     raise PublishError(
-        f"config.architectures={config.architectures} names none of {sorted(NEPA_CLASSES)}; save the model with "
+        f"config.architectures={config.architectures} names none of {sorted(AUTO_CLASS_OF)}; save the model with "
         "save_pretrained so the architecture is recorded."
     )
 
 
-def spec_for(name: str, config: NepaConfig, training: str = "") -> CheckpointSpec:
+# The sentence transformers' Trainer writes into its README.md from `create_model_card(dataset=...)`.
+_TRAINER_CARD_DATASET = re.compile(
+    r"^This model (?:was trained from scratch|is a fine-tuned version of .*?) on the (.+) dataset\.$", re.MULTILINE
+)
+
+
+def recorded_dataset(model_dir: str | Path) -> str | None:
+    """The training data a run of this project recorded beside the model, else None.
+
+    `examples/pretrain_nepa.py` writes `run_config.json` with its `--dataset`; the Trainer scripts
+    (`finetune_classification.py`, `finetune_segmentation.py`) pass `dataset=` to `Trainer.create_model_card`, which
+    writes it into `README.md` ("... on the <dataset> dataset.").
+    """
+    model_dir = Path(model_dir)
+    run_config = model_dir / "run_config.json"
+    if run_config.exists():
+        try:
+            value = json.loads(run_config.read_text()).get("dataset")
+        except (json.JSONDecodeError, AttributeError):
+            value = None
+        if value:
+            return str(value)
+    card = model_dir / "README.md"
+    if card.exists():
+        match = _TRAINER_CARD_DATASET.search(card.read_text(errors="replace"))
+        if match:
+            return match.group(1)
+    return None
+
+
+def spec_for(
+    name: str,
+    config: NepaConfig,
+    training: str = "",
+    dataset: str | None = None,
+    preprocessing: dict | None = None,
+) -> CheckpointSpec:
     """The published card spec when `name` is one of ours (checked against the weights' config), else a generic one
-    whose card describes the training with `training`."""
+    whose card describes the training with `training`, the training data `dataset` (as the run recorded it; None
+    states none) and the saved processor's `preprocessing` settings."""
     architecture = _architecture(config)
     if name not in PUBLISHED_CHECKPOINTS:
-        return spec_from_config(name, config, training=training)
+        return spec_from_config(name, config, training=training, dataset=dataset, preprocessing=preprocessing)
     spec = PUBLISHED_CHECKPOINTS[name]
     actual = spec_from_config(name, config)
     if (actual.architecture, actual.num_parameters, actual.size) != (spec.architecture, spec.num_parameters, spec.size):
@@ -96,15 +141,19 @@ def assemble(
     name: str | None = None,
     card_path=None,
     training_description: str = "",
+    dataset: str | None = None,
 ) -> Path:
-    """Write the Hub-ready folder for `model_dir` into `staging_dir` and return it."""
+    """Write the Hub-ready folder for `model_dir` into `staging_dir` and return it.
+
+    `dataset`: the training data to name on a generated card; default: what the run recorded (`recorded_dataset`).
+    """
     model_dir, staging = Path(model_dir), Path(staging_dir)
     if not model_dir.is_dir():
         raise PublishError(f"--model {model_dir} is not a folder.")
     config = _load_config(model_dir)
     architecture = _architecture(config)
     # Loading and saving again writes the current code files and a complete auto_map; weights keep dtype and values.
-    model = NEPA_CLASSES[architecture].from_pretrained(model_dir)
+    model = head_classes()[architecture].from_pretrained(model_dir)
     model.save_pretrained(staging)
     if (model_dir / "preprocessor_config.json").exists():
         processor = NepaImageProcessorPil.from_pretrained(model_dir)
@@ -114,7 +163,10 @@ def assemble(
     if card_path is not None:
         (staging / "README.md").write_text(Path(card_path).read_text())
     else:
-        spec = spec_for(name or repo_id.split("/")[-1], model.config, training=training_description)
+        spec = spec_for(
+            name or repo_id.split("/")[-1], model.config, training=training_description,
+            dataset=dataset or recorded_dataset(model_dir), preprocessing=processor.to_dict(),
+        )  # fmt: skip
         make_model_card(spec, repo_id=repo_id).save(staging / "README.md")
     return staging
 
@@ -123,12 +175,23 @@ def assemble(
 # Validate
 # --------------------------------------------------------------------------------------------------------------
 
+def main_outputs(outputs) -> list:
+    """The tensors the load-back compares: logits (classifier, segmenter), feature maps (backbone), else the last
+    hidden state (NepaModel, NepaForPreTraining). `_LOAD_BACK` repeats this (it cannot import nepa_hf)."""
+    for name in ("logits", "feature_maps", "last_hidden_state"):
+        value = getattr(outputs, name, None)
+        if value is not None:
+            return list(value) if isinstance(value, (tuple, list)) else [value]
+    raise PublishError(f"{type(outputs).__name__} has none of logits, feature_maps, last_hidden_state to compare.")
+
+
 _LOAD_BACK = textwrap.dedent(
     """
     import sys
     sys.modules["nepa_hf"] = None  # what a user without nepa-hf installed has
     import numpy as np, torch
     from transformers import AutoConfig, AutoImageProcessor
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
     import transformers
     folder, auto_class, pixels_path, out_path = sys.argv[1:5]
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
@@ -136,11 +199,21 @@ _LOAD_BACK = textwrap.dedent(
     size = processor.size.get("height") or processor.size.get("shortest_edge")
     image = np.random.default_rng(0).integers(0, 256, (size + 5, size + 3, 3), dtype=np.uint8)
     assert processor(image, return_tensors="pt").pixel_values.shape[-3] == config.num_channels
-    model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
+    if auto_class == "AutoBackbone":
+        # AutoBackbone.from_pretrained(local folder) asks the Hub whether the path is a repo (transformers 5.18 to at
+        # least 5.24) and fails offline; take the class from auto_map, as AutoBackbone does for a Hub repo.
+        model_class = get_class_from_dynamic_module(config.auto_map[auto_class], folder)
+    else:
+        model_class = getattr(transformers, auto_class)
+    model = model_class.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     with torch.no_grad():
         out = model(torch.load(pixels_path))
-    torch.save(out.logits if hasattr(out, "logits") else out.last_hidden_state, out_path)
+    for name in ("logits", "feature_maps", "last_hidden_state"):  # = nepa_hf.publish.main_outputs
+        value = getattr(out, name, None)
+        if value is not None:
+            torch.save(list(value) if isinstance(value, (tuple, list)) else [value], out_path)
+            break
     """
 )
 
@@ -150,19 +223,21 @@ def validate(folder: str | Path, check_load: bool = True) -> list[str]:
     folder = Path(folder)
     passed = []
     weights = [f for f in ("model.safetensors", "model.safetensors.index.json") if (folder / f).exists()]
-    missing = [
-        f for f in ("config.json", "preprocessor_config.json", "README.md", *CODE_FILES) if not (folder / f).exists()
-    ]
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    # The code files the auto_map points at (`module.Class` -> module.py), besides the ones every folder needs.
+    auto_map = config.get("auto_map") or {}
+    mapped = {value.split(".")[0] + ".py" for value in auto_map.values() if isinstance(value, str)}
+    required = ("config.json", "preprocessor_config.json", "README.md", *CODE_FILES, *sorted(mapped - set(CODE_FILES)))
+    missing = [f for f in required if not (folder / f).exists()]
     if not weights:
         missing.append("model.safetensors")
     if missing:
         raise PublishError(f"{folder} is missing {', '.join(missing)}.")
-    config = json.loads((folder / "config.json").read_text())
     architecture = next((a for a in config.get("architectures") or [] if a in AUTO_CLASS_OF), None)
     if architecture is None:
         raise PublishError(f"config.json architectures {config.get('architectures')} is not a NEPA model class.")
     auto_class = AUTO_CLASS_OF[architecture]
-    if auto_class not in (config.get("auto_map") or {}):
+    if auto_class not in auto_map:
         raise PublishError(
             f"config.json has no auto_map entry for {auto_class}: trust_remote_code users could not load it."
         )
@@ -189,13 +264,12 @@ def validate(folder: str | Path, check_load: bool = True) -> list[str]:
 
 
 def _check_load_back(folder: Path, architecture: str, auto_class: str) -> None:
-    model = NEPA_CLASSES[architecture].from_pretrained(folder).eval()
+    model = head_classes()[architecture].from_pretrained(folder).eval()
     config = model.config
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, config.num_channels, config.image_size, config.image_size, generator=generator)
     with torch.no_grad():
-        out = model(pixels)
-    expected = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        expected = main_outputs(model(pixels))
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         torch.save(pixels, scratch / "pixels.pt")
@@ -210,7 +284,7 @@ def _check_load_back(folder: Path, architecture: str, auto_class: str) -> None:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise PublishError(f"Loading the folder back with trust_remote_code (without nepa_hf) failed: {last}")
         reloaded = torch.load(scratch / "out.pt")
-    tolerance = dict(rtol=1e-4, atol=1e-4) if expected.dtype == torch.float32 else {}
+    tolerance = dict(rtol=1e-4, atol=1e-4) if expected[0].dtype == torch.float32 else {}
     try:
         torch.testing.assert_close(reloaded, expected, **tolerance)
     except AssertionError as error:
@@ -300,6 +374,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="",
         help="For checkpoints trained here: data and recipe, written into the generated card.",
     )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="Training data to name on the generated card (a Hub dataset id goes into its metadata). Default: what "
+        "the training run recorded (run_config.json or the Trainer's README.md), else none.",
+    )
     parser.add_argument("--revision", default=None, help="Branch to upload to (created if missing).")
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
     parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing directly.")
@@ -342,9 +422,13 @@ def main(argv=None) -> int:
         staging_parent = tempfile.TemporaryDirectory(prefix="nepa-publish-")
         staging = Path(staging_parent.name) / repo_id.split("/")[-1]
     try:
+        dataset = args.dataset or recorded_dataset(args.model)
+        if args.card is None and (args.name or repo_id.split("/")[-1]) not in PUBLISHED_CHECKPOINTS:
+            print(f"card: training data {dataset!r}" if dataset else
+                  "card: no training data recorded beside the model; pass --dataset to name it")  # fmt: skip
         assemble(
             args.model, staging, repo_id, name=args.name, card_path=args.card,
-            training_description=args.training_description,
+            training_description=args.training_description, dataset=dataset,
         )  # fmt: skip
         for check in validate(staging, check_load=not args.skip_load_check):
             print(f"ok: {check}")

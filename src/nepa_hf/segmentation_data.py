@@ -163,7 +163,9 @@ def segmentation_folder_dataset(folder, split: str | None = None):
 
 
 def _as_pil_pair(image, mask) -> tuple[Image.Image, Image.Image]:
-    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    from .transforms import to_rgb  # torch/torchvision: imported only when augmenting
+
+    image = to_rgb(image if isinstance(image, Image.Image) else np.asarray(image))  # 16-bit: the processor's rule
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"A segmentation mask must be (H, W) class indices, got shape {mask.shape}.")
@@ -171,7 +173,7 @@ def _as_pil_pair(image, mask) -> tuple[Image.Image, Image.Image]:
         raise ValueError(
             f"Image size {(image.height, image.width)} and mask size {mask.shape} differ; expected the same (H, W)."
         )
-    return image.convert("RGB"), Image.fromarray(mask.astype(np.int32))  # mode "I": any label value survives
+    return image, Image.fromarray(mask.astype(np.int32))  # mode "I": any label value survives
 
 
 def random_scale_crop_flip(

@@ -1,0 +1,124 @@
+"""Issue 14, processor / pipeline boundary: bad images get clear errors that name the input and the fix.
+
+Items: 3 (NaN/inf pixels), 10 (pipeline inputs: damaged or missing image files, an empty list; transformers' own
+errors where its code runs before NEPA's, as the README documents).
+"""
+
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import pipeline
+from transformers.utils import is_torchvision_available
+
+from nepa_hf import (
+    NepaConfig,
+    NepaForImageClassification,
+    NepaForSemanticSegmentation,
+    NepaImageProcessor,
+    NepaImageProcessorPil,
+)
+from nepa_hf.image_processing_nepa import open_image
+
+LABELS = {0: "cat", 1: "coffee", 2: "rocket"}
+PROCESSOR_CLASSES = [NepaImageProcessorPil] + ([NepaImageProcessor] if is_torchvision_available() else [])
+
+
+def small_config(**overrides) -> NepaConfig:
+    base = dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, patch_size=8,
+        image_size=32, layerscale_value=1.0, qk_norm_affine=True, id2label=LABELS,
+    )  # fmt: skip
+    base.update(overrides)
+    return NepaConfig(**base)
+
+
+def save_folder(folder, model_class=NepaForImageClassification):
+    torch.manual_seed(0)
+    model = model_class(small_config()).eval()
+    model.save_pretrained(folder)
+    NepaImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return model
+
+
+def jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def damaged_jpeg(tmp_path):
+    path = tmp_path / "damaged.jpg"
+    path.write_bytes(jpeg_bytes()[:700])  # cut inside the scan data
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ item 3
+
+
+@pytest.mark.parametrize("processor_class", PROCESSOR_CLASSES)
+def test_processor_refuses_nan_and_infinite_pixels(processor_class):
+    processor = processor_class(size={"height": 32, "width": 32})
+    image = np.random.default_rng(0).random((40, 30, 3)).astype(np.float32) * 255
+    image[3, 4, 0] = np.nan
+    with pytest.raises(ValueError, match=r"Image 0 of the input .* 1 NaN and 0 infinite pixel values.*nan_to_num"):
+        processor(image, do_rescale=True)
+    batch = [np.zeros((40, 30, 3), np.float32), torch.full((3, 40, 30), float("inf"))]
+    with pytest.raises(ValueError, match=r"Image 1 of the input .* 0 NaN and 3600 infinite"):
+        processor(batch)
+    float_pil = PIL.Image.fromarray(np.full((40, 30), np.nan, dtype=np.float32))
+    assert float_pil.mode == "F"
+    with pytest.raises(ValueError, match=r"mode 'F' PIL image has 1200 NaN"):
+        processor(float_pil)
+    processor(np.nan_to_num(image))  # the fix the message names
+
+
+def test_classification_pipeline_refuses_nan_pixels_instead_of_scoring_nan(tmp_path):
+    save_folder(tmp_path)
+    classify = pipeline("image-classification", model=str(tmp_path))
+    image = np.zeros((32, 32, 3), np.float32)
+    image[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"3 NaN .*`score: nan`"):
+        classify(image)
+
+
+# ------------------------------------------------------------------------------------------------ item 10
+
+
+@pytest.mark.parametrize("processor_class", PROCESSOR_CLASSES)
+def test_processor_names_missing_and_damaged_image_files(tmp_path, damaged_jpeg, processor_class):
+    processor = processor_class(size={"height": 32, "width": 32})
+    missing = tmp_path / "no-such-photo.jpg"
+    with pytest.raises(FileNotFoundError, match=r"No image file at '.*no-such-photo\.jpg'.*Check the path"):
+        processor(str(missing))
+    with pytest.raises(OSError, match=r"Cannot read the image file '.*damaged\.jpg': .*re-download or re-export"):
+        processor(str(damaged_jpeg))
+    (tmp_path / "good.jpg").write_bytes(jpeg_bytes())
+    assert processor([str(tmp_path / "good.jpg")], return_tensors="pt").pixel_values.shape == (1, 3, 32, 32)
+
+
+def test_open_image_keeps_the_mode_of_label_maps(tmp_path):
+    PIL.Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4), mode="L").save(tmp_path / "labels.png")
+    assert open_image(str(tmp_path / "labels.png")).mode == "L"
+
+
+@pytest.mark.parametrize("task", ["image-classification", "image-feature-extraction", "image-segmentation"])
+def test_pipeline_input_errors_are_the_documented_transformers_ones(tmp_path, damaged_jpeg, task):
+    """transformers' pipelines open paths (`load_image`) and inspect the input list before any NEPA code runs, so
+    these errors are transformers' own; README ("Bad inputs") documents them and the fix. If this test fails,
+    transformers changed them: update that table."""
+    model_class = NepaForSemanticSegmentation if task == "image-segmentation" else NepaForImageClassification
+    save_folder(tmp_path / "model", model_class)
+    pipe = pipeline(task, model=str(tmp_path / "model"))
+    missing = str(tmp_path / "no-such-photo.jpg")
+    with pytest.raises(ValueError, match=r"Incorrect image source.*no-such-photo\.jpg"):
+        pipe(missing)
+    with pytest.raises(OSError, match="image file is truncated"):
+        pipe(str(damaged_jpeg))
+    with pytest.raises(IndexError):
+        pipe([])
+
+
