@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformers import ViTConfig  # noqa: E402
 from transformers.models.vit.modeling_vit import ViTLayer  # noqa: E402
 
-import nepa_hf.modeling_nepa as modeling  # noqa: E402
+import nepa_hf.models.nepa.modeling_nepa as modeling  # noqa: E402
 from throughput import SIZES, load_baseline_package, nepa_config, saved_activation_bytes  # noqa: E402
 
 

@@ -45,10 +45,10 @@ if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without instal
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining  # noqa: E402
-from nepa_hf.data import load_fashion_mnist  # noqa: E402
-from nepa_hf.evaluation import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
-from nepa_hf.finetuning import get_layerwise_cosine_schedule, layer_decay_parameter_groups  # noqa: E402
-from nepa_hf.pretraining import (  # noqa: E402
+from nepa_hf.data.images import load_fashion_mnist  # noqa: E402
+from nepa_hf.evaluation.features import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
+from nepa_hf.training.finetuning import get_layerwise_cosine_schedule, layer_decay_parameter_groups  # noqa: E402
+from nepa_hf.training.pretraining import (  # noqa: E402
     CollapseMonitor,
     create_pretraining_optimizer,
     random_patch_mask,
@@ -581,8 +581,8 @@ def make_visualizations(output_root: Path, report_dir: Path) -> list[str]:
     64x64: RoPE runs at any resolution) and on a Fashion-MNIST test image."""
     from PIL import Image
 
-    from nepa_hf.data import bundled_photo_paths
-    from nepa_hf.visualization import save_visualizations
+    from nepa_hf.data.images import bundled_photo_paths
+    from nepa_hf.evaluation.visualization import save_visualizations
 
     checkpoint = output_root / unit_name("pretrain", "nepa", 0) / "model"
     if not checkpoint.exists():
@@ -594,7 +594,7 @@ def make_visualizations(output_root: Path, report_dir: Path) -> list[str]:
         ("photo", Image.open(photo).convert("L").convert("RGB"), 64, f"{photo.name} (greyscale)"),
         ("fashion", Image.fromarray(load_split("test")[0][0].numpy()).convert("RGB"), 32, "Fashion-MNIST test item 0"),
     ):
-        # Written at their own size: each PNG carries its title, colourbar and notes (nepa_hf.visualization).
+        # Written at their own size: each PNG carries its title, colourbar and notes (nepa_hf.evaluation.visualization).
         paths = save_visualizations(model, fashion_processor(size), image, report_dir, prefix=f"study_{name}_",
                                     model_name="seed-0 NEPA backbone (Fashion-MNIST study)", image_name=image_name)
         written.extend(Path(path).name for path in paths.values())

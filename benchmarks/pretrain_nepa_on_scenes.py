@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessorPil
-from nepa_hf.pretraining import create_pretraining_optimizer, warmup_cosine_schedule
-from nepa_hf.segmentation_data import make_fashion_scenes
-from nepa_hf.transforms import pretraining_transform, seeded
+from nepa_hf.training.pretraining import create_pretraining_optimizer, warmup_cosine_schedule
+from nepa_hf.data.segmentation import make_fashion_scenes
+from nepa_hf.data.transforms import pretraining_transform, seeded
 
 
 def parse_args():

@@ -36,8 +36,8 @@ from accelerate.utils import gather_object
 from transformers.trainer_utils import get_last_checkpoint
 
 from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForImageClassification
-from nepa_hf.augmentation import AugmentationArguments
-from nepa_hf.classification_data import (
+from nepa_hf.data.augmentation import AugmentationArguments
+from nepa_hf.data.classification import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
     check_labels,
@@ -46,10 +46,10 @@ from nepa_hf.classification_data import (
     train_validation_split,
     with_image_transform,
 )
-from nepa_hf.data import load_image_dataset, resolve_column, split_names
-from nepa_hf.evaluation import classification_metrics
-from nepa_hf.finetuning import NepaTrainer, NepaTrainingArguments
-from nepa_hf.transforms import ImageProcessorTransform
+from nepa_hf.data.images import load_image_dataset, resolve_column, split_names
+from nepa_hf.evaluation.features import classification_metrics
+from nepa_hf.training.finetuning import NepaTrainer, NepaTrainingArguments
+from nepa_hf.data.transforms import ImageProcessorTransform
 
 logger = logging.getLogger(__name__)
 

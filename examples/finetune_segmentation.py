@@ -14,7 +14,7 @@ Data (all in the ADE20K `scene_parse_150` layout: an image column and an annotat
 
 Training: random scale / crop / flip applied jointly to images and masks, cross-entropy with ignore index 255
 (+ 0.4 x auxiliary loss), AdamW with layer-wise lr decay (`--layer_decay`). Evaluation: mean IoU / pixel accuracy
-through the local `mean_iou` evaluate module (`nepa_hf.evaluation.load_metric`), during training on `--crop_size` inputs and, at the end, at
+through the local `mean_iou` evaluate module (`nepa_hf.evaluation.features.load_metric`), during training on `--crop_size` inputs and, at the end, at
 the original resolution with whole-image or sliding-window inference (`--final_eval_mode`).
 
 Example (offline, CPU, a few minutes):
@@ -41,16 +41,16 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from nepa_hf import NepaConfig, NepaForSemanticSegmentation, NepaImageProcessor
-from nepa_hf.evaluation import local_metric_path
-from nepa_hf.finetuning import layer_decay_parameter_groups
-from nepa_hf.segmentation import sliding_window_inference, whole_inference
-from nepa_hf.segmentation_data import (
+from nepa_hf.evaluation.features import local_metric_path
+from nepa_hf.training.finetuning import layer_decay_parameter_groups
+from nepa_hf.evaluation.segmentation import sliding_window_inference, whole_inference
+from nepa_hf.data.segmentation import (
     FASHION_SCENES_LABELS,
     fashion_scenes_dataset,
     random_scale_crop_flip,
     segmentation_folder_dataset,
 )
-from nepa_hf.transforms import to_rgb
+from nepa_hf.data.transforms import to_rgb
 
 logger = logging.getLogger(__name__)
 

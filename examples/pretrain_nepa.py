@@ -41,9 +41,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForPreTraining, NepaImageProcessor
-from nepa_hf.data import BUILTIN_DATASETS, load_image_dataset, resolve_column
-from nepa_hf.ema import create_ema, save_ema
-from nepa_hf.pretraining import (
+from nepa_hf.data.images import BUILTIN_DATASETS, load_image_dataset, resolve_column
+from nepa_hf.training.ema import create_ema, save_ema
+from nepa_hf.training.pretraining import (
     CollapseMonitor,
     EpochShuffleSampler,
     JsonlTracker,
@@ -64,7 +64,7 @@ from nepa_hf.pretraining import (
     warmup_cosine_schedule,
     warmup_steps_for,
 )
-from nepa_hf.transforms import INTERPOLATIONS, pretraining_transform
+from nepa_hf.data.transforms import INTERPOLATIONS, pretraining_transform
 
 
 # `--demo`: a micro NEPA on the bundled Fashion-MNIST subset; 200 steps of 32 images took 2m49s on two shared CPU

@@ -24,7 +24,7 @@ from transformers import (
 
 import nepa_hf  # noqa: F401  (registers model_type "nepa")
 from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessor, NepaImageProcessorPil
-from nepa_hf.convert import (
+from nepa_hf.models.nepa.convert_nepa import (
     ConversionError,
     convert_reference_checkpoint,
     convert_reference_state_dict,
@@ -684,7 +684,7 @@ def test_truncated_hub_download_suggests_force_download(tmp_path, monkeypatch, c
 
 
 def test_a_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
-    import nepa_hf.convert as convert
+    import nepa_hf.models.nepa.convert_nepa as convert
 
     config, state_dict = make_variant("pretrain-causal-nonaffine")
     source = write_reference_folder(tmp_path / "src", config, state_dict)

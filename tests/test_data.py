@@ -1,4 +1,4 @@
-"""Tests for nepa_hf.data: idx reader, Fashion-MNIST loaders, bundled photos, Datasets."""
+"""Tests for nepa_hf.data.images: idx reader, Fashion-MNIST loaders, bundled photos, Datasets."""
 
 from __future__ import annotations
 

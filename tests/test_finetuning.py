@@ -8,11 +8,11 @@ from torch import nn
 from transformers import TrainerCallback
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaModel
-from nepa_hf.augmentation import AugmentationArguments
-from nepa_hf.classification_data import collate_image_batch
-from nepa_hf.ema import create_ema, load_ema
-from nepa_hf.evaluation import classification_metrics
-from nepa_hf.finetuning import (
+from nepa_hf.data.augmentation import AugmentationArguments
+from nepa_hf.data.classification import collate_image_batch
+from nepa_hf.training.ema import create_ema, load_ema
+from nepa_hf.evaluation.features import classification_metrics
+from nepa_hf.training.finetuning import (
     EMA_WEIGHTS_NAME,
     EMACallback,
     NepaTrainer,
@@ -86,8 +86,8 @@ def test_layer_decay_groups_match_the_reference_formula():
 def test_one_weight_decay_rule_for_pretraining_and_finetuning():
     """The pretraining rule decays every weight and the tokens but no bias, norm or LayerScale; fine-tuning decays
     the same parameters minus the 1-D ones (there are none among the decayed here), through the same function."""
-    from nepa_hf.pretraining import no_weight_decay, pretraining_param_groups
-    from nepa_hf.weight_decay import decays_in_pretraining, weight_decay_flags
+    from nepa_hf.training.pretraining import no_weight_decay, pretraining_param_groups
+    from nepa_hf.training.weight_decay import decays_in_pretraining, weight_decay_flags
 
     model = NepaForImageClassification(NepaConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4,

@@ -22,7 +22,7 @@ from nepa_hf import (
     NepaForSemanticSegmentation,
     NepaModel,
 )
-from nepa_hf.convert import convert_reference_checkpoint, convert_to_reference_checkpoint
+from nepa_hf.models.nepa.convert_nepa import convert_reference_checkpoint, convert_to_reference_checkpoint
 
 LABELS = {0: "a", 1: "b", 2: "c"}
 

@@ -13,7 +13,7 @@ from nepa_hf import (
     NepaModel,
     nepa_loss,
 )
-from nepa_hf.modeling_nepa import NepaRopePositionEmbedding, patch_center_coordinates
+from nepa_hf.models.nepa.modeling_nepa import NepaRopePositionEmbedding, patch_center_coordinates
 
 
 def tiny_config(**overrides) -> NepaConfig:

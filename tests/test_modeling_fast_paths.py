@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import nepa_hf.modeling_nepa as modeling
+import nepa_hf.models.nepa.modeling_nepa as modeling
 from nepa_hf import NepaForImageClassification, NepaForPreTraining, NepaModel
 from test_modeling import randomize_, reference_forward, tiny_config
 

@@ -1,4 +1,4 @@
-"""NEPA pretraining: the library pieces (nepa_hf.pretraining) and examples/pretrain_nepa.py end to end.
+"""NEPA pretraining: the library pieces (nepa_hf.training.pretraining) and examples/pretrain_nepa.py end to end.
 
 Script runs use a tiny NEPA (hidden 32, 2 layers, 16px images, patch 4) on real bundled images, in-process (one
 thread) to stay fast; the two-process run goes through `torchrun` for real.
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch.utils.data import BatchSampler, DataLoader
 
 from nepa_hf import NepaConfig, NepaForPreTraining, nepa_loss
-from nepa_hf.pretraining import (
+from nepa_hf.training.pretraining import (
     CollapseMonitor,
     EpochShuffleSampler,
     JsonlTracker,
@@ -45,7 +45,7 @@ from nepa_hf.pretraining import (
     warmup_cosine_schedule,
     warmup_steps_for,
 )
-from nepa_hf.transforms import pretraining_transform
+from nepa_hf.data.transforms import pretraining_transform
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "pretrain_nepa.py"
@@ -172,7 +172,7 @@ def test_dataset_skips_and_counts_unreadable_images_across_workers(tmp_path, cap
     # Decoding in the main process names the file.
     undecoded = wrapped.dataset
     bad = [i for i in range(12) if undecoded[i]["image"]["path"].endswith(("garbage.jpg", "truncated.jpg"))]
-    with caplog.at_level("WARNING", logger="nepa_hf.pretraining"):
+    with caplog.at_level("WARNING", logger="nepa_hf.training.pretraining"):
         assert all(wrapped[i] == {"unreadable": i} for i in bad)  # the row index identifies the file
     assert "garbage.jpg" in caplog.text and "truncated.jpg" in caplog.text
     # A batch with nothing readable keeps its placeholders and says so.
@@ -559,7 +559,7 @@ def test_resume_latest_falls_back_past_a_damaged_checkpoint(run_pretraining, ref
     with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-6: .*checkpoint-6/optimizer\.bin does not "
                                          r"load .*--resume_from_checkpoint latest"):
         run_pretraining(args + ["--resume_from_checkpoint", resumed / "checkpoints" / "checkpoint-6"])
-    with caplog.at_level("WARNING", logger="nepa_hf.pretraining"):
+    with caplog.at_level("WARNING", logger="nepa_hf.training.pretraining"):
         run_pretraining(args + ["--resume_from_checkpoint", "latest"])
     assert "Skipping damaged checkpoint" in caplog.text and "checkpoint-6/optimizer.bin does not load" in caplog.text
     expected, actual = load_file(reference_run / "model.safetensors"), load_file(resumed / "model.safetensors")

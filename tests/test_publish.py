@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaImageProcessorPil, publish
-from nepa_hf.publish import PublishError, assemble, main, validate
+from nepa_hf.hub.publish import PublishError, assemble, main, validate
 
 LABELS = ["cat", "coffee", "rocket"]
 
@@ -126,7 +126,7 @@ def test_wrong_inputs_are_refused_clearly(checkpoint, tmp_path, capsys):
     reference.mkdir()
     (reference / "config.json").write_text(json.dumps({"model_type": "vit_nepa"}))
     assert main(["--model", str(reference), "--repo-id", "a/b", "--dry-run"]) == 1
-    assert "python -m nepa_hf.convert --input" in capsys.readouterr().err
+    assert "python -m nepa_hf.models.nepa.convert_nepa --input" in capsys.readouterr().err
     # A published name on the wrong weights would produce a false card.
     assert main(["--model", str(checkpoint), "--repo-id", "a/nepa-vit-b", "--dry-run", "--skip-load-check"]) == 1
     assert "not nepa-vit-b" in capsys.readouterr().err

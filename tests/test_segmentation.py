@@ -25,8 +25,8 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-from nepa_hf.evaluation import local_metric_path
-from nepa_hf.finetuning import layer_decay_parameter_groups
+from nepa_hf.evaluation.features import local_metric_path
+from nepa_hf.training.finetuning import layer_decay_parameter_groups
 from nepa_hf import (
     NepaBackbone,
     NepaConfig,
@@ -38,11 +38,11 @@ from nepa_hf import (
     NepaModel,
     default_backbone_out_indices,
 )
-from nepa_hf.segmentation import (
+from nepa_hf.evaluation.segmentation import (
     sliding_window_inference,
     whole_inference,
 )
-from nepa_hf.segmentation_data import (
+from nepa_hf.data.segmentation import (
     FASHION_SCENES_LABELS,
     fashion_scenes_dataset,
     make_fashion_scenes,

@@ -8,13 +8,13 @@
   which files were skipped travels with the batch across workers and processes (counted once per file however
   often it is read); `select_readable` drops them on the device, and `readable_loss_weight` weights each process's
   loss so that the gradient is the mean over the readable images of all processes.
-  The transform is the authors' (`nepa_hf.transforms.pretraining_transform`: torchvision RandomResizedCrop + flip +
+  The transform is the authors' (`nepa_hf.data.transforms.pretraining_transform`: torchvision RandomResizedCrop + flip +
   normalise). Per-sample randomness (crop, flip, input mask) runs under a seed made from (seed, epoch, index), so
   the augmented data do not depend on the number of workers or processes, nor on where a run was resumed.
 - Objective: `NepaPretrainingObjective` wraps `NepaForPreTraining` and optionally adds the hybrid next-patch pixel
   loss of timm's NEPA task through a small MLP `NepaPixelDecoder`; `random_patch_mask` for input masking.
 - Recipe: AdamW parameter groups with weight decay on everything but biases, norms and LayerScale (the CLS token
-  and the patch embedding are decayed; `pretraining_param_groups`, rule in `nepa_hf.weight_decay`), lr = base x
+  and the patch embedding are decayed; `pretraining_param_groups`, rule in `nepa_hf.training.weight_decay`), lr = base x
   global batch / 256 (`scaled_learning_rate`), linear warmup then cosine to 0 (`warmup_cosine_schedule`).
 - Monitoring: `CollapseMonitor` (spread of the predicted embeddings), `JsonlTracker` (an Accelerate tracker that
   writes one JSON object per logged step, always available offline).
@@ -42,7 +42,7 @@ from PIL import Image
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .transforms import array_to_image, seeded, to_rgb
+from ..data.transforms import array_to_image, seeded, to_rgb
 from .weight_decay import NO_WEIGHT_DECAY_NAMES, decays_in_pretraining, weight_decay_flags
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class PretrainingImageDataset(torch.utils.data.Dataset):
         image_column: column holding the images (None when the items are images themselves). Other columns,
             labels included, are ignored.
         transform: per-sample transform from an RGB (or, with num_channels=1, "L") PIL image to a float (C, H, W)
-            tensor, e.g. `nepa_hf.transforms.pretraining_transform`. It runs under the sample's seed.
+            tensor, e.g. `nepa_hf.data.transforms.pretraining_transform`. It runs under the sample's seed.
         seed: base seed of the per-sample seeds.
         num_channels: 3 (grayscale sources become RGB) or 1 (everything becomes grayscale).
         mask_ratio, num_patches: also return a random `bool_masked_pos` of `num_patches` entries per sample.
@@ -500,12 +500,12 @@ class NepaPretrainingObjective(nn.Module):
 def no_weight_decay(name: str, parameter: torch.Tensor | None = None, in_norm_module: bool = False) -> bool:
     """True for a parameter the reference pretraining keeps free of weight decay: biases, norms (and any parameter of
     a LayerNorm module, `in_norm_module`), LayerScale. Learned tokens and the patch embedding ARE decayed. The rule
-    lives in `nepa_hf.weight_decay` (one rule for pretraining and fine-tuning); `parameter` is not needed."""
+    lives in `nepa_hf.training.weight_decay` (one rule for pretraining and fine-tuning); `parameter` is not needed."""
     return not decays_in_pretraining(name, in_norm_module)
 
 
 def pretraining_param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
-    """Two AdamW groups of the reference pretraining recipe (`nepa_hf.weight_decay.weight_decay_flags`): every
+    """Two AdamW groups of the reference pretraining recipe (`nepa_hf.training.weight_decay.weight_decay_flags`): every
     parameter with `weight_decay` (CLS/mask token, patch embedding, linear weights) except biases, norms and
     LayerScale, which get none. Frozen parameters are left out."""
     flags = weight_decay_flags(model)

@@ -145,24 +145,17 @@ def write_idx(path, array: np.ndarray, compress: Optional[bool] = None) -> Path:
 
 
 def bundled_data_dir() -> Path:
-    """Return the repository's ``data/`` folder (or ``$NEPA_HF_DATA_DIR`` when set)."""
+    """The bundled sample data shipped inside the package (``nepa_hf/data/bundled``; ``data/`` in the repository
+    links to it), or ``$NEPA_HF_DATA_DIR`` when set."""
     env = os.environ.get(DATA_DIR_ENV_VAR)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"${DATA_DIR_ENV_VAR}={env!r} is not a directory")
-        return path
-    here = Path(__file__).resolve().parent
-    for parent in (here, *here.parents):
-        candidate = parent / "data"
-        if (candidate / BUNDLED_FASHION_MNIST_FILE).is_file() or (
-            candidate / BUNDLED_PHOTOS_DIR
-        ).is_dir():
-            return candidate
-    raise FileNotFoundError(
-        "Could not find the bundled data/ folder above "
-        f"{here}; set ${DATA_DIR_ENV_VAR} to the nepa-hf repository's data/ directory."
-    )
+    path = Path(env).expanduser() if env else Path(__file__).resolve().parent / "bundled"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{'$' + DATA_DIR_ENV_VAR + '=' + repr(env) if env else 'The bundled data folder ' + str(path)} is not a "
+            "directory: reinstall nepa-hf (the package ships its sample data) or point $" + DATA_DIR_ENV_VAR +
+            " at a folder holding fashion_mnist/ and photos/."
+        )
+    return path
 
 
 def bundled_photo_paths() -> List[Path]:

@@ -373,7 +373,7 @@ def processor_view(image: Image.Image, size: tuple[int, int], processor) -> Imag
         return image
     from transformers.image_utils import SizeDict
 
-    from .image_processing_nepa import _resize_output_size
+    from ..models.nepa.image_processing_nepa import _resize_output_size
 
     crop_h, crop_w = int(size[0]), int(size[1])
     resized_h, resized_w = image.height, image.width

@@ -3,9 +3,9 @@
 
 Command line:
 
-    python -m nepa_hf.convert --input SixAILab/nepa-base-patch14-224 --output nepa-vit-b
-    python -m nepa_hf.convert --input SixAILab/nepa-base-patch14-224 --output nepa-vit-b-ema --ema
-    python -m nepa_hf.convert --input my-nepa --output my-nepa-vit-nepa --to-reference
+    python -m nepa_hf.models.nepa.convert_nepa --input SixAILab/nepa-base-patch14-224 --output nepa-vit-b
+    python -m nepa_hf.models.nepa.convert_nepa --input SixAILab/nepa-base-patch14-224 --output nepa-vit-b-ema --ema
+    python -m nepa_hf.models.nepa.convert_nepa --input my-nepa --output my-nepa-vit-nepa --to-reference
 
 `--input` is a local folder or a Hub repo id. Python API (for notebooks): `convert_reference_state_dict`,
 `convert_to_reference`, `convert_reference_checkpoint`, `convert_to_reference_checkpoint`,
@@ -966,7 +966,7 @@ def convert_reference_checkpoint(
         processor = image_processor_from_reference(checkpoint.preprocessor_config, config)
         card = None
         if model_card:
-            from .model_card import card_for_conversion
+            from ...hub.model_card import card_for_conversion
 
             card = card_for_conversion(str(source), config, repo_id=output.name, ema=ema, revision=revision)
         save_nepa_checkpoint(config, state_dict, staging, processor, card)
@@ -1062,7 +1062,7 @@ def convert_to_reference_checkpoint(
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m nepa_hf.convert",
+        prog="python -m nepa_hf.models.nepa.convert_nepa",
         description="Convert the authors' NEPA checkpoints (vit_nepa) to nepa-hf, or back with --to-reference.",
     )
     parser.add_argument(

@@ -2,15 +2,15 @@
 
 * `layer_decay_parameter_groups`: layer-wise lr decay groups for any model holding a NEPA backbone
   (`embeddings`, `encoder.layers.N`); the head lr goes to the task heads and the backbone's final norm; weight decay
-  on the >1-D parameters the pretraining rule decays (`nepa_hf.weight_decay`: the CLS token is decayed).
+  on the >1-D parameters the pretraining rule decays (`nepa_hf.training.weight_decay`: the CLS token is decayed).
 * `get_layerwise_cosine_schedule`: per-group warmup (groups with a small lr factor warm up longest) + cosine to 0;
   `reference_warmup_steps` turns a warmup ratio into the reference's W = int(ratio x total steps).
-* `EMACallback`: EMA of the weights (timm's `ModelEmaV3`, fp32, see `nepa_hf.ema`) updated per optimizer step,
+* `EMACallback`: EMA of the weights (timm's `ModelEmaV3`, fp32, see `nepa_hf.training.ema`) updated per optimizer step,
   saved as `ema.safetensors` in every checkpoint and restored on resume; works with any Trainer.
 * `NepaTrainingArguments` + `NepaTrainer`: a Trainer that wires the above together, freezes the patch embedding
   on request, and evaluates the EMA weights beside the online ones (metrics `eval_ema_*`, usable as
   `metric_for_best_model="ema_accuracy"`). Augmentation lives in the data: timm transforms per sample and timm
-  Mixup in the collator (`nepa_hf.augmentation`).
+  Mixup in the collator (`nepa_hf.data.augmentation`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def count_backbone_layers(model: nn.Module) -> int:
 
 
 def uses_weight_decay(name: str, parameter: torch.Tensor, in_norm_module: bool = False) -> bool:
-    """The reference fine-tuning rule for one parameter (`nepa_hf.weight_decay.decays_in_finetuning`): more than one
+    """The reference fine-tuning rule for one parameter (`nepa_hf.training.weight_decay.decays_in_finetuning`): more than one
     dimension and decayed by the pretraining rule, so matrices, kernels and the CLS token `[1, 1, D]` are decayed,
     1-D parameters (biases, norms, LayerScale) never. `layer_decay_parameter_groups` reads the same rule (with the
     LayerNorm module check) through `weight_decay_flags(model, finetuning=True)`."""
@@ -131,7 +131,7 @@ def layer_decay_parameter_groups(
         `classifier`, `decode_head`, `auxiliary_head`; see `head_module_names`) and the backbone's final norm
         (`nepa.norm`, `vit.layernorm`, ...), as the authors do;
       * everything else outside the blocks (`fc_norm`, a segmentation `neck`, ...): `learning_rate` with f = 1.
-    Weight decay (`nepa_hf.weight_decay`, one rule with pretraining): `weight_decay` on parameters with more than
+    Weight decay (`nepa_hf.training.weight_decay`, one rule with pretraining): `weight_decay` on parameters with more than
     one dimension that the pretraining rule decays (so the CLS token `[1, 1, D]` is decayed; biases, norms and
     LayerScale are not), 0 elsewhere.
 

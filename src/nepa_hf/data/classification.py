@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .pretraining import _describe, _undecoded, decode_image
+from ..training.pretraining import _describe, _undecoded, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def with_image_transform(dataset, transform: Callable, image_column: str, label_
     is left as it is).
 
     `transform` maps one image to a normalised tensor (`AugmentationArguments.train_transform`, or
-    `nepa_hf.transforms.ImageProcessorTransform` for evaluation). `mixable=True` marks training examples for
+    `nepa_hf.data.transforms.ImageProcessorTransform` for evaluation). `mixable=True` marks training examples for
     `MixupCollator`.
     """
     return ImageClassificationDataset(dataset, transform, image_column, label_column, mixable)
@@ -326,7 +326,7 @@ def collate_image_batch(examples: list) -> dict:
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"pixel_values are {pixel_values.dtype}, not normalised floats: transform the images with the image "
-            "processor (nepa_hf.transforms.ImageProcessorTransform) or AugmentationArguments.train_transform."
+            "processor (nepa_hf.data.transforms.ImageProcessorTransform) or AugmentationArguments.train_transform."
         )
     batch = {"pixel_values": pixel_values}
     if "labels" in examples[0] and examples[0]["labels"] is not None:
