@@ -10,7 +10,8 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from nepa_hf import NepaConfig, NepaForImageClassification, NepaImageProcessorPil, publish
+from nepa_hf import NepaConfig, NepaForImageClassification, NepaImageProcessorPil
+from nepa_hf.hub import publish
 from nepa_hf.hub.publish import PublishError, assemble, main, validate
 
 LABELS = ["cat", "coffee", "rocket"]
