@@ -213,7 +213,7 @@ def section_accepted_flags(section: str) -> set[str]:
 def test_readme_code_fences_are_balanced():
     fences = [line for line in README.read_text().splitlines() if line.startswith("```")]
     assert len(fences) % 2 == 0, "unbalanced ``` fences in README.md"
-    assert all(line in ("```", "```python", "```bash") for line in fences), sorted(set(fences))
+    assert all(line in ("```", "```python", "```bash", "```text") for line in fences), sorted(set(fences))
 
 
 def test_readme_has_snippets_and_commands_for_every_tool():
@@ -317,6 +317,8 @@ def test_readme_runs_in_order(tmp_path, monkeypatch):
                 exec(compile(code, f"README.md block {index}", "exec"), {"__name__": "__main__"})
             except Exception as error:  # pragma: no cover - failure path
                 pytest.fail(f"README python block {index} failed: {error!r}\n{code}")
+            continue
+        if language != "bash":  # e.g. the ```text layout tree
             continue
         for command in parse_commands(code):
             args = offline_args(command)
