@@ -544,3 +544,51 @@ def test_training_forward_backward_has_no_host_syncs():
         classifier(pixels, labels=torch.rand(2, 3).softmax(-1)).loss.backward()
     assert mode.reads == []
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: missing QK-norm weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _qk_norm_weights(model) -> dict:
+    return {name: p for name, p in model.named_parameters() if name.endswith(("q_norm.weight", "k_norm.weight"))}
+
+
+@pytest.mark.parametrize("source_class", [NepaModel, NepaForPreTraining])
+def test_non_affine_checkpoint_loads_into_affine_config_with_a_log_line(tmp_path, caplog, source_class):
+    source = randomize_(source_class(tiny_config(qk_norm_affine=False))).eval()
+    source.save_pretrained(tmp_path)
+    with caplog.at_level("INFO", logger="nepa_hf.modeling_nepa"):
+        model, info = NepaForPreTraining.from_pretrained(tmp_path, qk_norm_affine=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    weights = _qk_norm_weights(model)
+    assert len(weights) == 4 and all(torch.equal(w, torch.ones_like(w)) for w in weights.values())
+    assert "non-affine QK-norm (qk_norm_affine=False)" in caplog.text
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = source(pixels).last_hidden_state
+        torch.testing.assert_close(model.nepa(pixels).last_hidden_state, expected, atol=0, rtol=0)
+    # The classifier head is missing too (expected for a pretraining source), and only it.
+    _, info = NepaForImageClassification.from_pretrained(
+        tmp_path, num_labels=3, qk_norm_affine=True, output_loading_info=True
+    )
+    assert not info["missing_keys"]
+
+
+@pytest.mark.parametrize("deleted", [("q_norm",), ("q_norm", "k_norm")])
+def test_affine_checkpoint_missing_qk_norm_weights_is_reported(tmp_path, caplog, deleted):
+    from safetensors.torch import load_file, save_file
+
+    NepaForPreTraining(tiny_config(qk_norm_affine=True)).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if not any(f".{norm}." in k for norm in deleted)}
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("INFO"):
+        _, info = NepaForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set(weights) - set(kept)
+    assert "non-affine QK-norm" not in caplog.text
+    for cls in (NepaForImageClassification, NepaModel):  # whatever head loads it
+        _, info = cls.from_pretrained(tmp_path, output_loading_info=True)
+        assert {key.split("encoder.", 1)[1] for key in info["missing_keys"]} == {
+            key.split("encoder.", 1)[1] for key in set(weights) - set(kept)
+        }

@@ -10,6 +10,7 @@ transformers and its sibling `configuration_nepa.py`.
 """
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -424,6 +425,20 @@ class NepaEncoder(nn.Module):
 # ------------------------------------------------------------------------------------------------------------ Models
 
 
+_QK_NORM_WEIGHT = re.compile(r"(^|\.)[qk]_norm\.weight$")
+
+
+def _saved_qk_norm_affine(load_config) -> bool | None:
+    """`qk_norm_affine` of the config saved with the checkpoint being loaded (same revision), None if unreadable."""
+    if load_config.pretrained_model_name_or_path is None:
+        return None
+    download_kwargs = {**(load_config.download_kwargs or {}), "force_download": False}
+    try:
+        return NepaConfig.from_pretrained(load_config.pretrained_model_name_or_path, **download_kwargs).qk_norm_affine
+    except (OSError, ValueError):
+        return None
+
+
 class NepaPreTrainedModel(PreTrainedModel):
     config: NepaConfig
     config_class = NepaConfig
@@ -481,6 +496,26 @@ class NepaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, NepaRopePositionEmbedding):
             # Non-persistent buffer: recomputed here, otherwise garbage after from_pretrained (meta-device load).
             init.copy_(module.inv_freq, NepaRopePositionEmbedding.compute_inv_freq(self.config))
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        """Missing QK-norm weights are accepted in one known case only: the checkpoint's own config says
+        `qk_norm_affine=False` (e.g. the authors' base pretraining checkpoint) and the model is affine, so every
+        QK-norm weight is missing. `_init_weights` starts them at 1.0, which computes exactly the non-affine norm.
+        Any other missing QK-norm weight is reported like every missing key."""
+        expected = {name for name, _ in model.named_parameters() if _QK_NORM_WEIGHT.search(name)}
+        missing = {key for key in loading_info.missing_keys if _QK_NORM_WEIGHT.search(key)}
+        ignored = model._keys_to_ignore_on_load_missing
+        if missing and missing == expected and _saved_qk_norm_affine(load_config) is False:
+            logger.info(
+                f"{load_config.pretrained_model_name_or_path} has non-affine QK-norm (qk_norm_affine=False): "
+                f"starting the {len(missing)} QK-norm weights of this affine model at 1.0 (same outputs)."
+            )
+            model._keys_to_ignore_on_load_missing = set(ignored or ()) | {f"^{re.escape(key)}$" for key in missing}
+        try:
+            return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        finally:
+            model._keys_to_ignore_on_load_missing = ignored
 
     def _attention_backend_for_call(self, kwargs: dict) -> str:
         """Only eager attention materialises attention maps: use it for calls that ask for them."""
@@ -659,9 +694,8 @@ class NepaForImageClassification(NepaPreTrainedModel):
 
     # Trainer: let it average over gradient-accumulation steps (soft targets have no item count).
     accepts_loss_kwargs = False
-    # Expected when starting from a pretraining checkpoint; affine QK-norm weights then start at 1.0, which is
-    # exactly the non-affine reference behaviour.
-    _keys_to_ignore_on_load_missing = [r"fc_norm\.", r"classifier\.", r"\.[qk]_norm\.weight"]
+    # Expected when starting from a pretraining checkpoint (missing QK-norm weights: see `_finalize_model_loading`).
+    _keys_to_ignore_on_load_missing = [r"fc_norm\.", r"classifier\."]
 
     def __init__(self, config: NepaConfig):
         architectures = config.architectures or []
