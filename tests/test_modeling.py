@@ -1,4 +1,4 @@
-"""Numerics and behaviour of the NEPA model family (reference facts: ../shared/reference/nepa-reference.md)."""
+"""Numerics and behaviour of the NEPA model family, checked against the authors' released implementation's semantics."""
 
 import math
 
@@ -41,7 +41,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# An independent float64 implementation written from the reference facts (§2-§5), with explicit loops.
+# An independent float64 implementation of the forward pass (patchify, RoPE, QK-norm, blocks), with explicit loops.
 # ---------------------------------------------------------------------------------------------------------------
 
 
