@@ -516,7 +516,7 @@ def test_wrapped_or_hooked_projections_run_their_own_forward():
 
 
 class _HostReads(TorchDispatchMode):
-    """Records ops that copy a tensor value to the host (`.item()`, `bool(tensor)`, `nonzero`): device syncs on a GPU."""
+    """Records ops that copy a tensor value to the host (`.item()`, `bool(tensor)`, `nonzero`): GPU device syncs."""
 
     HOST_READS = {
         torch.ops.aten._local_scalar_dense.default,
