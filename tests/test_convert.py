@@ -447,6 +447,24 @@ def test_non_affine_source_into_affine_target_starts_qk_weights_at_one(tmp_path)
     assert torch.equal(back["vit_nepa.encoder.layer.0.attention.attention.q_norm.weight"], torch.ones(16))
 
 
+def test_converted_non_affine_checkpoint_loads_into_affine_config(tmp_path, caplog):
+    """The authors' base pretraining checkpoint has no QK-norm weights: loading it into an affine config starts them
+    at 1.0, says so in the log and reports nothing missing (the one case where missing QK-norm weights are accepted)."""
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    convert_reference_checkpoint(write_reference_folder(tmp_path / "src", config, state_dict), tmp_path / "base")
+    pixels = torch.randn(2, 3, 16, 16)
+    with caplog.at_level("INFO", logger="nepa_hf.models.nepa.modeling_nepa"):
+        model, info = AutoModelForPreTraining.from_pretrained(
+            tmp_path / "base", qk_norm_affine=True, output_loading_info=True
+        )
+    assert not info["missing_keys"] and "non-affine QK-norm" in caplog.text
+    norms = [p for name, p in model.named_parameters() if name.endswith(("q_norm.weight", "k_norm.weight"))]
+    assert len(norms) == 4 and all(torch.equal(p, torch.ones(16)) for p in norms)
+    with torch.no_grad():
+        plain = AutoModelForPreTraining.from_pretrained(tmp_path / "base").eval()(pixels)
+        torch.testing.assert_close(model.eval()(pixels).last_hidden_state, plain.last_hidden_state, atol=0, rtol=0)
+
+
 def test_source_preprocessing_is_reproduced(tmp_path):
     # The authors' processor config (SixAILab/nepa-large-patch14-224, abridged): straight resize, bilinear, 0.5.
     released = {
