@@ -6,7 +6,7 @@ import torch
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaModel
 from nepa_hf.data.images import load_fashion_mnist
-from nepa_hf.evaluation.features.features import (
+from nepa_hf.evaluation.features import (
     classification_metrics,
     extract_features,
     knn_accuracy,

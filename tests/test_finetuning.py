@@ -11,7 +11,7 @@ from nepa_hf import NepaConfig, NepaForImageClassification, NepaModel
 from nepa_hf.data.augmentation import AugmentationArguments
 from nepa_hf.data.classification import collate_image_batch
 from nepa_hf.training.ema import create_ema, load_ema
-from nepa_hf.evaluation.features.features import classification_metrics
+from nepa_hf.evaluation.features import classification_metrics
 from nepa_hf.training.finetuning import (
     EMA_WEIGHTS_NAME,
     EMACallback,

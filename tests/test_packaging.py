@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nepa_hf
 from nepa_hf.data.images import bundled_photo_paths, load_image_dataset
-from nepa_hf.evaluation.features.features import load_metric
+from nepa_hf.evaluation.features import load_metric
 
 site = Path(sys.argv[1]).resolve()
 assert Path(nepa_hf.__file__).resolve().is_relative_to(site), nepa_hf.__file__

@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-from nepa_hf.evaluation.features.features import local_metric_path
+from nepa_hf.evaluation.features import local_metric_path
 from nepa_hf.training.finetuning import layer_decay_parameter_groups
 from nepa_hf import (
     NepaBackbone,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessorPil
-from nepa_hf.evaluation.features.visualization import (
+from nepa_hf.evaluation.visualization import (
     FIGURE_SIZES_PX, compute_maps, pca_to_rgb, processor_view, render_attention, render_pca, render_similarity,
     save_visualizations,
 )
