@@ -365,7 +365,7 @@ def build_classifier(init: str, seed: int, output_root: Path) -> nn.Module:
         model = ViTMeanPoolClassifier()
         model.load_mae_encoder(output_root / unit_name("pretrain", "mae", PRETRAIN_SEED) / "model")
         return model
-    # NEPA checkpoints load into the classifier bidirectional, with a zero-initialised head (reference §8).
+    # NEPA checkpoints load into the classifier bidirectional, with a zero-initialised head (the authors' fine-tuning setup).
     return NepaForImageClassification.from_pretrained(
         output_root / unit_name("pretrain", init, PRETRAIN_SEED) / "model", num_labels=10, drop_path_rate=0.0
     )

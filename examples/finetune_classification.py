@@ -1,4 +1,4 @@
-"""Fine-tune NEPA for image classification with `Trainer` and the paper's recipe (reference §8).
+"""Fine-tune NEPA for image classification with `Trainer` and the authors' recipe.
 
 Starts from a NEPA pretraining checkpoint (ours or converted: bidirectional attention, zero head), a fine-tuned
 checkpoint, or a preset (from scratch). Data: a Hub dataset, a local image folder (imagefolder layout), or the

@@ -46,7 +46,7 @@ def owner(model: nn.Module, name: str) -> nn.Module:
 
 
 def test_layer_decay_groups_match_the_reference_formula():
-    """Reference §8: block i decay^(L-1-i), embeddings (CLS token too) decay^L; the head lr goes to the classifier and
+    """The authors' rule: block i decay^(L-1-i), embeddings (CLS token too) decay^L; the head lr goes to the classifier and
     the backbone's final norm only, fc_norm trains at the backbone lr with factor 1; weight decay on every weight
     matrix/kernel and on the CLS token, never on a 1-D parameter."""
     model = tiny_classifier(num_layers=4)
@@ -175,7 +175,7 @@ def test_layer_decay_groups_also_read_transformers_vit_block_names():
 
 
 def test_per_group_warmup_worked_example():
-    """Reference §8: L=4, decay 0.65, 100 steps, warmup ratio 0.2 -> W=20; a group with factor f warms up over
+    """The authors' schedule: L=4, decay 0.65, 100 steps, warmup ratio 0.2 -> W=20; a group with factor f warms up over
     max(1, W - round(W * f)) steps: embeddings 16, blocks 0-3: 15, 12, 7, 1, head and fc_norm 1."""
     args = NepaTrainingArguments(output_dir="unused", warmup_steps=0.2, report_to="none")
     warmup = reference_warmup_steps(args.warmup_steps, 100)

@@ -1,4 +1,4 @@
-"""Our optimizer groups and schedules against the authors' own, parameter by parameter (reference §8).
+"""Our optimizer groups and schedules against the authors' own, parameter by parameter (recipe-facts.json, produced by running their code).
 
 `recipe-facts.json` (beside the reference, in the shared folder next to the repository) was made by running the
 authors' training code on their ViT-B/14 layout: per fine-tuning parameter its weight decay, lr group, layer-decay

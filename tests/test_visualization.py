@@ -1,4 +1,4 @@
-"""Attention / next-embedding similarity / PCA maps (reference §10) and their PNGs."""
+"""Attention / next-embedding similarity / PCA maps (the paper's figures) and their PNGs."""
 
 import subprocess
 import sys

@@ -7,7 +7,7 @@
 * `knn_classify` / `knn_accuracy`: weighted k-NN on cosine similarity (k=20, temperature 0.07, as in DINO).
 * `train_linear_probe` / `linear_probe_accuracy`: a logistic-regression probe trained with AdamW on the features.
 
-Note: the paper reports linear probing of NEPA as weak (reference §9); fine-tuning is its protocol.
+Note: the paper reports linear probing of NEPA as weak; fine-tuning is its protocol.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a NEPA model looks at and predicts (reference §10), as arrays and as PNGs.
+"""What a NEPA model looks at and predicts (the paper's attention and similarity maps), as arrays and as PNGs.
 
 For a query patch:
 - attention map: that patch's attention row, averaged over the chosen layers and heads, CLS column dropped;

@@ -1,4 +1,4 @@
-"""The reference fine-tuning recipe (reference §8) as pieces for `transformers.Trainer`.
+"""The authors' fine-tuning recipe as pieces for `transformers.Trainer`.
 
 * `layer_decay_parameter_groups`: layer-wise lr decay groups for any model holding a NEPA backbone
   (`embeddings`, `encoder.layers.N`); the head lr goes to the task heads and the backbone's final norm; weight decay
@@ -121,7 +121,7 @@ def layer_decay_parameter_groups(
     num_layers: int | None = None,
     head_module_names: Iterable[str] = HEAD_MODULE_NAMES,
 ) -> list[dict]:
-    """Optimizer parameter groups with layer-wise lr decay (reference §8), for any model with a NEPA backbone (or a
+    """Optimizer parameter groups with layer-wise lr decay , the authors' rule, for any model with a NEPA backbone (or a
     transformers ViT/ViTMAE, whose `layers.N`/`encoder.layer.N` blocks and `layernorm` are read the same way).
 
     Learning rates (factor f = the group's `lr_scale`):
@@ -192,7 +192,7 @@ def reference_warmup_steps(warmup: float, num_training_steps: int) -> int:
 
 
 def layerwise_warmup_steps(num_warmup_steps: int, lr_scale: float, num_training_steps: int) -> int:
-    """Warmup length of a group with lr factor f: max(1, W - round(W * min(f, 1))) (reference §8), so even with
+    """Warmup length of a group with lr factor f: max(1, W - round(W * min(f, 1))) (the authors' rule), so even with
     W = 0 (or f = 1) there is one warmup step and every lr is 0 at step 0; capped at `num_training_steps`."""
     steps = num_warmup_steps - int(round(num_warmup_steps * min(max(lr_scale, 0.0), 1.0)))
     return max(1, min(steps, num_training_steps))
@@ -325,7 +325,7 @@ class EMACallback(TrainerCallback):
 
 @dataclass
 class NepaTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the reference fine-tuning recipe (reference §8) as defaults, plus its extra knobs.
+    """`TrainingArguments` with the authors' fine-tuning recipe as defaults, plus its extra knobs.
 
     Changed defaults: learning_rate 1e-3, weight_decay 0.05, warmup_steps 0.2 (a ratio of the total steps),
     lr_scheduler_type "cosine", label_smoothing_factor 0.1, remove_unused_columns False (image datasets with

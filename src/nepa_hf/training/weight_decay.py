@@ -1,5 +1,5 @@
 # Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
-"""The one weight-decay rule of the NEPA recipes (reference §8), shared by pretraining and fine-tuning.
+"""The one weight-decay rule of the NEPA recipes (the authors' training code), shared by pretraining and fine-tuning.
 
 Pretraining (the authors' Trainer rule): weight decay on every parameter EXCEPT those whose lower-cased name matches
 `bias`, `layernorm`, `rmsnorm`, `layer_scale`, a module named `norm` (or `norm1`, `norm2`, ...: our blocks' norms)
