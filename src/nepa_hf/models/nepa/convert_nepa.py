@@ -73,23 +73,17 @@ REFERENCE_DEFAULTS = {
     "layerscale_value": 1e-5, "drop_path_prob": 0.0, "add_pooling_layer": False, "is_causal": True,
     "pos_embed_shift": None, "pos_embed_jitter": None, "pos_embed_rescale": 2.0,
 }  # fmt: skip
-# Fields with the same name and meaning in `NepaConfig`. The other four: drop_path_prob is our drop_path_rate,
+# Fields with the same name and meaning in `NepaConfig`. Of the other four, drop_path_prob is our drop_path_rate,
 # add_pooling_layer is pooling == "mean", and the weights decide qk_norm and layerscale_value (the authors' code builds
 # QK-norm and LayerScale whatever these say). Their classifier's `is_causal` is our `finetuning_is_causal`.
 SAME_NAME_FIELDS = [name for name in REFERENCE_DEFAULTS
                     if name not in ("drop_path_prob", "add_pooling_layer", "qk_norm", "layerscale_value")]  # fmt: skip
 # Fields that change what the model computes: a value remembered from the source config never overrides them.
 LIVE_FIELDS = frozenset(SAME_NAME_FIELDS) | {"drop_path_prob", "add_pooling_layer", "id2label", "label2id"}
-# Fields of any transformers config (this and older releases, and ViT's): no warning when a source has them.
-BASE_CONFIG_FIELDS = frozenset(transformers.PreTrainedConfig().to_dict()) | {
-    "torch_dtype", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings", "is_decoder",
-    "add_cross_attention", "tie_encoder_decoder", "finetuning_task", "tokenizer_class", "prefix", "torchscript",
-    "task_specific_params", "encoder_stride", "pooler_act", "pooler_output_size", "_attn_implementation_autoset",
-}  # fmt: skip
 # Settings shared by `ViTImageProcessor` (the authors') and `NepaImageProcessorPil`.
 PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
                     "image_std", "do_convert_rgb")  # fmt: skip
-# Weight files, in order of preference; a Hub id downloads one group at a time.
+# Weight files in order of preference, in groups: a Hub id downloads the next group only if the repo has none of one.
 WEIGHT_FILES = [("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")]
 REFERENCE_EMA_FILE = "pytorch_model_ema.bin"
 
@@ -98,7 +92,7 @@ class ConversionError(ValueError):
     """A checkpoint cannot be converted; the message says what is wrong and how to fix it."""
 
 
-# Keys and state dicts -------------------------------------------------------------------------------------------
+# State dicts ----------------------------------------------------------------------------------------------------
 
 
 def _rename(key: str, table: dict[str, str]) -> str | None:
@@ -113,17 +107,12 @@ def nepa_key_to_reference(key: str) -> str | None:
     return _rename(key, {ours: theirs for theirs, ours in KEY_MAPPING.items()})
 
 
-def _expected_shapes(config: NepaConfig) -> dict[str, torch.Size]:
-    """Every persistent tensor of our model, built on the meta device (no memory, no init)."""
-    with torch.device("meta"):
-        model = NEPA_CLASSES[_architecture_of(config)](config)
-    return {name: tensor.shape for name, tensor in model.state_dict().items()}
-
-
-def _match(state_dict: dict, rename, expected: dict, title: str, fill=None) -> dict:
-    """`state_dict` renamed and checked against `expected` (names and shapes); `fill(unfilled names)` may supply
-    tensors. Raises `ConversionError` listing every source tensor without a place, every unfilled target, every
-    shape mismatch."""
+def _match(state_dict: dict, rename, config: NepaConfig, title: str, fill=None) -> dict:
+    """`state_dict` renamed and checked against our model's tensors (names, shapes); `fill(unfilled names, shapes)` may
+    add tensors. Raises `ConversionError` listing every source tensor without a place, every unfilled target tensor
+    and every shape mismatch."""
+    with torch.device("meta"):  # no memory, no init
+        expected = {k: v.shape for k, v in NEPA_CLASSES[_architecture_of(config)](config).state_dict().items()}
     renamed, source_of, unexpected = {}, {}, []
     for key, tensor in state_dict.items():
         target = rename(key)
@@ -131,7 +120,7 @@ def _match(state_dict: dict, rename, expected: dict, title: str, fill=None) -> d
             unexpected.append(key)
         else:
             renamed[target], source_of[target] = tensor, key
-    renamed.update(fill([name for name in expected if name not in renamed]) if fill else {})
+    renamed.update(fill({name: shape for name, shape in expected.items() if name not in renamed}) if fill else {})
     missing = [name for name in expected if name not in renamed]
     mismatched = [f"{source_of[name]} {tuple(tensor.shape)}" + (f" -> {name}" if source_of[name] != name else "")
                   + f" expects {tuple(expected[name])}" for name, tensor in renamed.items()
@@ -141,7 +130,8 @@ def _match(state_dict: dict, rename, expected: dict, title: str, fill=None) -> d
 
     def listing(heading, items, limit=25):
         more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-        return f"\n{heading} ({len(items)}):\n" + "\n".join(f"    {item}" for item in sorted(items)[:limit]) + more
+        lines = "".join(f"\n    {item}" for item in sorted(items)[:limit])
+        return f"\n{heading} ({len(items)}):{lines}{more}" if items else ""
 
     hints = []
     if any(re.search(r"[qk]_norm\.weight$", key) for key in unexpected):
@@ -149,9 +139,8 @@ def _match(state_dict: dict, rename, expected: dict, title: str, fill=None) -> d
     if any(re.search(r"[qk]_norm\.weight$", key) for key in missing):
         hints.append("config.json says qk_norm_affine=true but the checkpoint has no QK-norm weights (pass "
                      "qk_norm_affine=False, or --qk-norm-affine to start them at 1.0 only when the source is non-affine)")
-    raise ConversionError(title + (listing("Source tensors with no place in the target", unexpected) if unexpected else "")
-                          + (listing("Target tensors not filled", missing) if missing else "")
-                          + (listing("Shape mismatches", mismatched) if mismatched else "")
+    raise ConversionError(title + listing("Source tensors with no place in the target", unexpected)
+                          + listing("Target tensors not filled", missing) + listing("Shape mismatches", mismatched)
                           + "".join(f"\nHint: {hint}." for hint in hints))  # fmt: skip
 
 
@@ -170,16 +159,15 @@ def convert_reference_state_dict(state_dict: dict, reference_config, *, qk_norm_
         mapped = _rename(key.removeprefix(REFERENCE_PREFIX), KEY_MAPPING)
         return key if key in HEAD_KEYS else None if mapped is None else prefix + mapped
 
-    def qk_norm_at_identity(unfilled):  # weight 1 and bias 0 are exactly the non-affine normalisation
+    def qk_norm_at_identity(unfilled):  # weight 1 and bias 0: exactly the non-affine normalisation
         if not qk_norm_affine or any(re.search(r"\.[qk]_norm\.weight$", key) for key in state_dict):
             return {}
         dtype = next(iter(state_dict.values())).dtype
-        return {name: (torch.ones if name.endswith("weight") else torch.zeros)(expected[name], dtype=dtype)
-                for name in unfilled if re.search(r"\.[qk]_norm\.(weight|bias)$", name)}  # fmt: skip
+        return {name: (torch.ones if name.endswith("weight") else torch.zeros)(shape, dtype=dtype)
+                for name, shape in unfilled.items() if re.search(r"\.[qk]_norm\.(weight|bias)$", name)}  # fmt: skip
 
-    expected = _expected_shapes(config)
     source = next(theirs for theirs, ours in ARCHITECTURES.items() if [ours] == config.architectures)
-    converted = _match(state_dict, rename, expected, f"Cannot convert this {source} checkpoint to "
+    converted = _match(state_dict, rename, config, f"Cannot convert this {source} checkpoint to "
                        f"{config.architectures[0]}:", qk_norm_at_identity)  # fmt: skip
     if getattr(config, "dtype", None) is None and converted:
         config.dtype = next(iter(converted.values())).dtype  # the written weights carry one: record it
@@ -202,28 +190,27 @@ def convert_to_reference(state_dict: dict, config: NepaConfig) -> tuple[dict, di
     prefix = "" if architecture == "NepaModel" else REFERENCE_PREFIX
 
     def rename(key):
-        mapped = nepa_key_to_reference(key.removeprefix(NEPA_PREFIX))
-        return key if key in HEAD_KEYS else None if mapped is None else prefix + mapped
+        mapped = key if key in HEAD_KEYS else nepa_key_to_reference(key.removeprefix(NEPA_PREFIX))
+        if mapped is None:
+            raise ConversionError(f"KEY_MAPPING has no entry for {key}.")
+        return mapped if key in HEAD_KEYS else prefix + mapped
 
-    checked = _match(state_dict, lambda key: key, _expected_shapes(config),
-                     f"Cannot convert this {architecture} state dict to the authors' layout:")
-    converted = {rename(key): tensor for key, tensor in checked.items()}
-    if None in converted:
-        raise ConversionError(f"KEY_MAPPING has no entry for a tensor of {architecture}.")
-    return reference_config, converted
+    checked = _match(state_dict, lambda key: key, config, f"Cannot convert this {architecture} state dict to the "
+                     "authors' layout:")  # fmt: skip
+    return reference_config, {rename(key): tensor for key, tensor in checked.items()}
 
 
 # Configs --------------------------------------------------------------------------------------------------------
 
 
-def _check_model_type(reference_config: dict) -> None:
-    model_type = reference_config.get("model_type", REFERENCE_MODEL_TYPE)
-    if model_type == NepaConfig.model_type:
-        raise ConversionError("This checkpoint is already in nepa-hf format (model_type 'nepa'). Load it with "
-                              "AutoModel directly, or pass --to-reference to convert it to the authors' layout.")
-    if model_type != REFERENCE_MODEL_TYPE:
-        raise ConversionError(f"Expected a reference NEPA checkpoint (model_type '{REFERENCE_MODEL_TYPE}'), got "
-                              f"model_type {model_type!r}.")  # fmt: skip
+def _check_model_type(config: dict, expected: str = REFERENCE_MODEL_TYPE) -> None:
+    model_type = config.get("model_type", REFERENCE_MODEL_TYPE)
+    if model_type != expected:
+        raise ConversionError(
+            f"Expected a{' reference NEPA' if expected == REFERENCE_MODEL_TYPE else ' nepa-hf'} checkpoint (model_type "
+            f"'{expected}'), got model_type {model_type!r}." + (" This checkpoint is already in nepa-hf format: load "
+            "it with AutoModel directly, or pass --to-reference to convert it to the authors' layout."
+            if model_type == NepaConfig.model_type else ""))  # fmt: skip
 
 
 def _square(name: str, value):
@@ -292,9 +279,8 @@ def nepa_config_from_reference(reference_config: dict, state_dict: dict, qk_norm
     kwargs.update(
         image_size=_square("image_size", kwargs["image_size"]), patch_size=_square("patch_size", kwargs["patch_size"]),
         drop_path_rate=field("drop_path_prob"), pooling="mean" if field("add_pooling_layer") else "last",
-        qk_norm=True, layerscale_value=layerscale_value,
+        qk_norm=True, layerscale_value=layerscale_value, architectures=[ARCHITECTURES[architecture]],
         use_mask_token=any(key.endswith("embeddings.mask_token") for key in state_dict),
-        architectures=[ARCHITECTURES[architecture]],
     )
     if qk_norm_affine is not None:
         kwargs["qk_norm_affine"] = qk_norm_affine
@@ -359,135 +345,12 @@ def _reference_extras(reference_config: dict, config: NepaConfig, overridden: se
     skip = {"transformers_version"} | overridden  # the writer records its own version; overrides must not come back
     fields = {name: value for name, value in reference_config.items()
               if name not in skip and (name not in canonical or canonical[name] != value)}  # fmt: skip
-    unknown = sorted(set(fields) - set(REFERENCE_DEFAULTS) - BASE_CONFIG_FIELDS)
+    unknown = sorted(set(fields) - set(REFERENCE_DEFAULTS) - set(transformers.PreTrainedConfig().to_dict()))
     if unknown:
-        logger.warning(f"The source config has fields the authors' ViTNepaConfig does not define: {unknown}. They do "
-                       "not affect the converted model and are kept only to write them back with --to-reference.")
+        logger.warning(f"The source config has fields this conversion does not read: {unknown}. They do not affect "
+                       "the converted model and are kept only to write them back with --to-reference.")
     absent = sorted(name for name in canonical if name not in reference_config and name != "transformers_version")
     return {key: value for key, value in (("fields", fields), ("absent", absent)) if value}
-
-
-# Files --------------------------------------------------------------------------------------------------------
-
-
-def _files_in(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
-def _resolve_folder(source, allow_patterns: list[str], revision=None, token=None, force_download=False) -> Path:
-    """A local folder as is, otherwise a Hub repo id downloaded (only `allow_patterns`) into the HF cache."""
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ConversionError(f"{source} is a file; pass the checkpoint folder (with config.json) instead.")
-        return path
-    import huggingface_hub
-    from huggingface_hub import errors
-
-    extra = {"force_download": True} if force_download else {}
-    try:
-        return Path(huggingface_hub.snapshot_download(str(source), revision=revision, token=token,
-                                                      allow_patterns=allow_patterns, **extra))  # fmt: skip
-    except errors.HFValidationError:
-        raise ConversionError(f"{source} is neither an existing local folder nor a valid Hub repo id.") from None
-    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError):
-        raise ConversionError(f"Cannot reach the Hugging Face Hub (offline or HF_HUB_OFFLINE=1) and {source} is not "
-                              "in the local cache. Connect, or download the folder elsewhere and pass its local "
-                              "path.") from None  # fmt: skip
-    except errors.RepositoryNotFoundError as error:
-        if isinstance(error, errors.GatedRepoError):
-            raise ConversionError(f"{source} is gated: accept its terms on the Hub and log in (`hf auth login`).") from None
-        raise ConversionError(f"No local folder {source} and no Hub repo {source} (or it is private: log in with "
-                              "`hf auth login`).") from None  # fmt: skip
-    except OSError as error:  # no such revision, connection and other HTTP errors: the Hub's message says which
-        raise ConversionError(f"Could not download {source} from the Hub: {error}") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{path} is not valid JSON: {error}") from None
-
-
-def _unreadable(path: Path, error: Exception) -> ConversionError:
-    """A weight file that exists but does not parse: usually an interrupted download or copy."""
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    in_cache = path.absolute().is_relative_to(Path(HF_HUB_CACHE).absolute())
-    fix = ("rerun with --force-download to download it again (force_download=True in Python)" if in_cache
-           else "copy or download it again, or convert another checkpoint")  # fmt: skip
-    return ConversionError(f"Cannot read the weights in {path} ({path.stat().st_size:,} bytes): the file is truncated "
-                           f"or corrupt ({error}). Fix: {fix}.")  # fmt: skip
-
-
-def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as error:
-            raise _unreadable(path, error) from None
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except pickle.UnpicklingError as error:
-        raise ConversionError(f"Could not read {path} safely with torch.load(weights_only=True): it holds objects "
-                              f"other than tensors, or is damaged. {error}") from None  # fmt: skip
-    except (RuntimeError, EOFError, OSError, struct.error) as error:  # a zip or pickle stream cut short
-        raise _unreadable(path, error) from None
-    # Training checkpoints and EMA helpers wrap the state dict; DDP and EMA wrappers prefix "module.".
-    wrapped = [loaded.get(key) for key in ("state_dict", "model", "module", "ema", "model_ema", "state_dict_ema")]
-    for state_dict in [loaded] + wrapped if isinstance(loaded, dict) else []:
-        if isinstance(state_dict, dict) and state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            if all(key.startswith("module.") for key in state_dict):
-                state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-            return state_dict
-    raise ConversionError(f"{path} does not contain a state dict (a mapping of names to tensors).")
-
-
-def _load_checkpoint(source, weight_files: list[tuple[str, ...]], check_config, revision, token, force_download):
-    """(folder, config dict, state dict) of a local folder or Hub id. `weight_files`: groups of names in order of
-    preference; a Hub id downloads one group at a time, the next only when the repo has none of the previous."""
-    for group in weight_files:
-        shards = [name.removesuffix(".index.json").replace(".", "-*.", 1) for name in group if name.endswith(".json")]
-        folder = _resolve_folder(source, ["config.json", "preprocessor_config.json", *group, *shards], revision,
-                                 token, force_download)  # fmt: skip
-        if not (folder / "config.json").exists():
-            raise ConversionError(f"{folder} has no config.json. Files there: {_files_in(folder)}.")
-        config = _read_json(folder / "config.json")
-        check_config(config)
-        name = next((name for name in group if (folder / name).exists()), None)
-        if name is not None and not name.endswith(".index.json"):
-            return folder, config, _load_weight_file(folder / name)
-        if name is not None:
-            state_dict = {}
-            for shard in sorted(set(_read_json(folder / name).get("weight_map", {}).values())):
-                if not (folder / shard).exists():
-                    raise ConversionError(f"Shard {shard} listed in {name} is missing from {folder}.")
-                state_dict.update(_load_weight_file(folder / shard))
-            return folder, config, state_dict
-    looked_for = ", ".join(name for group in weight_files for name in group)
-    raise ConversionError(f"No weights in {folder} (looked for {looked_for}). Files there: {_files_in(folder)}.")
-
-
-def load_reference_checkpoint(source, *, ema=False, revision=None, token=None, force_download=False):
-    """The authors' checkpoint (local folder or Hub id) -> (config dict, state dict, preprocessor config or None):
-    safetensors, else .bin, or with `ema` their `pytorch_model_ema.bin`."""
-    folder, config, state_dict = _load_checkpoint(source, [(REFERENCE_EMA_FILE,)] if ema else WEIGHT_FILES,
-                                                  _check_model_type, revision, token, force_download)  # fmt: skip
-    preprocessor = folder / "preprocessor_config.json"
-    return config, state_dict, _read_json(preprocessor) if preprocessor.exists() else None
-
-
-def load_nepa_checkpoint(source, *, revision=None, token=None, force_download=False):
-    """A nepa-hf folder (local or Hub id) -> (config, state dict, image processor or None), without building the model."""
-    def check_config(config):
-        if config.get("model_type") != NepaConfig.model_type:
-            raise ConversionError("--to-reference expects a nepa-hf checkpoint (model_type 'nepa'), got "
-                                  f"{config.get('model_type')!r}.")  # fmt: skip
-
-    folder, _, state_dict = _load_checkpoint(source, WEIGHT_FILES[:1], check_config, revision, token, force_download)
-    processor = NepaImageProcessorPil.from_pretrained(folder) if (folder / "preprocessor_config.json").exists() else None
-    return NepaConfig.from_pretrained(folder), state_dict, processor
 
 
 def image_processor_from_reference(preprocessor_config: dict | None, config: NepaConfig) -> NepaImageProcessorPil:
@@ -507,6 +370,109 @@ def reference_preprocessor_config(processor: NepaImageProcessorPil | None, confi
     result = {name: settings.get(name) for name in PROCESSOR_FIELDS} | {"image_processor_type": "ViTImageProcessor"}
     result["resample"] = int(result["resample"]) if result["resample"] is not None else None
     return dict(sorted(result.items()))
+
+
+# Load and save --------------------------------------------------------------------------------------------------
+
+
+def _files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{path} is not valid JSON: {error}") from None
+
+
+def _resolve_folder(source, allow_patterns: list[str], revision=None, token=None, force_download=False) -> Path:
+    """A local folder as is, otherwise a Hub repo id downloaded (only `allow_patterns`) into the HF cache."""
+    if Path(source).expanduser().exists():
+        if not Path(source).expanduser().is_dir():
+            raise ConversionError(f"{source} is a file; pass the checkpoint folder (with config.json) instead.")
+        return Path(source).expanduser()
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    extra = {"force_download": True} if force_download else {}  # passed only when asked, as older hubs lack it
+    try:
+        return Path(huggingface_hub.snapshot_download(str(source), revision=revision, token=token,
+                                                      allow_patterns=allow_patterns, **extra))  # fmt: skip
+    except errors.HFValidationError:
+        message = f"{source} is neither an existing local folder nor a valid Hub repo id."
+    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError):
+        message = (f"Cannot reach the Hugging Face Hub (offline or HF_HUB_OFFLINE=1) and {source} is not in the local "
+                   "cache. Connect, or download the folder elsewhere and pass its local path.")
+    except OSError as error:  # not found, gated, no such revision, no connection: the Hub's message says which
+        message = (f"No local folder {source} and no Hub repo {source} (or it is private: log in with `hf auth login`)."
+                   if type(error) is errors.RepositoryNotFoundError else f"Could not download {source} from the Hub: {error}")
+    raise ConversionError(message)
+
+
+def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except pickle.UnpicklingError as error:
+        raise ConversionError(f"Could not read {path} safely with torch.load(weights_only=True): it holds objects "
+                              f"other than tensors, or is damaged. {error}") from None  # fmt: skip
+    except (SafetensorError, RuntimeError, EOFError, OSError, struct.error) as error:  # usually an interrupted download
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        fix = ("rerun with --force-download to download it again (force_download=True in Python)"
+               if path.absolute().is_relative_to(Path(HF_HUB_CACHE).absolute())
+               else "copy or download it again, or convert another checkpoint")  # fmt: skip
+        raise ConversionError(f"Cannot read the weights in {path} ({path.stat().st_size:,} bytes): the file is "
+                              f"truncated or corrupt ({error}). Fix: {fix}.") from None  # fmt: skip
+    # Training checkpoints and EMA helpers wrap the state dict; DDP and EMA wrappers prefix "module.".
+    candidates = [loaded, *(loaded.get(key) for key in ("state_dict", "model", "module", "ema", "model_ema",
+                                                        "state_dict_ema"))] if isinstance(loaded, dict) else []  # fmt: skip
+    for state_dict in candidates:
+        if isinstance(state_dict, dict) and state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            if all(key.startswith("module.") for key in state_dict):
+                state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+            return state_dict
+    raise ConversionError(f"{path} does not contain a state dict (a mapping of names to tensors).")
+
+
+def _load_checkpoint(source, weight_files: list[tuple[str, ...]], model_type: str, revision, token, force_download):
+    """(folder, config dict, state dict) of a local folder or Hub id; `weight_files` as in WEIGHT_FILES."""
+    for group in weight_files:
+        shards = [name.removesuffix(".index.json").replace(".", "-*.", 1) for name in group if name.endswith(".json")]
+        folder = _resolve_folder(source, ["config.json", "preprocessor_config.json", *group, *shards], revision,
+                                 token, force_download)  # fmt: skip
+        if not (folder / "config.json").exists():
+            raise ConversionError(f"{folder} has no config.json. Files there: {_files_in(folder)}.")
+        config = _read_json(folder / "config.json")
+        _check_model_type(config, model_type)
+        name = next((name for name in group if (folder / name).exists()), None)
+        if name is not None:
+            index = name.endswith(".index.json")
+            files = sorted(set(_read_json(folder / name).get("weight_map", {}).values())) if index else [name]
+            if any(not (folder / file).exists() for file in files):
+                raise ConversionError(f"Shards listed in {name} are missing from {folder}: {_files_in(folder)}.")
+            return folder, config, {k: v for file in files for k, v in _load_weight_file(folder / file).items()}
+    looked_for = ", ".join(name for group in weight_files for name in group)
+    raise ConversionError(f"No weights in {folder} (looked for {looked_for}). Files there: {_files_in(folder)}.")
+
+
+def load_reference_checkpoint(source, *, ema=False, revision=None, token=None, force_download=False):
+    """The authors' checkpoint (local folder or Hub id) -> (config dict, state dict, preprocessor config or None):
+    safetensors, else .bin, or with `ema` their `pytorch_model_ema.bin`."""
+    folder, config, state_dict = _load_checkpoint(source, [(REFERENCE_EMA_FILE,)] if ema else WEIGHT_FILES,
+                                                  REFERENCE_MODEL_TYPE, revision, token, force_download)  # fmt: skip
+    preprocessor = folder / "preprocessor_config.json"
+    return config, state_dict, _read_json(preprocessor) if preprocessor.exists() else None
+
+
+def load_nepa_checkpoint(source, *, revision=None, token=None, force_download=False):
+    """A nepa-hf folder (local or Hub id) -> (config, state dict, image processor or None), without building the model."""
+    folder, _, state_dict = _load_checkpoint(source, WEIGHT_FILES[:1], NepaConfig.model_type, revision, token,
+                                             force_download)  # fmt: skip
+    processor = NepaImageProcessorPil.from_pretrained(folder) if (folder / "preprocessor_config.json").exists() else None
+    return NepaConfig.from_pretrained(folder), state_dict, processor
 
 
 def save_nepa_checkpoint(config, state_dict, output_dir, image_processor=None, model_card=None) -> Path:
