@@ -84,7 +84,8 @@ LIVE_FIELDS = frozenset(SAME_NAME_FIELDS) | {"drop_path_prob", "add_pooling_laye
 PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
                     "image_std", "do_convert_rgb")  # fmt: skip
 # Weight files in order of preference, in groups: a Hub id downloads the next group only if the repo has none of one.
-WEIGHT_FILES = [("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")]
+WEIGHT_FILES = [("model.safetensors", "model.safetensors.index.json"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json")]
 REFERENCE_EMA_FILE = "pytorch_model_ema.bin"
 
 
@@ -96,6 +97,7 @@ class ConversionError(ValueError):
 
 
 def _rename(key: str, table: dict[str, str]) -> str | None:
+    """`key` with its module renamed by `table` (KEY_MAPPING or its inverse); `None` where the table has no entry."""
     module, _, tensor = key.rpartition(".")
     block = re.search(r"\.(\d+)\.", module)
     target = table.get(re.sub(r"\.\d+\.", ".{}.", module, count=1))
@@ -138,7 +140,8 @@ def _match(state_dict: dict, rename, config: NepaConfig, title: str, fill=None) 
         hints.append("the checkpoint has QK-norm weights but config.json says qk_norm_affine=false")
     if any(re.search(r"[qk]_norm\.weight$", key) for key in missing):
         hints.append("config.json says qk_norm_affine=true but the checkpoint has no QK-norm weights (pass "
-                     "qk_norm_affine=False, or --qk-norm-affine to start them at 1.0 only when the source is non-affine)")
+                     "qk_norm_affine=False, or --qk-norm-affine to start them at 1.0 only when the source is "
+                     "non-affine)")
     raise ConversionError(title + listing("Source tensors with no place in the target", unexpected)
                           + listing("Target tensors not filled", missing) + listing("Shape mismatches", mismatched)
                           + "".join(f"\nHint: {hint}." for hint in hints))  # fmt: skip
@@ -221,13 +224,6 @@ def _square(name: str, value):
                                   "(Inputs of any size divisible by the patch size still work at run time.)")
         return value[0]
     return value
-
-
-def _same_meaning(name: str, theirs, ours) -> bool:
-    try:
-        return (_square(name, theirs) if name in ("image_size", "patch_size") else theirs) == ours
-    except ConversionError:
-        return False
 
 
 def _architecture_of(config: NepaConfig) -> str:
@@ -328,7 +324,8 @@ def reference_config_from_nepa(config: NepaConfig, apply_extras: bool = True) ->
 
     extras = (getattr(config, "reference_extras", None) or {}) if apply_extras else {}
     for name, value in (extras.get("fields") or {}).items():
-        if name in LIVE_FIELDS and not _same_meaning(name, value, reference.get(name)):
+        meaning = _square(name, value) if name in ("image_size", "patch_size") else value  # [16, 16] means 16
+        if name in LIVE_FIELDS and meaning != reference.get(name):
             logger.warning(f"Ignoring the stored reference value {name}={value!r}: the model now has "
                            f"{reference.get(name)!r}.")  # changed after conversion (e.g. a new image size)
         else:
@@ -388,10 +385,11 @@ def _read_json(path: Path) -> dict:
 
 def _resolve_folder(source, allow_patterns: list[str], revision=None, token=None, force_download=False) -> Path:
     """A local folder as is, otherwise a Hub repo id downloaded (only `allow_patterns`) into the HF cache."""
-    if Path(source).expanduser().exists():
-        if not Path(source).expanduser().is_dir():
-            raise ConversionError(f"{source} is a file; pass the checkpoint folder (with config.json) instead.")
-        return Path(source).expanduser()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConversionError(f"{source} is a file; pass the checkpoint folder (with config.json) instead.")
     import huggingface_hub
     from huggingface_hub import errors
 
@@ -405,8 +403,9 @@ def _resolve_folder(source, allow_patterns: list[str], revision=None, token=None
         message = (f"Cannot reach the Hugging Face Hub (offline or HF_HUB_OFFLINE=1) and {source} is not in the local "
                    "cache. Connect, or download the folder elsewhere and pass its local path.")
     except OSError as error:  # not found, gated, no such revision, no connection: the Hub's message says which
-        message = (f"No local folder {source} and no Hub repo {source} (or it is private: log in with `hf auth login`)."
-                   if type(error) is errors.RepositoryNotFoundError else f"Could not download {source} from the Hub: {error}")
+        message = f"Could not download {source} from the Hub: {error}"
+        if type(error) is errors.RepositoryNotFoundError:  # not GatedRepoError, its subclass
+            message = f"No local folder {source} and no Hub repo {source} (or it is private: `hf auth login`)."
     raise ConversionError(message)
 
 
@@ -427,10 +426,9 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"Cannot read the weights in {path} ({path.stat().st_size:,} bytes): the file is "
                               f"truncated or corrupt ({error}). Fix: {fix}.") from None  # fmt: skip
     # Training checkpoints and EMA helpers wrap the state dict; DDP and EMA wrappers prefix "module.".
-    candidates = [loaded, *(loaded.get(key) for key in ("state_dict", "model", "module", "ema", "model_ema",
-                                                        "state_dict_ema"))] if isinstance(loaded, dict) else []  # fmt: skip
-    for state_dict in candidates:
-        if isinstance(state_dict, dict) and state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+    wrappers = ("state_dict", "model", "module", "ema", "model_ema", "state_dict_ema")
+    for state_dict in [loaded, *(loaded.get(key) for key in wrappers)] if isinstance(loaded, dict) else []:
+        if isinstance(state_dict, dict) and state_dict and all(torch.is_tensor(t) for t in state_dict.values()):
             if all(key.startswith("module.") for key in state_dict):
                 state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
             return state_dict
@@ -468,11 +466,12 @@ def load_reference_checkpoint(source, *, ema=False, revision=None, token=None, f
 
 
 def load_nepa_checkpoint(source, *, revision=None, token=None, force_download=False):
-    """A nepa-hf folder (local or Hub id) -> (config, state dict, image processor or None), without building the model."""
+    """A nepa-hf folder (local or Hub id) -> (config, state dict, image processor or None), no model built."""
     folder, _, state_dict = _load_checkpoint(source, WEIGHT_FILES[:1], NepaConfig.model_type, revision, token,
                                              force_download)  # fmt: skip
-    processor = NepaImageProcessorPil.from_pretrained(folder) if (folder / "preprocessor_config.json").exists() else None
-    return NepaConfig.from_pretrained(folder), state_dict, processor
+    has_processor = (folder / "preprocessor_config.json").exists()
+    return (NepaConfig.from_pretrained(folder), state_dict,
+            NepaImageProcessorPil.from_pretrained(folder) if has_processor else None)
 
 
 def save_nepa_checkpoint(config, state_dict, output_dir, image_processor=None, model_card=None) -> Path:
@@ -492,10 +491,10 @@ def save_reference_checkpoint(reference_config: dict, state_dict: dict, output_d
     """Write the authors' layout: config.json (their fields), model.safetensors (their keys), processor config."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(reference_config, indent=2, sort_keys=True) + "\n")
     save_torch_state_dict(state_dict, output, max_shard_size="50GB")  # one file, as transformers' save_pretrained
-    if preprocessor_config is not None:
-        (output / "preprocessor_config.json").write_text(json.dumps(preprocessor_config, indent=2, sort_keys=True) + "\n")
+    for name, content in (("config.json", reference_config), ("preprocessor_config.json", preprocessor_config)):
+        if content is not None:
+            (output / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     return output
 
 
@@ -566,7 +565,7 @@ def convert_to_reference_checkpoint(source, output_dir, *, revision=None, token=
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nepa_hf.models.nepa.convert_nepa", description="Convert the "
                                      "authors' NEPA checkpoints (vit_nepa) to nepa-hf, or back with --to-reference.")
-    parser.add_argument("--input", required=True, help="Local folder or Hub repo id (e.g. SixAILab/nepa-base-patch14-224).")
+    parser.add_argument("--input", required=True, help="Local folder or Hub id, e.g. SixAILab/nepa-base-patch14-224.")
     parser.add_argument("--output", required=True, help="Folder to write.")
     parser.add_argument("--ema", action="store_true", help=f"Convert the EMA weights ({REFERENCE_EMA_FILE}).")
     parser.add_argument("--to-reference", action="store_true", help="Convert a nepa-hf folder to the authors' layout.")
