@@ -61,7 +61,7 @@ KEY_MAPPING = {
 }
 HEAD_KEYS = ("fc_norm.weight", "fc_norm.bias", "classifier.weight", "classifier.bias")  # the same on both sides
 ARCHITECTURES = {"ViTNepaModel": "NepaModel", "ViTNepaForPreTraining": "NepaForPreTraining",
-                 "ViTNepaForImageClassification": "NepaForImageClassification"}  # fmt: skip
+                 "ViTNepaForImageClassification": "NepaForImageClassification"}
 NEPA_CLASSES = {cls.__name__: cls for cls in (NepaModel, NepaForPreTraining, NepaForImageClassification)}
 
 # The config mapping. The defaults of the authors' `ViTNepaConfig`: what a field left out of their config.json means.
@@ -72,17 +72,17 @@ REFERENCE_DEFAULTS = {
     "num_channels": 3, "qkv_bias": True, "qk_norm": False, "qk_norm_bias": False, "qk_norm_affine": False,
     "layerscale_value": 1e-5, "drop_path_prob": 0.0, "add_pooling_layer": False, "is_causal": True,
     "pos_embed_shift": None, "pos_embed_jitter": None, "pos_embed_rescale": 2.0,
-}  # fmt: skip
+}
 # Fields with the same name and meaning in `NepaConfig`. Of the other four, drop_path_prob is our drop_path_rate,
 # add_pooling_layer is pooling == "mean", and the weights decide qk_norm and layerscale_value (the authors' code builds
 # QK-norm and LayerScale whatever these say). Their classifier's `is_causal` is our `finetuning_is_causal`.
 SAME_NAME_FIELDS = [name for name in REFERENCE_DEFAULTS
-                    if name not in ("drop_path_prob", "add_pooling_layer", "qk_norm", "layerscale_value")]  # fmt: skip
+                    if name not in ("drop_path_prob", "add_pooling_layer", "qk_norm", "layerscale_value")]
 # Fields that change what the model computes: a value remembered from the source config never overrides them.
 LIVE_FIELDS = frozenset(SAME_NAME_FIELDS) | {"drop_path_prob", "add_pooling_layer", "id2label", "label2id"}
 # Settings shared by `ViTImageProcessor` (the authors') and `NepaImageProcessorPil`.
 PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-                    "image_std", "do_convert_rgb")  # fmt: skip
+                    "image_std", "do_convert_rgb")
 # Weight files in order of preference, in groups: a Hub id downloads the next group only if the repo has none of one.
 WEIGHT_FILES = [("model.safetensors", "model.safetensors.index.json"),
                 ("pytorch_model.bin", "pytorch_model.bin.index.json")]
@@ -126,7 +126,7 @@ def _match(state_dict: dict, rename, config: NepaConfig, title: str, fill=None) 
     missing = [name for name in expected if name not in renamed]
     mismatched = [f"{source_of[name]} {tuple(tensor.shape)}" + (f" -> {name}" if source_of[name] != name else "")
                   + f" expects {tuple(expected[name])}" for name, tensor in renamed.items()
-                  if tensor.shape != expected[name]]  # fmt: skip
+                  if tensor.shape != expected[name]]
     if not (unexpected or missing or mismatched):
         return {name: renamed[name] for name in expected}
 
@@ -144,7 +144,7 @@ def _match(state_dict: dict, rename, config: NepaConfig, title: str, fill=None) 
                      "non-affine)")
     raise ConversionError(title + listing("Source tensors with no place in the target", unexpected)
                           + listing("Target tensors not filled", missing) + listing("Shape mismatches", mismatched)
-                          + "".join(f"\nHint: {hint}." for hint in hints))  # fmt: skip
+                          + "".join(f"\nHint: {hint}." for hint in hints))
 
 
 def convert_reference_state_dict(state_dict: dict, reference_config, *, qk_norm_affine: bool | None = None):
@@ -167,11 +167,11 @@ def convert_reference_state_dict(state_dict: dict, reference_config, *, qk_norm_
             return {}
         dtype = next(iter(state_dict.values())).dtype
         return {name: (torch.ones if name.endswith("weight") else torch.zeros)(shape, dtype=dtype)
-                for name, shape in unfilled.items() if re.search(r"\.[qk]_norm\.(weight|bias)$", name)}  # fmt: skip
+                for name, shape in unfilled.items() if re.search(r"\.[qk]_norm\.(weight|bias)$", name)}
 
     source = next(theirs for theirs, ours in ARCHITECTURES.items() if [ours] == config.architectures)
     converted = _match(state_dict, rename, config, f"Cannot convert this {source} checkpoint to "
-                       f"{config.architectures[0]}:", qk_norm_at_identity)  # fmt: skip
+                       f"{config.architectures[0]}:", qk_norm_at_identity)
     if getattr(config, "dtype", None) is None and converted:
         config.dtype = next(iter(converted.values())).dtype  # the written weights carry one: record it
     extras = _reference_extras(reference_config, config, {"qk_norm_affine"} if qk_norm_affine is not None else set())
@@ -199,7 +199,7 @@ def convert_to_reference(state_dict: dict, config: NepaConfig) -> tuple[dict, di
         return mapped if key in HEAD_KEYS else prefix + mapped
 
     checked = _match(state_dict, lambda key: key, config, f"Cannot convert this {architecture} state dict to the "
-                     "authors' layout:")  # fmt: skip
+                     "authors' layout:")
     return reference_config, {rename(key): tensor for key, tensor in checked.items()}
 
 
@@ -213,7 +213,7 @@ def _check_model_type(config: dict, expected: str = REFERENCE_MODEL_TYPE) -> Non
             f"Expected a{' reference NEPA' if expected == REFERENCE_MODEL_TYPE else ' nepa-hf'} checkpoint (model_type "
             f"'{expected}'), got model_type {model_type!r}." + (" This checkpoint is already in nepa-hf format: load "
             "it with AutoModel directly, or pass --to-reference to convert it to the authors' layout."
-            if model_type == NepaConfig.model_type else ""))  # fmt: skip
+            if model_type == NepaConfig.model_type else ""))
 
 
 def _square(name: str, value):
@@ -245,10 +245,10 @@ def nepa_config_from_reference(reference_config: dict, state_dict: dict, qk_norm
     named = [name for name in reference_config.get("architectures") or [] if name in ARCHITECTURES]
     if reference_config.get("architectures") and not named:
         raise ConversionError(f"Unknown reference architecture {reference_config['architectures']}; expected one "
-                              f"of {sorted(ARCHITECTURES)}.")  # fmt: skip
+                              f"of {sorted(ARCHITECTURES)}.")
     architecture = (named[0] if named else "ViTNepaForImageClassification" if classifier is not None
                     else "ViTNepaForPreTraining" if any(k.startswith(REFERENCE_PREFIX) for k in state_dict)
-                    else "ViTNepaModel")  # fmt: skip
+                    else "ViTNepaModel")
     if architecture == "ViTNepaForImageClassification" and classifier is None:
         raise ConversionError("The config says ViTNepaForImageClassification but the checkpoint has no "
                               "`classifier.weight`. Fix `architectures` in config.json (ViTNepaForPreTraining for a "
@@ -311,7 +311,7 @@ def reference_config_from_nepa(config: NepaConfig, apply_extras: bool = True) ->
     reference.update(architectures=[{ours: theirs for theirs, ours in ARCHITECTURES.items()}[architecture]],
                      model_type=REFERENCE_MODEL_TYPE, qk_norm=True, layerscale_value=config.layerscale_value,
                      drop_path_prob=config.drop_path_rate, add_pooling_layer=config.pooling == "mean",
-                     transformers_version=transformers.__version__)  # fmt: skip
+                     transformers_version=transformers.__version__)
     if architecture == "NepaForImageClassification":
         reference["is_causal"] = config.finetuning_is_causal  # the attention the classifier computes
     if architecture == "NepaForImageClassification" or config.id2label != {0: "LABEL_0", 1: "LABEL_1"}:
@@ -341,7 +341,7 @@ def _reference_extras(reference_config: dict, config: NepaConfig, overridden: se
     canonical = reference_config_from_nepa(config, apply_extras=False)
     skip = {"transformers_version"} | overridden  # the writer records its own version; overrides must not come back
     fields = {name: value for name, value in reference_config.items()
-              if name not in skip and (name not in canonical or canonical[name] != value)}  # fmt: skip
+              if name not in skip and (name not in canonical or canonical[name] != value)}
     unknown = sorted(set(fields) - set(REFERENCE_DEFAULTS) - set(transformers.PreTrainedConfig().to_dict()))
     if unknown:
         logger.warning(f"The source config has fields this conversion does not read: {unknown}. They do not affect "
@@ -354,7 +354,7 @@ def image_processor_from_reference(preprocessor_config: dict | None, config: Nep
     """The source's preprocessing as a `NepaImageProcessorPil`; without one, the released checkpoints' (a straight
     resize to the model's image size, bilinear, mean = std = 0.5: `NepaImageProcessorPil`'s defaults)."""
     settings = {name: value for name, value in (preprocessor_config or {}).items()
-                if name in PROCESSOR_FIELDS + ("do_center_crop", "crop_size") and value is not None}  # fmt: skip
+                if name in PROCESSOR_FIELDS + ("do_center_crop", "crop_size") and value is not None}
     size = settings.pop("size", config.image_size)
     return NepaImageProcessorPil(size={"height": size, "width": size} if isinstance(size, int) else size, **settings)
 
@@ -396,7 +396,7 @@ def _resolve_folder(source, allow_patterns: list[str], revision=None, token=None
     extra = {"force_download": True} if force_download else {}  # passed only when asked, as older hubs lack it
     try:
         return Path(huggingface_hub.snapshot_download(str(source), revision=revision, token=token,
-                                                      allow_patterns=allow_patterns, **extra))  # fmt: skip
+                                                      allow_patterns=allow_patterns, **extra))
     except errors.HFValidationError:
         message = f"{source} is neither an existing local folder nor a valid Hub repo id."
     except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError):
@@ -416,15 +416,15 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     except pickle.UnpicklingError as error:
         raise ConversionError(f"Could not read {path} safely with torch.load(weights_only=True): it holds objects "
-                              f"other than tensors, or is damaged. {error}") from None  # fmt: skip
+                              f"other than tensors, or is damaged. {error}") from None
     except (SafetensorError, RuntimeError, EOFError, OSError, struct.error) as error:  # usually an interrupted download
         from huggingface_hub.constants import HF_HUB_CACHE
 
         fix = ("rerun with --force-download to download it again (force_download=True in Python)"
                if path.absolute().is_relative_to(Path(HF_HUB_CACHE).absolute())
-               else "copy or download it again, or convert another checkpoint")  # fmt: skip
+               else "copy or download it again, or convert another checkpoint")
         raise ConversionError(f"Cannot read the weights in {path} ({path.stat().st_size:,} bytes): the file is "
-                              f"truncated or corrupt ({error}). Fix: {fix}.") from None  # fmt: skip
+                              f"truncated or corrupt ({error}). Fix: {fix}.") from None
     # Training checkpoints and EMA helpers wrap the state dict; DDP and EMA wrappers prefix "module.".
     wrappers = ("state_dict", "model", "module", "ema", "model_ema", "state_dict_ema")
     for state_dict in [loaded, *(loaded.get(key) for key in wrappers)] if isinstance(loaded, dict) else []:
@@ -440,7 +440,7 @@ def _load_checkpoint(source, weight_files: list[tuple[str, ...]], model_type: st
     for group in weight_files:
         shards = [name.removesuffix(".index.json").replace(".", "-*.", 1) for name in group if name.endswith(".json")]
         folder = _resolve_folder(source, ["config.json", "preprocessor_config.json", *group, *shards], revision,
-                                 token, force_download)  # fmt: skip
+                                 token, force_download)
         if not (folder / "config.json").exists():
             raise ConversionError(f"{folder} has no config.json. Files there: {_files_in(folder)}.")
         config = _read_json(folder / "config.json")
@@ -460,7 +460,7 @@ def load_reference_checkpoint(source, *, ema=False, revision=None, token=None, f
     """The authors' checkpoint (local folder or Hub id) -> (config dict, state dict, preprocessor config or None):
     safetensors, else .bin, or with `ema` their `pytorch_model_ema.bin`."""
     folder, config, state_dict = _load_checkpoint(source, [(REFERENCE_EMA_FILE,)] if ema else WEIGHT_FILES,
-                                                  REFERENCE_MODEL_TYPE, revision, token, force_download)  # fmt: skip
+                                                  REFERENCE_MODEL_TYPE, revision, token, force_download)
     preprocessor = folder / "preprocessor_config.json"
     return config, state_dict, _read_json(preprocessor) if preprocessor.exists() else None
 
@@ -468,7 +468,7 @@ def load_reference_checkpoint(source, *, ema=False, revision=None, token=None, f
 def load_nepa_checkpoint(source, *, revision=None, token=None, force_download=False):
     """A nepa-hf folder (local or Hub id) -> (config, state dict, image processor or None), no model built."""
     folder, _, state_dict = _load_checkpoint(source, WEIGHT_FILES[:1], NepaConfig.model_type, revision, token,
-                                             force_download)  # fmt: skip
+                                             force_download)
     has_processor = (folder / "preprocessor_config.json").exists()
     return (NepaConfig.from_pretrained(folder), state_dict,
             NepaImageProcessorPil.from_pretrained(folder) if has_processor else None)
@@ -526,7 +526,7 @@ def _staged_output(output: Path, overwrite: bool):
 
 
 def convert_reference_checkpoint(source, output_dir, *, ema=False, revision=None, token=None, qk_norm_affine=None,
-                                 overwrite=False, model_card=True, force_download=False) -> Path:  # fmt: skip
+                                 overwrite=False, model_card=True, force_download=False) -> Path:
     """Convert the authors' checkpoint (local folder or Hub id; `ema=True`: its `pytorch_model_ema.bin`) into a
     nepa-hf folder that the Auto classes load. Returns the folder; nothing is left there when it fails."""
     output = Path(output_dir).expanduser()
@@ -534,7 +534,7 @@ def convert_reference_checkpoint(source, output_dir, *, ema=False, revision=None
         reference_config, reference_state_dict, preprocessor_config = load_reference_checkpoint(
             source, ema=ema, revision=revision, token=token, force_download=force_download)
         config, state_dict = convert_reference_state_dict(reference_state_dict, reference_config,
-                                                          qk_norm_affine=qk_norm_affine)  # fmt: skip
+                                                          qk_norm_affine=qk_norm_affine)
         card = None
         if model_card:  # the card template lives with the Hub tools, outside this self-contained bundle
             from nepa_hf.hub.model_card import card_for_conversion
@@ -546,16 +546,16 @@ def convert_reference_checkpoint(source, output_dir, *, ema=False, revision=None
 
 
 def convert_to_reference_checkpoint(source, output_dir, *, revision=None, token=None, overwrite=False,
-                                    force_download=False) -> Path:  # fmt: skip
+                                    force_download=False) -> Path:
     """Convert a nepa-hf folder (local or Hub id) into the authors' `vit_nepa` layout; nothing is left at
     `output_dir` when it fails."""
     output = Path(output_dir).expanduser()
     with _staged_output(output, overwrite) as staging:
         config, state_dict, processor = load_nepa_checkpoint(source, revision=revision, token=token,
-                                                             force_download=force_download)  # fmt: skip
+                                                             force_download=force_download)
         reference_config, reference_state_dict = convert_to_reference(state_dict, config)
         save_reference_checkpoint(reference_config, reference_state_dict, staging,
-                                  reference_preprocessor_config(processor, config))  # fmt: skip
+                                  reference_preprocessor_config(processor, config))
     return output
 
 
