@@ -5,6 +5,10 @@ This file is copied next to saved checkpoints so that `trust_remote_code=True` u
 transformers: it imports only transformers and the standard library.
 """
 
+import dataclasses
+import difflib
+import typing
+
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
@@ -216,6 +220,50 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    def update_from_string(self, update_str: str):
+        """`PreTrainedConfig.update_from_string`: "field=value,field=value", each value typed like the field's current
+        one (booleans: true/false). NEPA adds what transformers cannot type: integer lists written `a:b:c`
+        (`pool_scales=1:2:3:6`, `out_indices=2:4`) and numbers for unset fields (`pos_embed_shift=0.1`). A bad item
+        raises a ValueError that names it.
+
+        This changes one field at a time and skips what the constructor derives and checks (the backbone stages
+        follow `num_hidden_layers`); `overrides_from_string` gives the same values as constructor arguments.
+        """
+        annotations = {f.name: f.type for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        fields = set(annotations) | {"out_indices"}  # the backbone stages are properties over `_out_indices`
+        for item in filter(None, (part.strip() for part in update_str.split(","))):
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep:
+                raise ValueError(f"Config override {item!r} is not of the form field=value.")
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                nepa_fields = fields - {f.name for f in dataclasses.fields(PreTrainedConfig)}
+                hint = f"Did you mean {close[0]!r}?" if close else f"NEPA's fields: {', '.join(sorted(nepa_fields))}."
+                raise ValueError(f"Config override {item!r}: {key!r} is not a field of {type(self).__name__}. {hint}")
+            current = getattr(self, key)
+            try:
+                if isinstance(current, (list, tuple)):
+                    setattr(self, key, [int(entry) for entry in value.split(":")])
+                elif current is None:  # unset: typed by the field's annotation, e.g. `float | int | None`
+                    setattr(self, key, float(value) if float in typing.get_args(annotations[key]) else value)
+                else:
+                    super().update_from_string(f"{key}={value}")
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Config override {item!r}: {error}") from error
+
+    @classmethod
+    def overrides_from_string(cls, update_str: str | None) -> dict:
+        """`update_from_string`'s values as keyword arguments for `NepaConfig(...)`, `from_preset` or
+        `from_pretrained`: "hidden_size=64,pool_scales=1:2" -> {"hidden_size": 64, "pool_scales": [1, 2]}; None or
+        "" -> {}. The constructor then checks them and derives what depends on them (the default backbone stages
+        follow `num_hidden_layers`), which setting them on a built config would not."""
+        if not update_str:
+            return {}
+        parsed = cls()
+        parsed.update_from_string(update_str)
+        keys = [item.partition("=")[0].strip() for item in update_str.split(",") if item.strip()]
+        return {key: getattr(parsed, key) for key in keys}
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "NepaConfig":
