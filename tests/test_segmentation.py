@@ -295,6 +295,10 @@ def test_segmentation_input_errors():
     with pytest.raises(ValueError, match=r"reads four backbone stages.*out_indices=\[1, 2, 3, 4\]"):
         NepaForSemanticSegmentation(two_stages)
     assert two_stages.out_indices == [2, 4]  # constructors never change the config
+    config = tiny_config()
+    saved = config.to_dict()
+    NepaForSemanticSegmentation(config), NepaBackbone(config)
+    assert config.to_dict() == saved
     model.eval()(pixels[:1])  # a single image is fine for inference
 
 

@@ -189,7 +189,8 @@ def upernet_head_config(config: NepaConfig) -> SimpleNamespace:
 
 
 # `from_pretrained` renames the head weights of folders saved before the heads were transformers' UperNet modules
-# (old -> new; a conv unit was an nn.Sequential, so `.0.` / `.1.` are its conv / BatchNorm).
+# (old -> new; a conv unit was an nn.Sequential, so `.0.` / `.1.` are its conv / BatchNorm). As with any key mapping,
+# transformers' `save_pretrained` writes a model loaded from such a folder back in that folder's layout.
 LEGACY_HEAD_KEY_MAPPING = {
     r"^decode_head\.psp_modules\.stages\.(\d+)\.1\.0\.": r"decode_head.psp_modules.\1.1.conv.",
     r"^decode_head\.psp_modules\.stages\.(\d+)\.1\.1\.": r"decode_head.psp_modules.\1.1.batch_norm.",
