@@ -135,32 +135,6 @@ class DataArguments:
             self.crop_size = 512 if (self.dataset_name or self.data_dir) else self.scene_size
 
 
-def parse_config_overrides(overrides: str | None) -> dict:
-    """'a=1,b=false,c=0.1' -> {"a": 1, "b": False, "c": 0.1}, typed like NepaConfig's defaults."""
-    if not overrides:
-        return {}
-    defaults, parsed = NepaConfig(), {}
-    for item in overrides.split(","):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not hasattr(defaults, key):
-            raise ValueError(f"--config_overrides: {item!r} is not 'field=value' for a NepaConfig field.")
-        default = getattr(defaults, key)
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--config_overrides: {key} takes true/false, got {value!r}.")
-            parsed[key] = value.lower() in ("true", "1")
-        elif isinstance(default, int):
-            parsed[key] = int(value)
-        elif isinstance(default, float):
-            parsed[key] = float(value)
-        elif isinstance(default, (list, tuple)):
-            parsed[key] = [int(v) for v in value.split(":")]  # e.g. pool_scales=1:2:3:6
-        else:
-            parsed[key] = value
-    return parsed
-
-
 def load_splits(data_args: DataArguments, seed: int):
     """(train, validation, id2label) as datasets with `image` / `annotation` columns."""
     if data_args.dataset_name:
@@ -221,7 +195,7 @@ def main():
     num_labels = len(id2label)
 
     # ---------------------------------------------------------------------------------------------- model
-    overrides = parse_config_overrides(model_args.config_overrides)
+    overrides = NepaConfig.overrides_from_string(model_args.config_overrides)
     label_kwargs = dict(id2label=id2label, label2id=label2id)
     if model_args.model_name_or_path:
         config = NepaConfig.from_pretrained(model_args.model_name_or_path, **label_kwargs, **overrides)

@@ -22,7 +22,6 @@ mean over the readable images of the global batch, so any number of processes tr
 """
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -171,22 +170,9 @@ def parse_args(argv=None):
     return args
 
 
-def parse_config_overrides(text):
-    overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config_overrides entry {item!r} is not of the form key=value.")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
 def load_model(args):
     """NepaForPreTraining from a preset, a config JSON or a checkpoint, with the ablation switches applied."""
-    overrides = parse_config_overrides(args.config_overrides)
+    overrides = NepaConfig.overrides_from_string(args.config_overrides)
     if args.no_shift:
         overrides["pretraining_shift"] = False
     if args.no_stop_grad:
