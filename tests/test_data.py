@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nepa_hf.data.images import images as nd
+from nepa_hf.data import images as nd
 
 DEBIAN_PRESENT = nd.fashion_mnist_available(source="debian")
 needs_debian = pytest.mark.skipif(

@@ -68,6 +68,7 @@ def finetuned_dir(tmp_path_factory, finetune_script):
     return output_dir
 
 
+@pytest.mark.slow
 def test_short_finetune_on_real_data_beats_chance_and_is_served_by_pipeline(finetuned_dir, single_thread):
     results = json.loads((finetuned_dir / "all_results.json").read_text())
     # 10 classes: chance is 0.10 (measured 0.57)

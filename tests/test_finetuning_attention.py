@@ -205,6 +205,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_remote_code_classifier_from_a_pretraining_folder_is_bidirectional(tmp_path):
     randomize_(NepaForPreTraining(small_config())).save_pretrained(tmp_path / "pretrain")
     script = tmp_path / "remote.py"

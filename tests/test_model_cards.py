@@ -140,6 +140,7 @@ USAGE_RUNNER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_card_usage_code_runs_with_transformers_only(tmp_path):
     """The usage snippets of the cards of every head run, offline, against small local models."""
     photo = str(bundled_photo_paths()[0])

@@ -1,6 +1,7 @@
 """A regular (non-editable) install works on its own: the wheel carries the model code, the local metric modules
 and the bundled sample data, and nothing reads the repository."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -32,8 +33,14 @@ print("installed package OK")
 
 @pytest.mark.slow
 def test_wheel_install_loads_the_bundled_data_outside_the_repository(tmp_path):
+    # Build from a copy of the sources, so no build/ or egg-info folder of the checkout leaks into the wheel.
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, project / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(project)],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr[-2000:]

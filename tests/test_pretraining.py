@@ -441,6 +441,7 @@ def _without_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+@pytest.mark.slow
 def test_pretraining_loss_falls_on_real_data_and_no_stop_grad_collapses(run_pretraining, tmp_path, capsys):
     common = TINY_ARGS + ["--dataset", "bundled", "--max_steps", "150", "--per_device_batch_size", "32",
                           "--learning_rate", "3e-3", "--logging_steps", "25"]
@@ -492,6 +493,7 @@ def test_resume_mid_epoch_is_bit_exact(run_pretraining, reference_run, tmp_path)
         run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed])
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(reference_run, tmp_path):
     """torchrun, 2 processes x batch 4 == 1 process x batch 8: same images (see the sharding test), so the loss
     and the all-reduced gradient agree up to float summation order."""
@@ -517,6 +519,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     assert config["num_processes"] == 2 and config["global_batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_unreadable_images(run_pretraining, tmp_path, capsys):
     """Item 6 of issue 14: with unreadable files split unevenly across the processes, the loss is still the mean over
     the readable images of the global batch (each process's loss weighted by its share), so 2 processes == 1; and

@@ -30,7 +30,7 @@ from unittest import mock
 import pytest
 
 from nepa_hf.hub.model_card import PUBLISHED_CHECKPOINTS
-from test_convert import reference_config, reference_state_dict, write_reference_folder
+from reference_checkpoints import reference_config, reference_state_dict, write_reference_folder
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -305,6 +305,7 @@ def prepare_workdir(folder: Path) -> None:
         write_reference_folder(folder / repo_id, config, reference_state_dict(config, seed=seed))
 
 
+@pytest.mark.slow
 def test_readme_runs_in_order(tmp_path, monkeypatch):
     """The python snippets and the cheap commands, in README order, as a newcomer would run them."""
     prepare_workdir(tmp_path)

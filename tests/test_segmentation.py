@@ -396,6 +396,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_trust_remote_code_segmentation_without_the_package(tmp_path):
     model = save_segmenter(tmp_path / "ckpt")
     pixels = torch.randn(2, 3, 32, 32)

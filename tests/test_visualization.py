@@ -128,6 +128,7 @@ def test_input_panel_is_the_region_the_processor_crops():
     assert processor_view(image, (56, 56), NepaImageProcessorPil()).size == (300, 200)  # no crop: all of it
 
 
+@pytest.mark.slow
 def test_visualize_script_on_saved_checkpoint(tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path / "ckpt")

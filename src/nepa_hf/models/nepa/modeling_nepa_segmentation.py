@@ -92,7 +92,6 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
     is_finetuning_model = True
     _keys_to_ignore_on_load_unexpected = _HEAD_KEYS
-    _keys_to_ignore_on_load_missing = [r"\.[qk]_norm\.weight"]
 
     def __init__(self, config: NepaConfig):
         super().__init__(config)
@@ -224,7 +223,7 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     # The Trainer counts every label != -100 as an item, including 255 "ignore" pixels: let the loss take its mean.
     accepts_loss_kwargs = False
     # Expected when starting from a pretraining or classification checkpoint.
-    _keys_to_ignore_on_load_missing = [r"^neck\.", r"^decode_head\.", r"^auxiliary_head\.", r"\.[qk]_norm\.weight"]
+    _keys_to_ignore_on_load_missing = [r"^neck\.", r"^decode_head\.", r"^auxiliary_head\."]
     _keys_to_ignore_on_load_unexpected = [r"^fc_norm\.", r"^classifier\."]
 
     def __init__(self, config: NepaConfig):
