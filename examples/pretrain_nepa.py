@@ -2,22 +2,19 @@
 # Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
 """Pretrain NEPA (next-embedding predictive autoregression) on your own images with Accelerate.
 
-No labels are used: a causal ViT learns to predict the embedding of the next patch (the authors' recipe: AdamW
+No labels are used: a causal ViT learns to predict the embedding of the next patch, with the authors' recipe (AdamW
 (0.9, 0.95), weight decay 0.05, lr = 3e-4 x global batch / 256, 2.5% warmup then cosine to 0, grad clip 1.0, bf16,
-torchvision RandomResizedCrop (scale 0.08-1, bilinear) + flip + the image processor's normalisation). The same
-script runs on one CPU, one GPU, or many through `accelerate launch` (DDP, FSDP, DeepSpeed) without code changes.
+RandomResizedCrop + flip). One CPU, one GPU or many through `accelerate launch` (DDP, FSDP, DeepSpeed):
 
-    python examples/pretrain_nepa.py --model nepa-vit-tiny --dataset fashion_mnist --output_dir out \
-        --max_steps 1000 --per_device_batch_size 64 --checkpointing_steps 200 --seed 0
-    accelerate launch --multi_gpu --num_processes 8 examples/pretrain_nepa.py ...        # GPUs
+    python examples/pretrain_nepa.py --model nepa-vit-tiny --dataset fashion_mnist --output_dir out --max_steps 1000
+    accelerate launch --multi_gpu --num_processes 8 examples/pretrain_nepa.py ...
     ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 examples/pretrain_nepa.py ...   # 2 CPU processes
     python examples/pretrain_nepa.py --demo                    # tiny NEPA on the bundled images, a few minutes
 
 Outputs in --output_dir: the model (`AutoModelForPreTraining.from_pretrained(output_dir)`) and its image processor,
-`ema.safetensors` (with --ema_decay), `metrics.jsonl` (one JSON object per logged step), `run_config.json`, and
-`checkpoints/checkpoint_<i>/` (resume with --resume_from_checkpoint latest: the newest checkpoint whose files all
-load). Unreadable images are skipped with a warning and counted once per file (`images_skipped`); the loss is the
-mean over the readable images of the global batch, so any number of processes trains the same model.
+`ema.safetensors` (with --ema_decay), `metrics.jsonl`, `run_config.json` and `checkpoints/checkpoint_<i>/` (resume with
+--resume_from_checkpoint latest). Unreadable images are skipped and counted once per file; the loss is the mean over
+the readable images of the global batch, so any number of processes trains the same model.
 """
 
 import argparse
@@ -34,14 +31,12 @@ import transformers
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForPreTraining, get_cosine_schedule_with_warmup
 
 from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForPreTraining, NepaImageProcessor
 from nepa_hf.data.images import BUILTIN_DATASETS, load_image_dataset, resolve_column
-from nepa_hf.data.pretraining import (EpochShuffleSampler, PretrainingCollator, PretrainingImageDataset,
-                                      PretrainingIterableDataset, UnreadableFileCounter, select_readable)
+from nepa_hf.data.pretraining import UnreadableFileCounter, pretraining_dataloader, select_readable
 from nepa_hf.data.transforms import INTERPOLATIONS, pretraining_transform
 from nepa_hf.training.checkpointing import CHECKPOINTS_DIR, checkpoint_to_resume, read_checkpoint_meta, save_checkpoint
 from nepa_hf.training.ema import create_ema, save_ema
@@ -69,7 +64,8 @@ def parse_args(argv=None):
     add("--demo", action="store_true", help=f"Preset: {DEMO_DEFAULTS} (flags still win).")
     # Model
     add("--model", help=f"A preset ({', '.join(sorted(NEPA_PRESETS))}), a config JSON file or a NEPA checkpoint.")
-    add("--config_overrides", help="Config fields of a new model, e.g. 'hidden_size=64,num_hidden_layers=4'.")
+    add("--config_overrides",
+        help="Comma-separated config fields for a new model, e.g. 'hidden_size=64,num_hidden_layers=4'.")
     add("--image_size", type=int, help="Training resolution (crop size); default: the config's.")
     add("--num_channels", type=int, choices=(1, 3), help="3 (default): grayscale becomes RGB; 1: a grayscale model.")
     add("--attn_implementation", help="sdpa (default), eager, flex_attention, ...")
@@ -200,34 +196,23 @@ def build_train_dataloader(args, config, image_size, mean, std, accelerator):
         image_column = args.image_column or "image"
     else:
         image_column = resolve_column(dataset, args.image_column, IMAGE_COLUMN_CANDIDATES, "image")
-    num_patches = (image_size // config.patch_size) ** 2 if args.mask_ratio > 0 else None
-    transform = pretraining_transform(image_size, mean, std, scale=(args.crop_min_scale, 1.0),
-                                      interpolation=args.interpolation, hflip_prob=args.hflip_prob)
-    wrapper_kwargs = dict(image_column=image_column, transform=transform, seed=args.seed,
-                          num_channels=config.num_channels, mask_ratio=args.mask_ratio, num_patches=num_patches)
     num_workers = args.dataloader_num_workers
-    if num_workers is None:
+    if num_workers is None:  # decoding workers on GPU machines, the training process itself on CPUs
         cores = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
         num_workers = min(8, cores) if accelerator.device.type == "cuda" else 0
     if args.streaming:
         if isinstance(dataset, datasets.Dataset):  # built-in or local data: stream it too, e.g. to try the path
             dataset = dataset.to_iterable_dataset(num_shards=max(1, num_workers))
         dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
-        train_dataset, sampler = PretrainingIterableDataset(dataset, **wrapper_kwargs), None
-    else:
-        train_dataset = PretrainingImageDataset(dataset, **wrapper_kwargs)
-        sampler = EpochShuffleSampler(len(train_dataset), seed=args.seed)
-        global_batch = args.per_device_batch_size * accelerator.num_processes
-        if len(train_dataset) < global_batch:
-            raise ValueError(f"The dataset has {len(train_dataset)} images, fewer than one global batch "
-                             f"({global_batch}): lower --per_device_batch_size.")
-    return DataLoader(
-        train_dataset, batch_size=args.per_device_batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=PretrainingCollator(config.num_channels, image_size, num_patches), drop_last=True,
-        pin_memory=accelerator.device.type == "cuda",
-        # An explicit generator keeps DataLoader iterator creation off the global RNG, which the model's RoPE
-        # augmentation draws from: resuming then replays the same draws.
-        generator=torch.Generator().manual_seed(args.seed),
+    elif len(dataset) < args.per_device_batch_size * accelerator.num_processes:
+        raise ValueError(f"The dataset has {len(dataset)} images, fewer than one global batch "
+                         f"({args.per_device_batch_size * accelerator.num_processes}): lower --per_device_batch_size.")
+    transform = pretraining_transform(image_size, mean, std, scale=(args.crop_min_scale, 1.0),
+                                      interpolation=args.interpolation, hflip_prob=args.hflip_prob)
+    return pretraining_dataloader(
+        dataset, image_column, transform, batch_size=args.per_device_batch_size, image_size=image_size,
+        num_channels=config.num_channels, seed=args.seed, mask_ratio=args.mask_ratio, patch_size=config.patch_size,
+        num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
     ), None if args.streaming else len(dataset)
 
 
@@ -366,49 +351,52 @@ def main(argv=None):
                 for name in ("loss", "embedding_loss", "pixel_loss"):
                     if getattr(outputs, name) is not None:
                         sums[name] += getattr(outputs, name).detach().float() * readable
-            if not accelerator.sync_gradients:
-                wait_start = time.perf_counter()
-                continue
-            scheduler.step()
-            global_step += 1
-            sums["grad_norm"] += torch.as_tensor(grad_norm, dtype=torch.float32, device=accelerator.device)
-            sums["updates"] += 1
-            progress.update(1)
-            if ema is not None:
-                ema.update(unwrapped.model)
-            if global_step % args.logging_steps == 0 or global_step == max_steps:
-                totals = {name: value.item() for name, value in accelerator.reduce(sums, reduction="sum").items()}
-                elapsed, images = time.perf_counter() - window_start, max(totals["images"], 1.0)
-                images_seen += int(totals["images"])
-                metrics = {"loss": totals["loss"] / images, "embedding_loss": totals["embedding_loss"] / images,
-                           "lr": scheduler.get_last_lr()[0], "grad_norm": totals["grad_norm"] / totals["updates"],
-                           "images_per_s": totals["images"] / elapsed,
-                           "data_wait_fraction": totals["data_wait_s"] / accelerator.num_processes / elapsed,
-                           "epoch": epoch, "images_seen": images_seen,
-                           "images_skipped": skipped.gather(accelerator),  # distinct files
-                           **monitor(outputs.last_hidden_state)}
-                if unwrapped.pixel_decoder is not None:
-                    metrics["pixel_loss"] = totals["pixel_loss"] / images
-                accelerator.log(metrics, step=global_step)
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                     img_s=f"{metrics['images_per_s']:.0f}")
-                if monitor.collapsed:
-                    accelerator.print(f"step {global_step}: warning: predicted embeddings are collapsing "
-                                      f"(spread {metrics['embedding_spread']:.4f}).")
-                for value in sums.values():
-                    value.zero_()
-                window_start = time.perf_counter()
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                # The data position, the counters and the partly filled logging window (less its wall time): a
-                # resumed run continues the data stream and the metrics exactly.
-                pending = {name: value.item() for name, value in accelerator.reduce(sums, reduction="sum").items()}
-                skipped.gather(accelerator)
-                save_checkpoint(accelerator, global_step, {
-                    "epoch": epoch, "batches_in_epoch": batch_in_epoch, "max_steps": max_steps,
-                    "images_seen": images_seen, "running_sums": {**pending, "data_wait_s": 0.0},
-                    **skipped.state_dict()})
-            if global_step == max_steps:
-                break
+            if accelerator.sync_gradients:
+                scheduler.step()
+                global_step += 1
+                sums["grad_norm"] += torch.as_tensor(grad_norm, dtype=torch.float32, device=accelerator.device)
+                sums["updates"] += 1
+                progress.update(1)
+                if ema is not None:
+                    ema.update(unwrapped.model)
+                if global_step % args.logging_steps == 0 or global_step == max_steps:
+                    totals = {name: value.item() for name, value in accelerator.reduce(sums, reduction="sum").items()}
+                    elapsed, images = time.perf_counter() - window_start, max(totals["images"], 1.0)
+                    images_seen += int(totals["images"])
+                    metrics = {
+                        "loss": totals["loss"] / images,
+                        "embedding_loss": totals["embedding_loss"] / images,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": totals["grad_norm"] / totals["updates"],
+                        "images_per_s": totals["images"] / elapsed,
+                        "data_wait_fraction": totals["data_wait_s"] / accelerator.num_processes / elapsed,
+                        "epoch": epoch,
+                        "images_seen": images_seen,
+                        "images_skipped": skipped.gather(accelerator),  # distinct files
+                        **monitor(outputs.last_hidden_state),  # embedding_spread, mean_cosine
+                    }
+                    if unwrapped.pixel_decoder is not None:
+                        metrics["pixel_loss"] = totals["pixel_loss"] / images
+                    accelerator.log(metrics, step=global_step)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                         img_s=f"{metrics['images_per_s']:.0f}")
+                    if monitor.collapsed:
+                        accelerator.print(f"step {global_step}: warning: predicted embeddings are collapsing "
+                                          f"(spread {metrics['embedding_spread']:.4f}).")
+                    for value in sums.values():
+                        value.zero_()
+                    window_start = time.perf_counter()
+                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    # The data position, the counters and the partly filled logging window (less its wall time): a
+                    # resumed run continues the data stream and the metrics exactly.
+                    pending = {name: value.item() for name, value in accelerator.reduce(sums, reduction="sum").items()}
+                    skipped.gather(accelerator)
+                    save_checkpoint(accelerator, global_step, {
+                        "epoch": epoch, "batches_in_epoch": batch_in_epoch, "max_steps": max_steps,
+                        "images_seen": images_seen, "running_sums": {**pending, "data_wait_s": 0.0},
+                        **skipped.state_dict()})
+                if global_step == max_steps:
+                    break
             wait_start = time.perf_counter()
         if global_step < max_steps:  # the epoch ran out
             if batch_in_epoch == 0:

@@ -10,7 +10,8 @@
   `UnreadableFileCounter` counts each skipped file once however often it is read.
 - Per-sample randomness (crop, flip, input mask) runs under a seed made from (seed, epoch, index), so the augmented
   data do not depend on the number of workers or processes, nor on where a run was resumed; `EpochShuffleSampler`
-  draws the order from (seed, epoch) alone. The transform is the authors' (`nepa_hf.data.transforms.pretraining_transform`).
+  draws the order from (seed, epoch) alone. The transform is the authors' (`data.transforms.pretraining_transform`).
+- `pretraining_dataloader` puts these together into the training DataLoader.
 """
 
 from __future__ import annotations
@@ -290,6 +291,33 @@ def skipped_file_keys(batch: dict[str, torch.Tensor]) -> list[int]:
     return batch["unreadable_keys"][~batch["valid"]].tolist()
 
 
+def pretraining_dataloader(dataset, image_column: str | None, transform, *, batch_size: int, image_size: int,
+                           num_channels: int = 3, seed: int = 0, mask_ratio: float = 0.0, patch_size: int | None = None,
+                           num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The training DataLoader over `dataset` (a `datasets.Dataset` or any sequence: `PretrainingImageDataset` in the
+    order of `EpochShuffleSampler`; a `datasets.IterableDataset` or other iterable: `PretrainingIterableDataset`),
+    batched by `PretrainingCollator` with the last incomplete batch dropped. Hand it to `accelerator.prepare`, and
+    call `set_epoch` before each epoch.
+
+    With `mask_ratio > 0` each sample also gets a random `bool_masked_pos` over its (image_size // patch_size)**2
+    patches. The DataLoader gets its own generator: creating its iterator then leaves the global RNG alone, which
+    the model's RoPE augmentation draws from, so a resumed run replays the same draws.
+    """
+    num_patches = (image_size // patch_size) ** 2 if mask_ratio > 0 else None
+    wrapper_kwargs = dict(image_column=image_column, transform=transform, seed=seed, num_channels=num_channels,
+                          mask_ratio=mask_ratio, num_patches=num_patches)
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):  # map-style
+        train_dataset = PretrainingImageDataset(dataset, **wrapper_kwargs)
+        sampler = EpochShuffleSampler(len(train_dataset), seed=seed)
+    else:
+        train_dataset, sampler = PretrainingIterableDataset(dataset, **wrapper_kwargs), None
+    return torch.utils.data.DataLoader(
+        train_dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+        collate_fn=PretrainingCollator(num_channels, image_size, num_patches), pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 class UnreadableFileCounter:
     """Counts the unreadable images of a run once per file, however often each is read (every epoch) and whichever
     worker or process reads it.
@@ -339,6 +367,7 @@ __all__ = [
     "UNKNOWN_FILE",
     "UNREADABLE_KEY",
     "UnreadableFileCounter",
+    "pretraining_dataloader",
     "random_patch_mask",
     "sample_seed",
     "select_readable",

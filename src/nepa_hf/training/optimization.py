@@ -103,8 +103,9 @@ def warmup_steps_for(num_training_steps: int, warmup_ratio: float) -> int:
 
 
 def reference_warmup_steps(warmup: float, num_training_steps: int) -> int:
-    """The authors' fine-tuning warmup W: `int(warmup * num_training_steps)` (rounded down) for a ratio `warmup < 1`, else
-    `int(warmup)` steps. (transformers' `TrainingArguments.get_warmup_steps` rounds a ratio up: 21 for 0.2 x 101.)"""
+    """The authors' fine-tuning warmup W: `int(warmup * num_training_steps)` (rounded down) for a ratio
+    `warmup < 1`, else `int(warmup)` steps. (transformers' `TrainingArguments.get_warmup_steps` rounds a ratio up: 21
+    for 0.2 x 101.)"""
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}.")
     return int(warmup) if warmup >= 1 else int(warmup * num_training_steps)
