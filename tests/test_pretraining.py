@@ -111,7 +111,7 @@ def test_param_groups_lr_scaling_and_schedule():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    # Reference §8: every parameter is decayed except biases, norms and LayerScale; the tokens and the patch
+    # The authors' rule: every parameter is decayed except biases, norms and LayerScale; the tokens and the patch
     # embedding ARE decayed.
     assert {"nepa.norm.weight", "nepa.norm.bias", "nepa.encoder.layers.0.norm1.weight",
             "nepa.encoder.layers.0.layer_scale1.lambda1", "nepa.encoder.layers.1.layer_scale2.lambda1",

@@ -19,7 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.tracking import GeneralTracker
+
+try:
+    from accelerate.tracking import GeneralTracker
+except ImportError:  # accelerate comes with the `train` extra; without it JsonlTracker still writes its file
+    GeneralTracker = object
 
 logger = logging.getLogger(__name__)
 
