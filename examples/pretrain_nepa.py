@@ -281,8 +281,9 @@ def main(argv=None):
     optimizer = create_pretraining_optimizer(objective, learning_rate, args.weight_decay,
                                              (args.adam_beta1, args.adam_beta2))
     objective, optimizer, train_dataloader = accelerator.prepare(objective, optimizer, train_dataloader)
-    max_steps = args.max_steps or max(  # epochs only without streaming (parse_args requires --max_steps there)
-        1, math.ceil(args.num_train_epochs * math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)))
+    if args.max_steps is None:  # epochs; a streamed dataset has no length (parse_args requires --max_steps there)
+        updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_steps = args.max_steps or max(1, math.ceil(args.num_train_epochs * updates_per_epoch))
     warmup_steps = warmup_steps_for(max_steps, args.warmup_ratio)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, max_steps)  # 0 -> peak, cosine to 0
     accelerator.register_for_checkpointing(scheduler)
