@@ -104,7 +104,8 @@ def parse_args(argv=None):
     add("--no-shift", dest="no_shift", action="store_true", help="Each output predicts its own input embedding.")
     add("--bidirectional", action="store_true", help="No causal mask.")
     add("--no-stop-grad", dest="no_stop_grad", action="store_true", help="Gradients flow into the targets (collapses).")
-    add("--mask-ratio", dest="mask_ratio", type=float, default=0.0, help="Mask this fraction of the input patches.")
+    add("--mask-ratio", dest="mask_ratio", type=float, default=0.0,
+        help="Replace this fraction of the input patches with a learned mask token (the targets stay clean).")
     add("--pixel-loss-weight", dest="pixel_loss_weight", type=float, default=0.0, help="Weight of a next-patch "
         "pixel loss (through a small MLP pixel decoder).")
     add("--pixel-loss", dest="pixel_loss", default="mse", choices=("mse", "l1"))
