@@ -75,7 +75,11 @@ def read_checkpoint_meta(checkpoint_dir: str | os.PathLike) -> dict:
             f"{checkpoint_dir} is not a complete checkpoint: it has no {CHECKPOINT_META}. Pass a "
             f"'{CHECKPOINTS_DIR}/checkpoint_<i>' folder written by this script, or 'latest'."
         )
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text())
+    if "iteration" not in meta:  # `checkpoint-<step>` folders of the script before Accelerate's naming
+        raise ValueError(f"{checkpoint_dir} was written by an earlier version of examples/pretrain_nepa.py, whose "
+                         "training position this one cannot restore: start afresh with --overwrite_output_dir.")
+    return meta
 
 
 class CheckpointLoadError(ValueError):
