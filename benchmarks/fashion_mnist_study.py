@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without installing
@@ -47,13 +48,10 @@ if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without instal
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining  # noqa: E402
 from nepa_hf.data.images import load_fashion_mnist  # noqa: E402
 from nepa_hf.evaluation.features import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
-from nepa_hf.training.finetuning import get_layerwise_cosine_schedule, layer_decay_parameter_groups  # noqa: E402
-from nepa_hf.training.pretraining import (  # noqa: E402
-    CollapseMonitor,
-    create_pretraining_optimizer,
-    random_patch_mask,
-    warmup_cosine_schedule,
-)
+from nepa_hf.data.pretraining import random_patch_mask  # noqa: E402
+from nepa_hf.training.finetuning import layer_decay_parameter_groups  # noqa: E402
+from nepa_hf.training.monitoring import CollapseMonitor  # noqa: E402
+from nepa_hf.training.optimization import create_pretraining_optimizer, get_layerwise_cosine_schedule  # noqa: E402
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -258,7 +256,7 @@ def pretrain_nepa(variant: str, seed: int, budget: Budget, data: dict, output: P
     config = micro_config(**overrides)
     model = NepaForPreTraining(config)
     optimizer = create_pretraining_optimizer(model, budget.pretrain_lr, weight_decay=0.05)
-    schedule = warmup_cosine_schedule(optimizer, steps, max(1, steps // 20))
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     monitor = CollapseMonitor()
     images = data["train"][0]
     generator = torch.Generator().manual_seed(seed)
@@ -321,7 +319,7 @@ def pretrain_mae(seed: int, budget: Budget, data: dict, output: Path) -> dict:
     torch.manual_seed(seed)
     model = mae_model()
     optimizer = create_pretraining_optimizer(model, budget.pretrain_lr, weight_decay=0.05)
-    schedule = warmup_cosine_schedule(optimizer, steps, max(1, steps // 20))
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     curve = []
     cpu_start = time.process_time()
     model.train()

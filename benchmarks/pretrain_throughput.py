@@ -51,7 +51,7 @@ def data_pipeline_images_per_s(dataset_name: str, image_size: int, seconds: floa
     import torch
 
     from nepa_hf.data.images import load_image_dataset
-    from nepa_hf.training.pretraining import PretrainingImageDataset
+    from nepa_hf.data.pretraining import PretrainingImageDataset
     from nepa_hf.data.transforms import pretraining_transform
 
     torch.set_num_threads(1)

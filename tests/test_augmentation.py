@@ -171,7 +171,7 @@ def test_16_bit_images_give_the_same_8_bit_values_through_the_processor_and_ever
 
     from nepa_hf.data.augmentation import RGBTransform
     from nepa_hf.data.classification import with_image_transform
-    from nepa_hf.training.pretraining import PretrainingImageDataset
+    from nepa_hf.data.pretraining import PretrainingImageDataset
     from nepa_hf.data.segmentation import random_scale_crop_flip
 
     rng = np.random.default_rng(0)

@@ -1,8 +1,8 @@
 """The checkpoint converter: reference (`vit_nepa`) <-> nepa-hf, numerics, round trips and errors.
 
-Offline tests build synthetic checkpoints in the authors' layout (reference facts §7: key names, prefixes, heads)
+Offline tests build synthetic checkpoints in the authors' layout (the authors' key names, prefixes and heads)
 and check our converted model against an independent float64 forward pass computed directly from those tensors
-(reference facts §2-§5). The network tests convert the authors' released weights and check their published values.
+(the authors' forward pass, RoPE, loss and heads). The network tests convert the authors' released weights and check their published values.
 """
 
 import argparse
@@ -83,7 +83,7 @@ def reference_forward(state_dict: dict, config: dict, pixel_values: torch.Tensor
     tokens = torch.cat([w("embeddings.cls_token").expand(batch, 1, D), patches], 1)
     n = tokens.shape[1]
 
-    # 2D RoPE (§3): inv_freq[k] = theta^(-4k/d); y angles then x angles, repeated twice; CLS is not rotated.
+    # 2D RoPE: inv_freq[k] = theta^(-4k/d); y angles then x angles, repeated twice; CLS is not rotated.
     inv_freq = [config["rope_theta"] ** (-4 * k / d) for k in range(d // 4)]
     cos, sin = torch.ones(n, d, dtype=torch.float64), torch.zeros(n, d, dtype=torch.float64)
     for i in range(gh):
@@ -131,12 +131,12 @@ def reference_forward(state_dict: dict, config: dict, pixel_values: torch.Tensor
     last_hidden_state = layer_norm(h, w("layernorm.weight"), w("layernorm.bias"))
     outputs = {"last_hidden_state": last_hidden_state, "input_embeddings": tokens}
 
-    # Pretraining loss (§4): output t predicts input embedding t + 1, both L2-normalised.
+    # Pretraining loss: output t predicts input embedding t + 1, both L2-normalised.
     pred = F.normalize(last_hidden_state[:, :-1], dim=-1)
     target = F.normalize(tokens[:, 1:], dim=-1)
     outputs["loss"] = -(pred * target).sum(-1).mean()
 
-    if "classifier.weight" in state_dict:  # heads (§5)
+    if "classifier.weight" in state_dict:  # heads
         if config["add_pooling_layer"]:
             pooled = last_hidden_state[:, -gh * gw :].mean(1)
             pooled = layer_norm(pooled, state_dict["fc_norm.weight"].double(), state_dict["fc_norm.bias"].double())

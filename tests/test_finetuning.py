@@ -18,11 +18,9 @@ from nepa_hf.training.finetuning import (
     NepaTrainer,
     NepaTrainingArguments,
     freeze_patch_embeddings,
-    get_layerwise_cosine_schedule,
     layer_decay_parameter_groups,
-    layerwise_warmup_steps,
-    reference_warmup_steps,
 )
+from nepa_hf.training.optimization import get_layerwise_cosine_schedule, layerwise_warmup_steps, reference_warmup_steps
 
 
 def tiny_classifier(num_layers: int = 4, num_labels: int = 3) -> NepaForImageClassification:
@@ -86,8 +84,7 @@ def test_layer_decay_groups_match_the_reference_formula():
 def test_one_weight_decay_rule_for_pretraining_and_finetuning():
     """The pretraining rule decays every weight and the tokens but no bias, norm or LayerScale; fine-tuning decays
     the same parameters minus the 1-D ones (there are none among the decayed here), through the same function."""
-    from nepa_hf.training.pretraining import no_weight_decay, pretraining_param_groups
-    from nepa_hf.training.weight_decay import decays_in_pretraining, weight_decay_flags
+    from nepa_hf.training.optimization import decays_in_pretraining, pretraining_param_groups, weight_decay_flags
 
     model = NepaForImageClassification(NepaConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4,
@@ -100,7 +97,7 @@ def test_one_weight_decay_rule_for_pretraining_and_finetuning():
         token = name.endswith(("cls_token", "mask_token"))
         assert pretraining[name] == (weight or token), name
         assert finetuning[name] == (pretraining[name] and parameter.ndim > 1), name
-        assert no_weight_decay(name) == (not pretraining[name]), name  # our names alone give the rule
+        assert decays_in_pretraining(name) == pretraining[name], name  # our names alone give the rule
     assert pretraining["nepa.encoder.layers.0.attention.q_norm.weight"] is False
     assert finetuning["nepa.embeddings.cls_token"] is True
     # names alone give the rule for our norms and LayerScale, and for the authors' names

@@ -18,14 +18,13 @@ import torch
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining
 from nepa_hf.models.nepa.convert_nepa import HEAD_KEYS, NEPA_PREFIX, REFERENCE_PREFIX, nepa_key_to_reference
-from nepa_hf.training.finetuning import (
-    freeze_patch_embeddings,
+from nepa_hf.training.finetuning import freeze_patch_embeddings, layer_decay_parameter_groups
+from nepa_hf.training.optimization import (
     get_layerwise_cosine_schedule,
-    layer_decay_parameter_groups,
+    pretraining_param_groups,
     reference_warmup_steps,
+    weight_decay_flags,
 )
-from nepa_hf.training.pretraining import pretraining_param_groups
-from nepa_hf.training.weight_decay import weight_decay_flags
 
 FACTS_PATH = Path(__file__).resolve().parents[1].parent / "shared/reference/recipe-facts.json"
 REL_TOL = 1e-9
