@@ -1,35 +1,24 @@
 # Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
-"""What each fast path of the NEPA block is worth: one block, each optimisation switched off in turn.
+"""One NEPA block against one transformers ViT block (and another revision's NEPA block), timed side by side.
 
     python benchmarks/block_ablation.py                 # ViT-B dims, batch 16, 197 tokens, 1 thread
-    python benchmarks/block_ablation.py --threads 2 --batch 32
+    python benchmarks/block_ablation.py --threads 2 --batch 32 --baseline-src /tmp/base/src
 
 One transformer block (not the whole model) of transformers' ViT and of NEPA, at equal dims and token count, timed
 interleaved in one process. By default with one thread and process CPU time, which other load on a shared machine
-barely disturbs (wall time is reported too). Variants switch the library's fast paths off by patching the methods
-that choose them, so each row shows what that one change buys:
-
-  nepa                      the library as is
-  - pair-layout RoPE        q/k in rotate-half layout (RoPE = mul, cat, addcmul per tensor)
-  - LN weight trick         QK-norm without a weight when non-affine (ATen's slower CPU kernel)
-  - fused LayerScale        residual + layer_scale(branch): a multiply then an add
-  - GELU recompute          (training) autograd saves the GELU output
-  baseline revision         --baseline-src: another checkout's block (e.g. before these changes)
-
-Also reports the bytes autograd saves for backward per block.
+barely disturbs (wall time is reported too). With --baseline-src, the block of another checkout (e.g. before a
+change) runs in the same rounds with the same weights. Also reports the bytes autograd saves for backward per block.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "src") not in sys.path:
@@ -39,45 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformers import ViTConfig  # noqa: E402
 from transformers.models.vit.modeling_vit import ViTLayer  # noqa: E402
 
-import nepa_hf.modeling_nepa as modeling  # noqa: E402
+import nepa_hf.models.nepa.modeling_nepa as modeling  # noqa: E402
 from throughput import SIZES, load_baseline_package, nepa_config, saved_activation_bytes  # noqa: E402
-
-
-def _project_rotated_without_weight_trick(self, hidden_states, projection, norm, rotary_table):
-    batch_size, seq_len, _ = hidden_states.shape
-    weight = modeling.to_pair_layout(projection.weight, self.num_heads)
-    bias = modeling.to_pair_layout(projection.bias, self.num_heads) if projection.bias is not None else None
-    states = F.linear(hidden_states, weight, bias).view(batch_size, seq_len, self.num_heads, self.head_dim)
-    if isinstance(norm, torch.nn.LayerNorm):
-        norm_weight = None if norm.weight is None else modeling.to_pair_layout(norm.weight, 1)
-        norm_bias = modeling.to_pair_layout(norm.bias, 1) if norm.bias is not None else None
-        states = F.layer_norm(states, (self.head_dim,), norm_weight, norm_bias, norm.eps)
-    return modeling.rotate_pairs(states, rotary_table).transpose(1, 2)
-
-
-def _add_branch_unfused(self, residual, branch, layer_scale):
-    return residual + self.drop_path(layer_scale(branch))
-
-
-VARIANTS = {
-    "nepa": {},
-    "- pair-layout RoPE": {(modeling.NepaAttention, "_use_pair_layout"): lambda self, hidden_states: False},
-    "- LN weight trick": {(modeling.NepaAttention, "_project_rotated"): _project_rotated_without_weight_trick},
-    "- fused LayerScale": {(modeling.NepaLayer, "_add_branch"): _add_branch_unfused},
-    "- GELU recompute": {(modeling.NepaMLP, "_recompute_activation"): lambda self, pre_activation: False},
-}
-
-
-@contextlib.contextmanager
-def patched(patches: dict):
-    originals = {key: getattr(key[0], key[1]) for key in patches}
-    try:
-        for (owner, name), replacement in patches.items():
-            setattr(owner, name, replacement)
-        yield
-    finally:
-        for (owner, name), original in originals.items():
-            setattr(owner, name, original)
 
 
 def main(argv=None):
@@ -111,15 +63,12 @@ def main(argv=None):
     grid = size.image_size // size.patch_size
     rope = modeling.NepaRopePositionEmbedding(config).eval()
     cos, sin = rope(grid, grid, torch.device("cpu"), torch.float32)
-    table = modeling.rotary_complex_table(cos, sin)
     hidden = torch.randn(args.batch, tokens, size.hidden_size)
 
     def call(name, block, train):
         kwargs = {}
         if name != "vit":
             kwargs = dict(position_embeddings=(cos, sin), is_causal=False)
-            if name != "baseline revision":
-                kwargs["rotary_table"] = table
         if train:
             block.train()
             inputs = hidden.clone().requires_grad_()
@@ -137,40 +86,25 @@ def main(argv=None):
     )
     for mode in modes:
         train = mode == "train"
-        cases = {}
-        for name, block in blocks.items():
-            if name == "nepa":
-                for variant, patches in VARIANTS.items():
-                    if variant == "- GELU recompute" and not train:
-                        continue
-                    cases[variant] = (block, patches, "nepa")
-            else:
-                cases[name] = (block, {}, name)
+        cases = dict(blocks)
         cpu = {name: [] for name in cases}
         wall = {name: [] for name in cases}
         names = list(cases)
         for name in names:  # warm-up
-            block, patches, kind = cases[name]
-            with patched(patches):
-                call(kind, block, train)
+            call(name, cases[name], train)
         for round_index in range(args.repeats):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
-                block, patches, kind = cases[name]
-                with patched(patches):
-                    cpu_start, start = time.process_time(), time.perf_counter()
-                    call(kind, block, train)
-                    wall[name].append(time.perf_counter() - start)
-                    cpu[name].append(time.process_time() - cpu_start)
+                cpu_start, start = time.process_time(), time.perf_counter()
+                call(name, cases[name], train)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - cpu_start)
         saved = {}
         if train:
-            for name, (block, patches, kind) in cases.items():
-                with patched(patches):
-                    block.train()
-                    kwargs = {} if kind == "vit" else dict(position_embeddings=(cos, sin), is_causal=False)
-                    if kind == "nepa":
-                        kwargs["rotary_table"] = table
-                    saved[name] = saved_activation_bytes(block, lambda b=block, k=kwargs: b(hidden.clone().requires_grad_(), **k))
+            for name, block in cases.items():
+                block.train()
+                kwargs = {} if name == "vit" else dict(position_embeddings=(cos, sin), is_causal=False)
+                saved[name] = saved_activation_bytes(block, lambda b=block, k=kwargs: b(hidden.clone().requires_grad_(), **k))
         vit_cpu, vit_wall = statistics.median(cpu["vit"]), statistics.median(wall["vit"])
         print(f"### {'forward + backward' if train else 'inference forward'}\n")
         header = "| block | CPU ms (median) | CPU ms (min) | speed vs ViT (CPU) | wall ms | speed vs ViT (wall) |"

@@ -39,21 +39,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining  # noqa: E402
-from nepa_hf.data import load_fashion_mnist  # noqa: E402
-from nepa_hf.evaluation import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
-from nepa_hf.finetuning import get_layerwise_cosine_schedule, layer_decay_parameter_groups  # noqa: E402
-from nepa_hf.pretraining import (  # noqa: E402
-    CollapseMonitor,
-    create_pretraining_optimizer,
-    random_patch_mask,
-    warmup_cosine_schedule,
-)
+from nepa_hf.data.images import load_fashion_mnist  # noqa: E402
+from nepa_hf.evaluation.features import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
+from nepa_hf.data.pretraining import random_patch_mask  # noqa: E402
+from nepa_hf.training.finetuning import layer_decay_parameter_groups  # noqa: E402
+from nepa_hf.training.monitoring import CollapseMonitor  # noqa: E402
+from nepa_hf.training.optimization import create_pretraining_optimizer, get_layerwise_cosine_schedule  # noqa: E402
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -258,7 +256,7 @@ def pretrain_nepa(variant: str, seed: int, budget: Budget, data: dict, output: P
     config = micro_config(**overrides)
     model = NepaForPreTraining(config)
     optimizer = create_pretraining_optimizer(model, budget.pretrain_lr, weight_decay=0.05)
-    schedule = warmup_cosine_schedule(optimizer, steps, max(1, steps // 20))
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     monitor = CollapseMonitor()
     images = data["train"][0]
     generator = torch.Generator().manual_seed(seed)
@@ -321,7 +319,7 @@ def pretrain_mae(seed: int, budget: Budget, data: dict, output: Path) -> dict:
     torch.manual_seed(seed)
     model = mae_model()
     optimizer = create_pretraining_optimizer(model, budget.pretrain_lr, weight_decay=0.05)
-    schedule = warmup_cosine_schedule(optimizer, steps, max(1, steps // 20))
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     curve = []
     cpu_start = time.process_time()
     model.train()
@@ -365,7 +363,7 @@ def build_classifier(init: str, seed: int, output_root: Path) -> nn.Module:
         model = ViTMeanPoolClassifier()
         model.load_mae_encoder(output_root / unit_name("pretrain", "mae", PRETRAIN_SEED) / "model")
         return model
-    # NEPA checkpoints load into the classifier bidirectional, with a zero-initialised head (reference §8).
+    # NEPA checkpoints load into the classifier bidirectional, with a zero-initialised head (the authors' fine-tuning setup).
     return NepaForImageClassification.from_pretrained(
         output_root / unit_name("pretrain", init, PRETRAIN_SEED) / "model", num_labels=10, drop_path_rate=0.0
     )
@@ -581,8 +579,8 @@ def make_visualizations(output_root: Path, report_dir: Path) -> list[str]:
     64x64: RoPE runs at any resolution) and on a Fashion-MNIST test image."""
     from PIL import Image
 
-    from nepa_hf.data import bundled_photo_paths
-    from nepa_hf.visualization import save_visualizations
+    from nepa_hf.data.images import bundled_photo_paths
+    from nepa_hf.evaluation.visualization import save_visualizations
 
     checkpoint = output_root / unit_name("pretrain", "nepa", 0) / "model"
     if not checkpoint.exists():
@@ -594,7 +592,7 @@ def make_visualizations(output_root: Path, report_dir: Path) -> list[str]:
         ("photo", Image.open(photo).convert("L").convert("RGB"), 64, f"{photo.name} (greyscale)"),
         ("fashion", Image.fromarray(load_split("test")[0][0].numpy()).convert("RGB"), 32, "Fashion-MNIST test item 0"),
     ):
-        # Written at their own size: each PNG carries its title, colourbar and notes (nepa_hf.visualization).
+        # Written at their own size: each PNG carries its title, colourbar and notes (nepa_hf.evaluation.visualization).
         paths = save_visualizations(model, fashion_processor(size), image, report_dir, prefix=f"study_{name}_",
                                     model_name="seed-0 NEPA backbone (Fashion-MNIST study)", image_name=image_name)
         written.extend(Path(path).name for path in paths.values())

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 RECIPES = {
-    # the reference §8 recipe as the script's defaults
+    # the authors' recipe as the script's defaults
     "full": [],
     # the same optimisation (LLRD, per-group warmup, EMA, label smoothing) without RandAugment/erasing/Mixup/CutMix
     "light": ["--rand_augment", "none", "--random_erasing_prob", "0", "--mixup_alpha", "0", "--cutmix_alpha", "0"],

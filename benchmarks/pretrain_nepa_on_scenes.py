@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from transformers import get_cosine_schedule_with_warmup
+
 from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessorPil
-from nepa_hf.pretraining import create_pretraining_optimizer, warmup_cosine_schedule
-from nepa_hf.segmentation_data import make_fashion_scenes
-from nepa_hf.transforms import pretraining_transform, seeded
+from nepa_hf.training.optimization import create_pretraining_optimizer
+from nepa_hf.data.segmentation import make_fashion_scenes
+from nepa_hf.data.transforms import pretraining_transform, seeded
 
 
 def parse_args():
@@ -53,7 +55,7 @@ def main():
     else:
         model = NepaForPreTraining(NepaConfig.from_preset("nepa-vit-micro", image_size=args.scene_size))
     optimizer = create_pretraining_optimizer(model, args.learning_rate, weight_decay=0.05)
-    schedule = warmup_cosine_schedule(optimizer, args.steps, args.warmup_steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
     model.train()
     start, losses = time.time(), []
     for step in range(1, args.steps + 1):

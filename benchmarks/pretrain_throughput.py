@@ -50,9 +50,9 @@ def data_pipeline_images_per_s(dataset_name: str, image_size: int, seconds: floa
     """Images/s that one data worker (here: this process) decodes and crops, as the training DataLoader does."""
     import torch
 
-    from nepa_hf.data import load_image_dataset
-    from nepa_hf.pretraining import PretrainingImageDataset
-    from nepa_hf.transforms import pretraining_transform
+    from nepa_hf.data.images import load_image_dataset
+    from nepa_hf.data.pretraining import PretrainingImageDataset
+    from nepa_hf.data.transforms import pretraining_transform
 
     torch.set_num_threads(1)
     dataset = load_image_dataset(dataset_name, max_samples=2000)

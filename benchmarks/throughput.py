@@ -738,8 +738,8 @@ def run_backends(args) -> dict:
 def input_pipelines(image_size: int) -> dict[str, dict]:
     """The library's per-sample transforms (what one DataLoader worker runs per image) for each recipe: everything,
     normalisation included, happens per sample; Mixup in the fine-tuning collator is a cheap batch blend."""
-    from nepa_hf.augmentation import AugmentationArguments
-    from nepa_hf.transforms import ImageProcessorTransform, pretraining_transform, to_rgb
+    from nepa_hf.data.augmentation import AugmentationArguments
+    from nepa_hf.data.transforms import ImageProcessorTransform, pretraining_transform, to_rgb
 
     mean = std = (0.5, 0.5, 0.5)
     pretrain = pretraining_transform(image_size, mean, std)
@@ -768,7 +768,7 @@ def input_pipelines(image_size: int) -> dict[str, dict]:
 def run_data(args, consumption: dict) -> dict:
     """Images/s one input worker sustains (one process, one torch thread: decode + per-sample augmentation) and
     against the model's consumption rate."""
-    from nepa_hf.data import bundled_photo_paths
+    from nepa_hf.data.images import bundled_photo_paths
 
     rows = []
     photos = [Path(path).read_bytes() for path in bundled_photo_paths()]

@@ -26,8 +26,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, pipeline
 
 import nepa_hf  # noqa: F401  (registers the "nepa" model type)
-from nepa_hf.data import FASHION_MNIST_CLASSES, bundled_photo_paths, load_fashion_mnist
-from nepa_hf.visualization import save_visualizations
+from nepa_hf.data.images import FASHION_MNIST_CLASSES, bundled_photo_paths, load_fashion_mnist
+from nepa_hf.evaluation.visualization import save_visualizations
 
 EXAMPLES = Path(__file__).resolve().parent
 

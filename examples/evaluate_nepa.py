@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 import nepa_hf  # noqa: F401  (registers the NEPA Auto classes)
-from nepa_hf.classification_data import (
+from nepa_hf.data.classification import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
     check_labels,
@@ -39,15 +39,15 @@ from nepa_hf.classification_data import (
     train_validation_split,
     with_image_transform,
 )
-from nepa_hf.data import load_image_dataset, resolve_column, split_names
-from nepa_hf.evaluation import (
+from nepa_hf.data.images import load_image_dataset, resolve_column, split_names
+from nepa_hf.evaluation.features import (
     POOLINGS,
     classification_accuracy,
     extract_features,
     knn_accuracy,
     linear_probe_accuracy,
 )
-from nepa_hf.transforms import INTERPOLATIONS, ImageProcessorTransform, evaluation_image_processor
+from nepa_hf.data.transforms import INTERPOLATIONS, ImageProcessorTransform, evaluation_image_processor
 
 TASKS = ("accuracy", "knn", "linear_probe", "all")
 DATA_SPLIT_FILE = "data_split.json"  # written by examples/finetune_classification.py beside the model

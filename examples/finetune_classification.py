@@ -1,4 +1,4 @@
-"""Fine-tune NEPA for image classification with `Trainer` and the paper's recipe (reference §8).
+"""Fine-tune NEPA for image classification with `Trainer` and the authors' recipe.
 
 Starts from a NEPA pretraining checkpoint (ours or converted: bidirectional attention, zero head), a fine-tuned
 checkpoint, or a preset (from scratch). Data: a Hub dataset, a local image folder (imagefolder layout), or the
@@ -36,8 +36,8 @@ from accelerate.utils import gather_object
 from transformers.trainer_utils import get_last_checkpoint
 
 from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForImageClassification
-from nepa_hf.augmentation import AugmentationArguments
-from nepa_hf.classification_data import (
+from nepa_hf.data.augmentation import AugmentationArguments
+from nepa_hf.data.classification import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
     check_labels,
@@ -46,10 +46,10 @@ from nepa_hf.classification_data import (
     train_validation_split,
     with_image_transform,
 )
-from nepa_hf.data import load_image_dataset, resolve_column, split_names
-from nepa_hf.evaluation import classification_metrics
-from nepa_hf.finetuning import NepaTrainer, NepaTrainingArguments
-from nepa_hf.transforms import ImageProcessorTransform
+from nepa_hf.data.images import load_image_dataset, resolve_column, split_names
+from nepa_hf.evaluation.features import classification_metrics
+from nepa_hf.training.finetuning import NepaTrainer, NepaTrainingArguments
+from nepa_hf.data.transforms import ImageProcessorTransform
 
 logger = logging.getLogger(__name__)
 
@@ -139,27 +139,6 @@ def subsample(dataset, max_samples: int | None, seed: int):
     return dataset
 
 
-def parse_config_overrides(text: str | None) -> dict:
-    """'a=1,b=0.5,c=true' -> {"a": 1, "b": 0.5, "c": True}."""
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config_overrides entries must look like key=value, got {item!r}.")
-        lowered = value.strip().lower()
-        if lowered in ("true", "false"):
-            overrides[key.strip()] = lowered == "true"
-        else:
-            try:
-                overrides[key.strip()] = int(value)
-            except ValueError:
-                try:
-                    overrides[key.strip()] = float(value)
-                except ValueError:
-                    overrides[key.strip()] = value.strip()
-    return overrides
-
-
 def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
     """(model, image processor of the source or None, started from pretrained weights?)."""
     if model_args.model_name_or_path in NEPA_PRESETS and not os.path.isdir(model_args.model_name_or_path):
@@ -175,7 +154,7 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
             raise ValueError("Pass either --model_name_or_path or --preset, not both.")
         if model_args.image_size is not None:
             overrides["image_size"] = model_args.image_size
-        overrides.update(parse_config_overrides(model_args.config_overrides))
+        overrides.update(NepaConfig.overrides_from_string(model_args.config_overrides))
         # From scratch there is no pretraining attention: the trunk attends as the head does.
         causal = bool(model_args.is_causal)
         config = NepaConfig.from_preset(model_args.preset, is_causal=causal, finetuning_is_causal=causal, **overrides)

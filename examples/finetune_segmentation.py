@@ -14,7 +14,7 @@ Data (all in the ADE20K `scene_parse_150` layout: an image column and an annotat
 
 Training: random scale / crop / flip applied jointly to images and masks, cross-entropy with ignore index 255
 (+ 0.4 x auxiliary loss), AdamW with layer-wise lr decay (`--layer_decay`). Evaluation: mean IoU / pixel accuracy
-through the local `mean_iou` evaluate module (`nepa_hf.evaluation.load_metric`), during training on `--crop_size` inputs and, at the end, at
+through the local `mean_iou` evaluate module (`nepa_hf.evaluation.features.load_metric`), during training on `--crop_size` inputs and, at the end, at
 the original resolution with whole-image or sliding-window inference (`--final_eval_mode`).
 
 Example (offline, CPU, a few minutes):
@@ -41,16 +41,16 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from nepa_hf import NepaConfig, NepaForSemanticSegmentation, NepaImageProcessor
-from nepa_hf.evaluation import local_metric_path
-from nepa_hf.finetuning import layer_decay_parameter_groups
-from nepa_hf.segmentation import sliding_window_inference, whole_inference
-from nepa_hf.segmentation_data import (
+from nepa_hf.evaluation.features import local_metric_path
+from nepa_hf.training.finetuning import layer_decay_parameter_groups
+from nepa_hf.evaluation.segmentation import sliding_window_inference, whole_inference
+from nepa_hf.data.segmentation import (
     FASHION_SCENES_LABELS,
     fashion_scenes_dataset,
     random_scale_crop_flip,
     segmentation_folder_dataset,
 )
-from nepa_hf.transforms import to_rgb
+from nepa_hf.data.transforms import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -135,32 +135,6 @@ class DataArguments:
             self.crop_size = 512 if (self.dataset_name or self.data_dir) else self.scene_size
 
 
-def parse_config_overrides(overrides: str | None) -> dict:
-    """'a=1,b=false,c=0.1' -> {"a": 1, "b": False, "c": 0.1}, typed like NepaConfig's defaults."""
-    if not overrides:
-        return {}
-    defaults, parsed = NepaConfig(), {}
-    for item in overrides.split(","):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not hasattr(defaults, key):
-            raise ValueError(f"--config_overrides: {item!r} is not 'field=value' for a NepaConfig field.")
-        default = getattr(defaults, key)
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--config_overrides: {key} takes true/false, got {value!r}.")
-            parsed[key] = value.lower() in ("true", "1")
-        elif isinstance(default, int):
-            parsed[key] = int(value)
-        elif isinstance(default, float):
-            parsed[key] = float(value)
-        elif isinstance(default, (list, tuple)):
-            parsed[key] = [int(v) for v in value.split(":")]  # e.g. pool_scales=1:2:3:6
-        else:
-            parsed[key] = value
-    return parsed
-
-
 def load_splits(data_args: DataArguments, seed: int):
     """(train, validation, id2label) as datasets with `image` / `annotation` columns."""
     if data_args.dataset_name:
@@ -221,7 +195,7 @@ def main():
     num_labels = len(id2label)
 
     # ---------------------------------------------------------------------------------------------- model
-    overrides = parse_config_overrides(model_args.config_overrides)
+    overrides = NepaConfig.overrides_from_string(model_args.config_overrides)
     label_kwargs = dict(id2label=id2label, label2id=label2id)
     if model_args.model_name_or_path:
         config = NepaConfig.from_pretrained(model_args.model_name_or_path, **label_kwargs, **overrides)

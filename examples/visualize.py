@@ -6,7 +6,7 @@ Example:
 
 Writes attention.png, similarity.png and pca.png: each names the model, the image, the query patch and how layers
 and heads are averaged, shows the input beside the map with the query marked, and has a colourbar (see
-`nepa_hf.visualization`). Needs matplotlib (`pip install 'nepa-hf[viz]'`).
+`nepa_hf.evaluation.visualization`). Needs matplotlib (`pip install 'nepa-hf[viz]'`).
 
 Works with our checkpoints and converted reference checkpoints, at any resolution the processor produces
 (`--size 448` overrides it). Attention maps need eager attention: other backends switch for that call.
@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 import nepa_hf  # noqa: F401  (registers the "nepa" model type)
-from nepa_hf.visualization import save_visualizations
+from nepa_hf.evaluation.visualization import save_visualizations
 
 
 def parse_args():

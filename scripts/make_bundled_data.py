@@ -127,7 +127,7 @@ The full data set's idx files as installed by Debian's `dataset-fashion-mnist` p
 (`apt-get install -y dataset-fashion-mnist`) in `{source_dir}/`:
 `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz` (60,000 images) and
 `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz` (10,000 images).
-When those files are present, `nepa_hf.data.load_fashion_mnist(source="auto")` uses the full
+When those files are present, `nepa_hf.data.images.load_fashion_mnist(source="auto")` uses the full
 data set; otherwise it falls back to this subset.
 
 ## Selection

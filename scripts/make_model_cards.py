@@ -1,15 +1,15 @@
-"""Regenerate the committed model cards under model_cards/<name>/README.md from nepa_hf.model_card.
+"""Regenerate the committed model cards under model_cards/<name>/README.md from nepa_hf.hub.model_card.
 
     python scripts/make_model_cards.py [--output model_cards] [--namespace nepa-hf]
 
-The cards come from one template in the library (`nepa_hf.model_card.make_model_card`); edit it there and rerun.
+The cards come from one template in the library (`nepa_hf.hub.model_card.make_model_card`); edit it there and rerun.
 tests/test_model_cards.py fails when the committed cards drift from the template.
 """
 
 import argparse
 from pathlib import Path
 
-from nepa_hf.model_card import HUB_NAMESPACE, write_model_cards
+from nepa_hf.hub.model_card import HUB_NAMESPACE, write_model_cards
 
 
 def main() -> None:

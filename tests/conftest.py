@@ -34,7 +34,7 @@ try:  # keep CPU tests light on the 2-core CI machines
 except ImportError:  # pragma: no cover
     torch = None
 
-from nepa_hf.data import bundled_photo_paths, load_fashion_mnist  # noqa: E402
+from nepa_hf.data.images import bundled_photo_paths, load_fashion_mnist  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ from timm.data import create_transform
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from nepa_hf.augmentation import AugmentationArguments, MixupCollator
-from nepa_hf.classification_data import MIXABLE_KEY, collate_image_batch
-from nepa_hf.image_processing_nepa import NepaImageProcessor
-from nepa_hf.transforms import ImageProcessorTransform, pretraining_transform, seeded, to_rgb
+from nepa_hf.data.augmentation import AugmentationArguments, MixupCollator
+from nepa_hf.data.classification import MIXABLE_KEY, collate_image_batch
+from nepa_hf.models.nepa.image_processing_nepa import NepaImageProcessor
+from nepa_hf.data.transforms import ImageProcessorTransform, pretraining_transform, seeded, to_rgb
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
@@ -169,10 +169,10 @@ def test_16_bit_images_give_the_same_8_bit_values_through_the_processor_and_ever
     augmentation (none scales by the image's maximum, none clips, none refuses 16-bit colour)."""
     import datasets
 
-    from nepa_hf.augmentation import RGBTransform
-    from nepa_hf.classification_data import with_image_transform
-    from nepa_hf.pretraining import PretrainingImageDataset
-    from nepa_hf.segmentation_data import random_scale_crop_flip
+    from nepa_hf.data.augmentation import RGBTransform
+    from nepa_hf.data.classification import with_image_transform
+    from nepa_hf.data.pretraining import PretrainingImageDataset
+    from nepa_hf.data.segmentation import random_scale_crop_flip
 
     rng = np.random.default_rng(0)
     gray = (np.arange(8 * 12).reshape(8, 12) * 600 + 77).astype(np.uint16)  # up to 57077, far from its max rule
@@ -234,7 +234,7 @@ def test_mixable_marker_survives_the_trainers_column_removal():
     import datasets
     from transformers.trainer_utils import RemoveColumnsCollator
 
-    from nepa_hf.classification_data import with_image_transform
+    from nepa_hf.data.classification import with_image_transform
 
     rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8), (i * 30, 0, 0)) for i in range(4)],
                                        "label": [0, 1, 2, 3]})

@@ -157,6 +157,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_the_package(tmp_path):
     model = save_classifier(tmp_path / "ckpt")
     pixels = torch.randn(2, 3, 32, 32)
@@ -195,6 +196,7 @@ NO_TORCHVISION_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_trust_remote_code_falls_back_to_pil_without_torchvision(tmp_path):
     # The saved auto_map names the torchvision class too; without torchvision the PIL one must load.
     save_classifier(tmp_path / "ckpt")

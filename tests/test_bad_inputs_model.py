@@ -22,7 +22,7 @@ from nepa_hf import (
     NepaImageProcessorPil,
     NepaModel,
 )
-from nepa_hf.modeling_nepa import check_label_range, safetensors_file_problem
+from nepa_hf.models.nepa.modeling_nepa import check_label_range, safetensors_file_problem
 
 LABELS = {0: "cat", 1: "coffee", 2: "rocket"}
 

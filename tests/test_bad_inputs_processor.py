@@ -20,7 +20,7 @@ from nepa_hf import (
     NepaImageProcessor,
     NepaImageProcessorPil,
 )
-from nepa_hf.image_processing_nepa import open_image
+from nepa_hf.models.nepa.image_processing_nepa import open_image
 
 LABELS = {0: "cat", 1: "coffee", 2: "rocket"}
 PROCESSOR_CLASSES = [NepaImageProcessorPil] + ([NepaImageProcessor] if is_torchvision_available() else [])

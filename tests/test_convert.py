@@ -1,8 +1,8 @@
 """The checkpoint converter: reference (`vit_nepa`) <-> nepa-hf, numerics, round trips and errors.
 
-Offline tests build synthetic checkpoints in the authors' layout (reference facts §7: key names, prefixes, heads)
+Offline tests build synthetic checkpoints in the authors' layout (the authors' key names, prefixes and heads)
 and check our converted model against an independent float64 forward pass computed directly from those tensors
-(reference facts §2-§5). The network tests convert the authors' released weights and check their published values.
+(the authors' forward pass, RoPE, loss and heads). The network tests convert the authors' released weights and check their published values.
 """
 
 import argparse
@@ -24,7 +24,9 @@ from transformers import (
 
 import nepa_hf  # noqa: F401  (registers model_type "nepa")
 from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessor, NepaImageProcessorPil
-from nepa_hf.convert import (
+from reference_checkpoints import reference_config, reference_state_dict, write_reference_folder
+
+from nepa_hf.models.nepa.convert_nepa import (
     ConversionError,
     convert_reference_checkpoint,
     convert_reference_state_dict,
@@ -43,112 +45,6 @@ OUR_CLASS = {
     "ViTNepaForPreTraining": "NepaForPreTraining",
     "ViTNepaForImageClassification": "NepaForImageClassification",
 }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Synthetic checkpoints in the authors' layout
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def reference_config(architecture="ViTNepaForPreTraining", num_labels=5, **overrides) -> dict:
-    """A complete config.json as the authors' ViTNepaConfig writes it, for a tiny model."""
-    config = {
-        "architectures": [architecture],
-        "model_type": "vit_nepa",
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "use_gated_mlp": False,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02,
-        "layer_norm_eps": 1e-12,
-        "rope_theta": 100.0,
-        "image_size": 16,
-        "patch_size": 4,
-        "num_channels": 3,
-        "qkv_bias": True,
-        "qk_norm": True,
-        "qk_norm_bias": False,
-        "qk_norm_affine": False,
-        "layerscale_value": 1e-05,
-        "drop_path_prob": 0.0,
-        "add_pooling_layer": True,
-        "is_causal": True,
-        "pos_embed_shift": None,
-        "pos_embed_jitter": None,
-        "pos_embed_rescale": 2.0,
-        "torch_dtype": "float32",
-        "transformers_version": "4.57.1",
-    }
-    if architecture == "ViTNepaForImageClassification":
-        config["id2label"] = {str(i): f"class_{i}" for i in range(num_labels)}
-        config["label2id"] = {f"class_{i}": i for i in range(num_labels)}
-    config.update(overrides)
-    return config
-
-
-def reference_state_dict(config: dict, seed: int = 0, dtype=torch.float32, layerscale=True) -> dict:
-    """Random tensors with the authors' names and shapes. Norm weights near 1 and LayerScale near 0.5, so that every
-    branch visibly contributes (the released 1e-5 init would hide most mapping mistakes)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, around=0.0):
-        return around + 0.2 * torch.randn(*shape, generator=generator)
-
-    D, L, H = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
-    inner, patch, channels, d = config["intermediate_size"], config["patch_size"], config["num_channels"], D // H
-    sd = {
-        "embeddings.cls_token": rand(1, 1, D),
-        "embeddings.patch_embeddings.projection.weight": rand(D, channels, patch, patch),
-        "embeddings.patch_embeddings.projection.bias": rand(D),
-    }
-    for i in range(L):
-        p = f"encoder.layer.{i}."
-        for norm in ("layernorm_before", "layernorm_after"):
-            sd[p + norm + ".weight"], sd[p + norm + ".bias"] = rand(D, around=1.0), rand(D)
-        for proj in ("query", "key", "value"):
-            sd[p + f"attention.attention.{proj}.weight"], sd[p + f"attention.attention.{proj}.bias"] = (
-                rand(D, D),
-                rand(D),
-            )
-        if config["qk_norm_affine"]:
-            for norm in ("q_norm", "k_norm"):
-                sd[p + f"attention.attention.{norm}.weight"] = rand(d, around=1.0)
-                if config["qk_norm_bias"]:
-                    sd[p + f"attention.attention.{norm}.bias"] = rand(d)
-        sd[p + "attention.output.dense.weight"], sd[p + "attention.output.dense.bias"] = rand(D, D), rand(D)
-        if layerscale:
-            sd[p + "layer_scale.lambda1"] = rand(D, around=0.5)
-            sd[p + "output.layer_scale.lambda1"] = rand(D, around=0.5)
-        sd[p + "intermediate.up_proj.weight"], sd[p + "intermediate.up_proj.bias"] = rand(inner, D), rand(inner)
-        if config["use_gated_mlp"]:
-            sd[p + "intermediate.gate_proj.weight"], sd[p + "intermediate.gate_proj.bias"] = rand(inner, D), rand(inner)
-        sd[p + "output.dense.weight"], sd[p + "output.dense.bias"] = rand(D, inner), rand(D)
-    sd["layernorm.weight"], sd["layernorm.bias"] = rand(D, around=1.0), rand(D)
-    architecture = config["architectures"][0]
-    if architecture != "ViTNepaModel":
-        sd = {"vit_nepa." + k: v for k, v in sd.items()}
-    if architecture == "ViTNepaForImageClassification":
-        if config["add_pooling_layer"]:
-            sd["fc_norm.weight"], sd["fc_norm.bias"] = rand(D, around=1.0), rand(D)
-        num_labels = len(config["id2label"])
-        sd["classifier.weight"], sd["classifier.bias"] = rand(num_labels, D), rand(num_labels)
-    return {k: v.to(dtype) for k, v in sd.items()}
-
-
-def write_reference_folder(folder, config, state_dict, weights="model.safetensors", preprocessor=None):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    if weights.endswith(".safetensors"):
-        save_file(state_dict, folder / weights, metadata={"format": "pt"})
-    else:
-        torch.save(state_dict, folder / weights)
-    if preprocessor is not None:
-        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
-    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +83,7 @@ def reference_forward(state_dict: dict, config: dict, pixel_values: torch.Tensor
     tokens = torch.cat([w("embeddings.cls_token").expand(batch, 1, D), patches], 1)
     n = tokens.shape[1]
 
-    # 2D RoPE (§3): inv_freq[k] = theta^(-4k/d); y angles then x angles, repeated twice; CLS is not rotated.
+    # 2D RoPE: inv_freq[k] = theta^(-4k/d); y angles then x angles, repeated twice; CLS is not rotated.
     inv_freq = [config["rope_theta"] ** (-4 * k / d) for k in range(d // 4)]
     cos, sin = torch.ones(n, d, dtype=torch.float64), torch.zeros(n, d, dtype=torch.float64)
     for i in range(gh):
@@ -235,12 +131,12 @@ def reference_forward(state_dict: dict, config: dict, pixel_values: torch.Tensor
     last_hidden_state = layer_norm(h, w("layernorm.weight"), w("layernorm.bias"))
     outputs = {"last_hidden_state": last_hidden_state, "input_embeddings": tokens}
 
-    # Pretraining loss (§4): output t predicts input embedding t + 1, both L2-normalised.
+    # Pretraining loss: output t predicts input embedding t + 1, both L2-normalised.
     pred = F.normalize(last_hidden_state[:, :-1], dim=-1)
     target = F.normalize(tokens[:, 1:], dim=-1)
     outputs["loss"] = -(pred * target).sum(-1).mean()
 
-    if "classifier.weight" in state_dict:  # heads (§5)
+    if "classifier.weight" in state_dict:  # heads
         if config["add_pooling_layer"]:
             pooled = last_hidden_state[:, -gh * gw :].mean(1)
             pooled = layer_norm(pooled, state_dict["fc_norm.weight"].double(), state_dict["fc_norm.bias"].double())
@@ -445,6 +341,24 @@ def test_non_affine_source_into_affine_target_starts_qk_weights_at_one(tmp_path)
     back_config, back = convert_to_reference(converted, affine)
     assert back_config["qk_norm_affine"] is True
     assert torch.equal(back["vit_nepa.encoder.layer.0.attention.attention.q_norm.weight"], torch.ones(16))
+
+
+def test_converted_non_affine_checkpoint_loads_into_affine_config(tmp_path, caplog):
+    """The authors' base pretraining checkpoint has no QK-norm weights: loading it into an affine config starts them
+    at 1.0, says so in the log and reports nothing missing (the one case where missing QK-norm weights are accepted)."""
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    convert_reference_checkpoint(write_reference_folder(tmp_path / "src", config, state_dict), tmp_path / "base")
+    pixels = torch.randn(2, 3, 16, 16)
+    with caplog.at_level("INFO", logger="nepa_hf.models.nepa.modeling_nepa"):
+        model, info = AutoModelForPreTraining.from_pretrained(
+            tmp_path / "base", qk_norm_affine=True, output_loading_info=True
+        )
+    assert not info["missing_keys"] and "non-affine QK-norm" in caplog.text
+    norms = [p for name, p in model.named_parameters() if name.endswith(("q_norm.weight", "k_norm.weight"))]
+    assert len(norms) == 4 and all(torch.equal(p, torch.ones(16)) for p in norms)
+    with torch.no_grad():
+        plain = AutoModelForPreTraining.from_pretrained(tmp_path / "base").eval()(pixels)
+        torch.testing.assert_close(model.eval()(pixels).last_hidden_state, plain.last_hidden_state, atol=0, rtol=0)
 
 
 def test_source_preprocessing_is_reproduced(tmp_path):
@@ -684,7 +598,7 @@ def test_truncated_hub_download_suggests_force_download(tmp_path, monkeypatch, c
 
 
 def test_a_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
-    import nepa_hf.convert as convert
+    import nepa_hf.models.nepa.convert_nepa as convert
 
     config, state_dict = make_variant("pretrain-causal-nonaffine")
     source = write_reference_folder(tmp_path / "src", config, state_dict)

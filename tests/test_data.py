@@ -1,4 +1,4 @@
-"""Tests for nepa_hf.data: idx reader, Fashion-MNIST loaders, bundled photos, Datasets."""
+"""Tests for nepa_hf.data.images: idx reader, Fashion-MNIST loaders, bundled photos, Datasets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nepa_hf import data as nd
+from nepa_hf.data import images as nd
 
 DEBIAN_PRESENT = nd.fashion_mnist_available(source="debian")
 needs_debian = pytest.mark.skipif(

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaModel
-from nepa_hf.data import load_fashion_mnist
-from nepa_hf.evaluation import (
+from nepa_hf.data.images import load_fashion_mnist
+from nepa_hf.evaluation.features import (
     classification_metrics,
     extract_features,
     knn_accuracy,

@@ -11,10 +11,10 @@ from PIL import Image
 from transformers import AutoImageProcessor, pipeline
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining, NepaImageProcessorPil
-from nepa_hf.augmentation import MixupCollator
-from nepa_hf.classification_data import check_labels, encode_labels, stratified_indices, train_validation_split
-from nepa_hf.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-from nepa_hf.finetuning import NepaTrainer
+from nepa_hf.data.augmentation import MixupCollator
+from nepa_hf.data.classification import check_labels, encode_labels, stratified_indices, train_validation_split
+from nepa_hf.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist
+from nepa_hf.training.finetuning import NepaTrainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # LayerScale 1.0 instead of 1e-5: from scratch, the blocks then learn within a test-sized budget.
@@ -68,6 +68,7 @@ def finetuned_dir(tmp_path_factory, finetune_script):
     return output_dir
 
 
+@pytest.mark.slow
 def test_short_finetune_on_real_data_beats_chance_and_is_served_by_pipeline(finetuned_dir, single_thread):
     results = json.loads((finetuned_dir / "all_results.json").read_text())
     # 10 classes: chance is 0.10 (measured 0.57)

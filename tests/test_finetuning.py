@@ -8,21 +8,19 @@ from torch import nn
 from transformers import TrainerCallback
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaModel
-from nepa_hf.augmentation import AugmentationArguments
-from nepa_hf.classification_data import collate_image_batch
-from nepa_hf.ema import create_ema, load_ema
-from nepa_hf.evaluation import classification_metrics
-from nepa_hf.finetuning import (
+from nepa_hf.data.augmentation import AugmentationArguments
+from nepa_hf.data.classification import collate_image_batch
+from nepa_hf.training.ema import create_ema, load_ema
+from nepa_hf.evaluation.features import classification_metrics
+from nepa_hf.training.finetuning import (
     EMA_WEIGHTS_NAME,
     EMACallback,
     NepaTrainer,
     NepaTrainingArguments,
     freeze_patch_embeddings,
-    get_layerwise_cosine_schedule,
     layer_decay_parameter_groups,
-    layerwise_warmup_steps,
-    reference_warmup_steps,
 )
+from nepa_hf.training.optimization import get_layerwise_cosine_schedule, layerwise_warmup_steps, reference_warmup_steps
 
 
 def tiny_classifier(num_layers: int = 4, num_labels: int = 3) -> NepaForImageClassification:
@@ -46,7 +44,7 @@ def owner(model: nn.Module, name: str) -> nn.Module:
 
 
 def test_layer_decay_groups_match_the_reference_formula():
-    """Reference §8: block i decay^(L-1-i), embeddings (CLS token too) decay^L; the head lr goes to the classifier and
+    """The authors' rule: block i decay^(L-1-i), embeddings (CLS token too) decay^L; the head lr goes to the classifier and
     the backbone's final norm only, fc_norm trains at the backbone lr with factor 1; weight decay on every weight
     matrix/kernel and on the CLS token, never on a 1-D parameter."""
     model = tiny_classifier(num_layers=4)
@@ -86,8 +84,7 @@ def test_layer_decay_groups_match_the_reference_formula():
 def test_one_weight_decay_rule_for_pretraining_and_finetuning():
     """The pretraining rule decays every weight and the tokens but no bias, norm or LayerScale; fine-tuning decays
     the same parameters minus the 1-D ones (there are none among the decayed here), through the same function."""
-    from nepa_hf.pretraining import no_weight_decay, pretraining_param_groups
-    from nepa_hf.weight_decay import decays_in_pretraining, weight_decay_flags
+    from nepa_hf.training.optimization import decays_in_pretraining, pretraining_param_groups, weight_decay_flags
 
     model = NepaForImageClassification(NepaConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4,
@@ -100,7 +97,7 @@ def test_one_weight_decay_rule_for_pretraining_and_finetuning():
         token = name.endswith(("cls_token", "mask_token"))
         assert pretraining[name] == (weight or token), name
         assert finetuning[name] == (pretraining[name] and parameter.ndim > 1), name
-        assert no_weight_decay(name) == (not pretraining[name]), name  # our names alone give the rule
+        assert decays_in_pretraining(name) == pretraining[name], name  # our names alone give the rule
     assert pretraining["nepa.encoder.layers.0.attention.q_norm.weight"] is False
     assert finetuning["nepa.embeddings.cls_token"] is True
     # names alone give the rule for our norms and LayerScale, and for the authors' names
@@ -175,7 +172,7 @@ def test_layer_decay_groups_also_read_transformers_vit_block_names():
 
 
 def test_per_group_warmup_worked_example():
-    """Reference §8: L=4, decay 0.65, 100 steps, warmup ratio 0.2 -> W=20; a group with factor f warms up over
+    """The authors' schedule: L=4, decay 0.65, 100 steps, warmup ratio 0.2 -> W=20; a group with factor f warms up over
     max(1, W - round(W * f)) steps: embeddings 16, blocks 0-3: 15, 12, 7, 1, head and fc_norm 1."""
     args = NepaTrainingArguments(output_dir="unused", warmup_steps=0.2, report_to="none")
     warmup = reference_warmup_steps(args.warmup_steps, 100)

@@ -22,7 +22,7 @@ from nepa_hf import (
     NepaForSemanticSegmentation,
     NepaModel,
 )
-from nepa_hf.convert import convert_reference_checkpoint, convert_to_reference_checkpoint
+from nepa_hf.models.nepa.convert_nepa import convert_reference_checkpoint, convert_to_reference_checkpoint
 
 LABELS = {0: "a", 1: "b", 2: "c"}
 
@@ -205,6 +205,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_remote_code_classifier_from_a_pretraining_folder_is_bidirectional(tmp_path):
     randomize_(NepaForPreTraining(small_config())).save_pretrained(tmp_path / "pretrain")
     script = tmp_path / "remote.py"

@@ -1,4 +1,4 @@
-"""Tests for the NEPA image processors (src/nepa_hf/image_processing_nepa.py)."""
+"""Tests for the NEPA image processors (src/nepa_hf/models/nepa/image_processing_nepa.py)."""
 
 import ast
 import importlib.util
@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, PreTrainedConfig
 from transformers.utils import is_torchvision_available
 
-MODULE_PATH = Path(__file__).resolve().parents[1] / "src" / "nepa_hf" / "image_processing_nepa.py"
+MODULE_PATH = Path(__file__).resolve().parents[1] / "src" / "nepa_hf" / "models" / "nepa" / "image_processing_nepa.py"
 
 
 def _load_module():

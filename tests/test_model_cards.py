@@ -20,8 +20,8 @@ from nepa_hf import (
     NepaForSemanticSegmentation,
     NepaImageProcessorPil,
 )
-from nepa_hf.data import bundled_photo_paths
-from nepa_hf.model_card import (
+from nepa_hf.data.images import bundled_photo_paths
+from nepa_hf.hub.model_card import (
     HUB_NAMESPACE,
     PUBLISHED_CHECKPOINTS,
     card_for_conversion,
@@ -83,7 +83,7 @@ def test_card_text_has_usage_preprocessing_limitations_citation(name):
     assert "mean = std = (0.5, 0.5, 0.5)" in text and "bilinear" in text
     imagenet = "[ILSVRC/imagenet-1k](https://huggingface.co/datasets/ILSVRC/imagenet-1k)"
     assert f"| Training data | ImageNet-1k ({imagenet}) |" in text
-    assert f"python -m nepa_hf.convert --input {SOURCES[name]} --output {name}" in text
+    assert f"python -m nepa_hf.models.nepa.convert_nepa --input {SOURCES[name]} --output {name}" in text
     if name.endswith("-in1k"):  # the release's own number, with its source, next to the paper's
         assert {"nepa-vit-b-in1k": "83.75", "nepa-vit-l-in1k": "85.4"}[name] in text
         assert "reported by the authors" in text
@@ -140,6 +140,7 @@ USAGE_RUNNER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_card_usage_code_runs_with_transformers_only(tmp_path):
     """The usage snippets of the cards of every head run, offline, against small local models."""
     photo = str(bundled_photo_paths()[0])

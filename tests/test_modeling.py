@@ -1,10 +1,11 @@
-"""Numerics and behaviour of the NEPA model family (reference facts: ../shared/reference/nepa-reference.md)."""
+"""Numerics and behaviour of the NEPA model family, checked against the authors' released implementation's semantics."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nepa_hf import (
     NepaConfig,
@@ -13,7 +14,7 @@ from nepa_hf import (
     NepaModel,
     nepa_loss,
 )
-from nepa_hf.modeling_nepa import NepaRopePositionEmbedding, patch_center_coordinates
+from nepa_hf.models.nepa.modeling_nepa import NepaRopePositionEmbedding, patch_center_coordinates
 
 
 def tiny_config(**overrides) -> NepaConfig:
@@ -40,7 +41,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# An independent float64 implementation written from the reference facts (§2-§5), with explicit loops.
+# An independent float64 implementation of the forward pass (patchify, RoPE, QK-norm, blocks), with explicit loops.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -470,3 +471,124 @@ def test_rope_tables_are_cached_in_eval_and_fresh_in_training():
     assert rope(4, 4, torch.device("cpu"), torch.float32)[0] is first[0]  # same cached tensor object
     model.train()
     assert rope(4, 4, torch.device("cpu"), torch.float32)[0] is not first[0]
+
+
+def test_float64_model_matches_independent_reference():
+    model = randomize_(NepaModel(tiny_config())).double().eval()
+    pixels = torch.randn(2, 3, 16, 12, dtype=torch.float64)
+    with torch.no_grad():
+        ours = model(pixels).last_hidden_state
+    # The RoPE angles themselves are float32 by design (then cast), hence 1e-6 rather than 1e-12.
+    torch.testing.assert_close(ours, reference_forward(model, pixels, is_causal=True), atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_training_step_is_finite():
+    model = randomize_(NepaForPreTraining(tiny_config(drop_path_rate=0.1))).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randn(2, 3, 16, 16)).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+class _ShiftedLinear(torch.nn.Linear):
+    """Stands for a LoRA/quantised Linear: a subclass whose own forward must run."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.5
+
+
+def test_wrapped_or_hooked_projections_run_their_own_forward():
+    model = randomize_(NepaModel(tiny_config())).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(pixels).last_hidden_state
+    attention, mlp = model.encoder.layers[0].attention, model.encoder.layers[0].mlp
+    shifted = _ShiftedLinear(attention.q_proj.in_features, attention.q_proj.out_features)
+    shifted.load_state_dict(attention.q_proj.state_dict())
+    attention.q_proj = shifted
+    calls = []
+    mlp.down_proj.register_forward_hook(lambda module, args, output: calls.append("down_proj"))
+    attention.k_proj.register_forward_pre_hook(lambda module, args: calls.append("k_proj"))
+    with torch.no_grad():
+        after = model(pixels).last_hidden_state
+    assert calls == ["k_proj", "down_proj"]
+    assert not torch.allclose(before, after)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records ops that copy a tensor value to the host (`.item()`, `bool(tensor)`, `nonzero`): GPU device syncs."""
+
+    HOST_READS = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.nonzero.default,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.HOST_READS:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_forward_backward_has_no_host_syncs():
+    pretraining = NepaForPreTraining(tiny_config(drop_path_rate=0.1)).train()  # RoPE rescale and drop path active
+    classifier = NepaForImageClassification(tiny_config(num_labels=3, drop_path_rate=0.1)).train()
+    pixels = torch.randn(2, 3, 16, 16)
+    with _HostReads() as mode:
+        pretraining(pixels).loss.backward()
+        classifier(pixels, labels=torch.tensor([0, 2])).loss.backward()
+        classifier(pixels, labels=torch.rand(2, 3).softmax(-1)).loss.backward()
+    assert mode.reads == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: missing QK-norm weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _qk_norm_weights(model) -> dict:
+    return {name: p for name, p in model.named_parameters() if name.endswith(("q_norm.weight", "k_norm.weight"))}
+
+
+@pytest.mark.parametrize("source_class", [NepaModel, NepaForPreTraining])
+def test_non_affine_checkpoint_loads_into_affine_config_with_a_log_line(tmp_path, caplog, source_class):
+    source = randomize_(source_class(tiny_config(qk_norm_affine=False))).eval()
+    source.save_pretrained(tmp_path)
+    with caplog.at_level("INFO", logger="nepa_hf.models.nepa.modeling_nepa"):
+        model, info = NepaForPreTraining.from_pretrained(tmp_path, qk_norm_affine=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    weights = _qk_norm_weights(model)
+    assert len(weights) == 4 and all(torch.equal(w, torch.ones_like(w)) for w in weights.values())
+    assert "non-affine QK-norm (qk_norm_affine=False)" in caplog.text
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = source(pixels).last_hidden_state
+        torch.testing.assert_close(model.nepa(pixels).last_hidden_state, expected, atol=0, rtol=0)
+    # The classifier head is missing too (expected for a pretraining source), and only it.
+    _, info = NepaForImageClassification.from_pretrained(
+        tmp_path, num_labels=3, qk_norm_affine=True, output_loading_info=True
+    )
+    assert not info["missing_keys"]
+
+
+@pytest.mark.parametrize("deleted", [("q_norm",), ("q_norm", "k_norm")])
+def test_affine_checkpoint_missing_qk_norm_weights_is_reported(tmp_path, caplog, deleted):
+    from safetensors.torch import load_file, save_file
+
+    NepaForPreTraining(tiny_config(qk_norm_affine=True)).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if not any(f".{norm}." in k for norm in deleted)}
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("INFO"):
+        _, info = NepaForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set(weights) - set(kept)
+    assert "non-affine QK-norm" not in caplog.text
+    for cls in (NepaForImageClassification, NepaModel):  # whatever head loads it
+        _, info = cls.from_pretrained(tmp_path, output_loading_info=True)
+        assert {key.split("encoder.", 1)[1] for key in info["missing_keys"]} == {
+            key.split("encoder.", 1)[1] for key in set(weights) - set(kept)
+        }

@@ -1,4 +1,5 @@
-"""NEPA pretraining: the library pieces (nepa_hf.pretraining) and examples/pretrain_nepa.py end to end.
+"""NEPA pretraining: the library pieces (nepa_hf.data.pretraining; objective, optimization, monitoring and
+checkpointing in nepa_hf.training) and examples/pretrain_nepa.py end to end.
 
 Script runs use a tiny NEPA (hidden 32, 2 layers, 16px images, patch 4) on real bundled images, in-process (one
 thread) to stay fast; the two-process run goes through `torchrun` for real.
@@ -19,33 +20,32 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import BatchSampler, DataLoader
+from transformers import get_cosine_schedule_with_warmup
 
 from nepa_hf import NepaConfig, NepaForPreTraining, nepa_loss
-from nepa_hf.pretraining import (
-    CollapseMonitor,
+from nepa_hf.data.pretraining import (
     EpochShuffleSampler,
-    JsonlTracker,
-    NepaPretrainingObjective,
     PretrainingCollator,
     PretrainingImageDataset,
-    create_pretraining_optimizer,
-    embedding_spread,
-    latest_checkpoint,
-    list_checkpoints,
-    mean_pairwise_cosine,
-    normalize_patches,
-    patchify,
-    pretraining_param_groups,
     random_patch_mask,
-    read_checkpoint_meta,
-    read_jsonl,
-    save_checkpoint,
-    scaled_learning_rate,
     select_readable,
-    warmup_cosine_schedule,
+)
+from nepa_hf.data.transforms import pretraining_transform
+from nepa_hf.training.checkpointing import latest_checkpoint, list_checkpoints, read_checkpoint_meta, save_checkpoint
+from nepa_hf.training.monitoring import (
+    CollapseMonitor,
+    JsonlTracker,
+    embedding_spread,
+    mean_pairwise_cosine,
+    read_jsonl,
+)
+from nepa_hf.training.objective import NepaPretrainingObjective, normalize_patches, patchify
+from nepa_hf.training.optimization import (
+    create_pretraining_optimizer,
+    pretraining_param_groups,
+    scaled_learning_rate,
     warmup_steps_for,
 )
-from nepa_hf.transforms import pretraining_transform
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "pretrain_nepa.py"
@@ -111,7 +111,7 @@ def test_param_groups_lr_scaling_and_schedule():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    # Reference §8: every parameter is decayed except biases, norms and LayerScale; the tokens and the patch
+    # The authors' rule: every parameter is decayed except biases, norms and LayerScale; the tokens and the patch
     # embedding ARE decayed.
     assert {"nepa.norm.weight", "nepa.norm.bias", "nepa.encoder.layers.0.norm1.weight",
             "nepa.encoder.layers.0.layer_scale1.lambda1", "nepa.encoder.layers.1.layer_scale2.lambda1",
@@ -131,7 +131,8 @@ def test_param_groups_lr_scaling_and_schedule():
     optimizer = create_pretraining_optimizer(model, learning_rate=scaled_learning_rate(3e-4, 4096))
     assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["lr"] == pytest.approx(4.8e-3)
     assert warmup_steps_for(1000, 0.025) == 25 and warmup_steps_for(10, 0.0) == 0
-    scheduler = warmup_cosine_schedule(optimizer, num_training_steps=100, num_warmup_steps=10)
+    # transformers' schedule is the authors' pretraining one: linear warmup from 0, cosine to 0 at the last step.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
     lrs = []
     for _ in range(100):
         lrs.append(scheduler.get_last_lr()[0])
@@ -172,7 +173,7 @@ def test_dataset_skips_and_counts_unreadable_images_across_workers(tmp_path, cap
     # Decoding in the main process names the file.
     undecoded = wrapped.dataset
     bad = [i for i in range(12) if undecoded[i]["image"]["path"].endswith(("garbage.jpg", "truncated.jpg"))]
-    with caplog.at_level("WARNING", logger="nepa_hf.pretraining"):
+    with caplog.at_level("WARNING", logger="nepa_hf.data.pretraining"):
         assert all(wrapped[i] == {"unreadable": i} for i in bad)  # the row index identifies the file
     assert "garbage.jpg" in caplog.text and "truncated.jpg" in caplog.text
     # A batch with nothing readable keeps its placeholders and says so.
@@ -357,41 +358,48 @@ def test_jsonl_tracker_writes_steps_and_truncates_on_resume(tmp_path):
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    """`save_checkpoint` on top of Accelerate's automatic checkpoint naming: a kill during a save leaves the previous
+    checkpoint the newest complete one, even with total_limit=1 (Accelerate's own save_state deletes the old one
+    before writing the new one); older checkpoints are deleted only once the new one is in place."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(
+        project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=1))
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
     root = tmp_path / "checkpoints"
-    save_checkpoint(accelerator, root, 1, {"epoch": 0})
-    weights_at_1 = model.weight.detach().clone()
+    assert save_checkpoint(accelerator, 10, {"epoch": 0}) == root / "checkpoint_0"  # Accelerate's name
+    weights_at_10 = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
 
     real_save_state = accelerator.save_state
 
-    def crash_mid_save(output_dir, **kwargs):
-        (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+    def killed_mid_save(*args, **kwargs):
+        written = Path(real_save_state(*args, **kwargs))
+        (written / "model.safetensors").write_bytes(b"half a file")
         raise KeyboardInterrupt("killed during save")
 
-    monkeypatch.setattr(accelerator, "save_state", crash_mid_save)
+    monkeypatch.setattr(accelerator, "save_state", killed_mid_save)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(accelerator, root, 2, {"epoch": 0})
-    assert [step for step, _ in list_checkpoints(root)] == [1]
-    assert latest_checkpoint(root) == root / "checkpoint-1" and read_checkpoint_meta(latest_checkpoint(root))["step"] == 1
+        save_checkpoint(accelerator, 20, {"epoch": 0})
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_0"]  # the partial save stayed in the staging folder
+    assert latest_checkpoint(root) == root / "checkpoint_0"
+    assert read_checkpoint_meta(latest_checkpoint(root))["step"] == 10
     accelerator.load_state(str(latest_checkpoint(root)))
-    assert torch.equal(model.weight, weights_at_1)
-    with pytest.raises(FileNotFoundError, match="meta.json"):
-        read_checkpoint_meta(root / ".tmp-checkpoint-2")
+    assert torch.equal(model.weight, weights_at_10)
 
     monkeypatch.setattr(accelerator, "save_state", real_save_state)
-    for step in (2, 3, 4):
-        save_checkpoint(accelerator, root, step, {"epoch": 0}, total_limit=2)
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-3", "checkpoint-4"]  # temp dir cleaned, pruned
+    accelerator.project_configuration.total_limit = 2
+    for step in (20, 30, 40):
+        save_checkpoint(accelerator, step, {"epoch": 0})
+    assert [read_checkpoint_meta(path)["step"] for _, path in list_checkpoints(root)] == [30, 40]  # pruned
+    assert len(list(root.iterdir())) == 2 and not (tmp_path / ".checkpoint-staging").exists()  # leftovers cleaned
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 
@@ -441,6 +449,7 @@ def _without_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+@pytest.mark.slow
 def test_pretraining_loss_falls_on_real_data_and_no_stop_grad_collapses(run_pretraining, tmp_path, capsys):
     common = TINY_ARGS + ["--dataset", "bundled", "--max_steps", "150", "--per_device_batch_size", "32",
                           "--learning_rate", "3e-3", "--logging_steps", "25"]
@@ -461,18 +470,20 @@ def test_pretraining_loss_falls_on_real_data_and_no_stop_grad_collapses(run_pret
 
 
 def test_resume_mid_epoch_is_bit_exact(run_pretraining, reference_run, tmp_path):
-    # Simulate a run killed after step 5 while writing checkpoint 6: checkpoints 2 and 4, a partial temp folder,
-    # and metrics logged past the last checkpoint.
+    # Checkpoints every 2 steps: checkpoint_<i> holds step 2 (i + 1). Simulate a run killed while writing the
+    # checkpoint of step 6: checkpoints of steps 2 and 4, a partial save in the staging folder, and metrics logged
+    # past the last checkpoint.
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    for step in (2, 4):
-        shutil.copytree(reference_run / "checkpoints" / f"checkpoint-{step}", resumed / "checkpoints" / f"checkpoint-{step}")
-    partial = resumed / "checkpoints" / ".tmp-checkpoint-6"
-    partial.mkdir()
+    for name in ("checkpoint_0", "checkpoint_1"):
+        shutil.copytree(reference_run / "checkpoints" / name, resumed / "checkpoints" / name)
+    partial = resumed / ".checkpoint-staging" / "checkpoints" / "checkpoint_2"
+    partial.mkdir(parents=True)
     (partial / "model.safetensors").write_bytes(b"truncated")
     records = read_jsonl(reference_run / "metrics.jsonl")
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
-    assert read_checkpoint_meta(resumed / "checkpoints" / "checkpoint-4")["batches_in_epoch"] == 4  # mid-epoch
+    meta = read_checkpoint_meta(resumed / "checkpoints" / "checkpoint_1")
+    assert meta["step"] == 4 and meta["batches_in_epoch"] == 4  # mid-epoch
 
     run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed,
                                       "--resume_from_checkpoint", "latest"])
@@ -481,17 +492,20 @@ def test_resume_mid_epoch_is_bit_exact(run_pretraining, reference_run, tmp_path)
         assert expected.keys() == actual.keys()
         assert all(torch.equal(expected[k], actual[k]) for k in expected), name
     assert _without_timing(read_jsonl(resumed / "metrics.jsonl")) == _without_timing(records)
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == [
-        "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
-    for step in (6, 8):  # the re-made checkpoints hold the same weights as the uninterrupted run's
-        a = load_file(reference_run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
-        b = load_file(resumed / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == [f"checkpoint_{i}" for i in range(4)]
+    assert not (resumed / ".checkpoint-staging").exists()
+    for name in ("checkpoint_2", "checkpoint_3"):  # the re-made checkpoints hold the uninterrupted run's weights
+        a = load_file(reference_run / "checkpoints" / name / "model.safetensors")
+        b = load_file(resumed / "checkpoints" / name / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
+        expected_meta = read_checkpoint_meta(reference_run / "checkpoints" / name)
+        assert read_checkpoint_meta(resumed / "checkpoints" / name) == expected_meta
     # A fresh run into the same folder would mix two runs' checkpoints: refused unless asked for.
     with pytest.raises(ValueError, match="--overwrite_output_dir"):
         run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed])
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(reference_run, tmp_path):
     """torchrun, 2 processes x batch 4 == 1 process x batch 8: same images (see the sharding test), so the loss
     and the all-reduced gradient agree up to float summation order."""
@@ -511,12 +525,13 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     assert double[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-6)  # first step: same weights
     assert double[0]["grad_norm"] == pytest.approx(single[0]["grad_norm"], rel=1e-5)
-    checkpoint = output_dir / "checkpoints" / "checkpoint-8"
+    checkpoint = output_dir / "checkpoints" / "checkpoint_3"  # step 8
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     config = json.loads((output_dir / "run_config.json").read_text())
     assert config["num_processes"] == 2 and config["global_batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_unreadable_images(run_pretraining, tmp_path, capsys):
     """Item 6 of issue 14: with unreadable files split unevenly across the processes, the loss is still the mean over
     the readable images of the global batch (each process's loss weighted by its share), so 2 processes == 1; and
@@ -548,20 +563,20 @@ def test_resume_latest_falls_back_past_a_damaged_checkpoint(run_pretraining, ref
     previous one with a warning naming the bad file (the result is still bit-exact); a named checkpoint with a
     truncated file is an error naming it."""
     resumed = tmp_path / "resumed"
-    for step in (2, 4, 6):
-        shutil.copytree(reference_run / "checkpoints" / f"checkpoint-{step}", resumed / "checkpoints" / f"checkpoint-{step}")
-    damaged = resumed / "checkpoints" / "checkpoint-6" / "optimizer.bin"
+    for i in range(3):  # steps 2, 4 and 6
+        shutil.copytree(reference_run / "checkpoints" / f"checkpoint_{i}", resumed / "checkpoints" / f"checkpoint_{i}")
+    damaged = resumed / "checkpoints" / "checkpoint_2" / "optimizer.bin"
     damaged.write_bytes(damaged.read_bytes()[:1000])  # cut short, e.g. by a full disk or an interrupted copy
     records = read_jsonl(reference_run / "metrics.jsonl")
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:6]))
     args = REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed]
 
-    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-6: .*checkpoint-6/optimizer\.bin does not "
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint_2: .*checkpoint_2/optimizer\.bin does not "
                                          r"load .*--resume_from_checkpoint latest"):
-        run_pretraining(args + ["--resume_from_checkpoint", resumed / "checkpoints" / "checkpoint-6"])
-    with caplog.at_level("WARNING", logger="nepa_hf.pretraining"):
+        run_pretraining(args + ["--resume_from_checkpoint", resumed / "checkpoints" / "checkpoint_2"])
+    with caplog.at_level("WARNING", logger="nepa_hf.training.checkpointing"):
         run_pretraining(args + ["--resume_from_checkpoint", "latest"])
-    assert "Skipping damaged checkpoint" in caplog.text and "checkpoint-6/optimizer.bin does not load" in caplog.text
+    assert "Skipping damaged checkpoint" in caplog.text and "checkpoint_2/optimizer.bin does not load" in caplog.text
     expected, actual = load_file(reference_run / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(expected[k], actual[k]) for k in expected)  # resumed from step 4, as if never damaged
     assert _without_timing(read_jsonl(resumed / "metrics.jsonl")) == _without_timing(records)

@@ -10,8 +10,9 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from nepa_hf import NepaConfig, NepaForImageClassification, NepaImageProcessorPil, publish
-from nepa_hf.publish import PublishError, assemble, main, validate
+from nepa_hf import NepaConfig, NepaForImageClassification, NepaImageProcessorPil
+from nepa_hf.hub import publish
+from nepa_hf.hub.publish import PublishError, assemble, main, validate
 
 LABELS = ["cat", "coffee", "rocket"]
 
@@ -37,6 +38,7 @@ def no_hub(*args, **kwargs):
     raise AssertionError("the Hub must not be contacted")
 
 
+@pytest.mark.slow
 def test_dry_run_assembles_validates_and_lists_every_file(checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(publish, "HfApi", no_hub)
     monkeypatch.delenv("HF_TOKEN", raising=False)  # a dry run needs no token
@@ -126,7 +128,7 @@ def test_wrong_inputs_are_refused_clearly(checkpoint, tmp_path, capsys):
     reference.mkdir()
     (reference / "config.json").write_text(json.dumps({"model_type": "vit_nepa"}))
     assert main(["--model", str(reference), "--repo-id", "a/b", "--dry-run"]) == 1
-    assert "python -m nepa_hf.convert --input" in capsys.readouterr().err
+    assert "python -m nepa_hf.models.nepa.convert_nepa --input" in capsys.readouterr().err
     # A published name on the wrong weights would produce a false card.
     assert main(["--model", str(checkpoint), "--repo-id", "a/nepa-vit-b", "--dry-run", "--skip-load-check"]) == 1
     assert "not nepa-vit-b" in capsys.readouterr().err
@@ -194,6 +196,7 @@ def test_every_registered_head_assembles_with_its_pipeline_tag(head, tmp_path):
             validate(staging, check_load=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["NepaForSemanticSegmentation", "NepaBackbone"])
 def test_dense_heads_load_back_without_nepa_hf(head, tmp_path, capsys, monkeypatch):
     """The dry run's load-back in a fresh process without nepa_hf compares segmentation logits / feature maps."""
@@ -205,6 +208,7 @@ def test_dense_heads_load_back_without_nepa_hf(head, tmp_path, capsys, monkeypat
     assert "ok: load-back with trust_remote_code and without nepa_hf" in out and "modeling_nepa_segmentation.py" in out
 
 
+@pytest.mark.slow
 def test_load_back_compares_the_dense_outputs(tmp_path, monkeypatch):
     """A remote-code backbone that computes something else is caught (the comparison is not vacuous)."""
     staging = assemble(save_head(tmp_path / "model", "NepaBackbone"), tmp_path / "staging", "someone/x")

@@ -5,7 +5,7 @@
 - Snippets that load the authors' converted checkpoints (`nepa-vit-b`, `nepa-vit-b-in1k`) get offline stand-ins: tiny
   synthetic checkpoints in the authors' `vit_nepa` layout saved as local folders under the Hub ids the README
   converts from (`SixAILab/...`; a local folder wins over the Hub), turned into `nepa-vit-b` & co. by the README's
-  own `python -m nepa_hf.convert` commands. The README's code then runs unchanged.
+  own `python -m nepa_hf.models.nepa.convert_nepa` commands. The README's code then runs unchanged.
 - Every command in a ```bash block names a script or module that exists, and every `--flag` it passes is one that
   program lists in its `--help` (launcher flags before the script are checked against `accelerate launch` /
   `torchrun`). The commands that take seconds offline (conversion, publishing with `--dry-run`) run for real, in
@@ -29,8 +29,8 @@ from unittest import mock
 
 import pytest
 
-from nepa_hf.model_card import PUBLISHED_CHECKPOINTS
-from test_convert import reference_config, reference_state_dict, write_reference_folder
+from nepa_hf.hub.model_card import PUBLISHED_CHECKPOINTS
+from reference_checkpoints import reference_config, reference_state_dict, write_reference_folder
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -213,7 +213,7 @@ def section_accepted_flags(section: str) -> set[str]:
 def test_readme_code_fences_are_balanced():
     fences = [line for line in README.read_text().splitlines() if line.startswith("```")]
     assert len(fences) % 2 == 0, "unbalanced ``` fences in README.md"
-    assert all(line in ("```", "```python", "```bash") for line in fences), sorted(set(fences))
+    assert all(line in ("```", "```python", "```bash", "```text") for line in fences), sorted(set(fences))
 
 
 def test_readme_has_snippets_and_commands_for_every_tool():
@@ -222,7 +222,7 @@ def test_readme_has_snippets_and_commands_for_every_tool():
     assert {c.program for c in commands} >= {
         "scripts/run_demo.sh", "scripts/run_tests.sh", "examples/demo.py", "examples/pretrain_nepa.py",
         "examples/finetune_classification.py", "examples/finetune_segmentation.py", "examples/evaluate_nepa.py",
-        "examples/visualize.py", "-m nepa_hf.convert", "-m nepa_hf.publish",
+        "examples/visualize.py", "-m nepa_hf.models.nepa.convert_nepa", "-m nepa_hf.hub.publish",
     }  # fmt: skip
     assert {c.launcher for c in commands} >= set(LAUNCHERS)
     ci_lines = {line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()}
@@ -282,9 +282,9 @@ def offline_args(command: Command) -> list[str] | None:
     """The arguments to run a README command with here, or None where it is only checked (too slow offline, or an
     upload). Placeholders get values; publishing the stand-in of one of our published checkpoints gets a card name
     of its own (the tool rightly refuses to put the ViT-B card on a 2-block stand-in)."""
-    if command.program == "-m nepa_hf.convert":
+    if command.program == "-m nepa_hf.models.nepa.convert_nepa":
         args = list(command.args)
-    elif command.program == "-m nepa_hf.publish" and "--dry-run" in command.args:
+    elif command.program == "-m nepa_hf.hub.publish" and "--dry-run" in command.args:
         args = list(command.args)
         model = args[args.index("--model") + 1]
         if model in PUBLISHED_CHECKPOINTS:
@@ -305,6 +305,7 @@ def prepare_workdir(folder: Path) -> None:
         write_reference_folder(folder / repo_id, config, reference_state_dict(config, seed=seed))
 
 
+@pytest.mark.slow
 def test_readme_runs_in_order(tmp_path, monkeypatch):
     """The python snippets and the cheap commands, in README order, as a newcomer would run them."""
     prepare_workdir(tmp_path)
@@ -318,6 +319,8 @@ def test_readme_runs_in_order(tmp_path, monkeypatch):
             except Exception as error:  # pragma: no cover - failure path
                 pytest.fail(f"README python block {index} failed: {error!r}\n{code}")
             continue
+        if language != "bash":  # e.g. the ```text layout tree
+            continue
         for command in parse_commands(code):
             args = offline_args(command)
             if args is None:
@@ -326,10 +329,10 @@ def test_readme_runs_in_order(tmp_path, monkeypatch):
             with contextlib.redirect_stdout(stdout):  # as `python -m <module> <args>` would run it
                 exit_code = importlib.import_module(command.program[3:]).main(args)
             assert exit_code == 0, f"{command.line} failed:\n{stdout.getvalue()}"
-            if command.program == "-m nepa_hf.publish":
+            if command.program == "-m nepa_hf.hub.publish":
                 assert "ok: load-back with trust_remote_code and without nepa_hf" in stdout.getvalue()
             ran.add(command.program)
-    assert ran == {"-m nepa_hf.convert", "-m nepa_hf.publish"}
+    assert ran == {"-m nepa_hf.models.nepa.convert_nepa", "-m nepa_hf.hub.publish"}
 
 
 def test_readme_autobackbone_note_holds_for_the_installed_transformers(tmp_path):

@@ -1,4 +1,4 @@
-"""Our optimizer groups and schedules against the authors' own, parameter by parameter (reference §8).
+"""Our optimizer groups and schedules against the authors' own, parameter by parameter (recipe-facts.json, produced by running their code).
 
 `recipe-facts.json` (beside the reference, in the shared folder next to the repository) was made by running the
 authors' training code on their ViT-B/14 layout: per fine-tuning parameter its weight decay, lr group, layer-decay
@@ -17,15 +17,14 @@ import pytest
 import torch
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining
-from nepa_hf.convert import HEAD_KEYS, NEPA_PREFIX, REFERENCE_PREFIX, nepa_key_to_reference
-from nepa_hf.finetuning import (
-    freeze_patch_embeddings,
+from nepa_hf.models.nepa.convert_nepa import HEAD_KEYS, NEPA_PREFIX, REFERENCE_PREFIX, nepa_key_to_reference
+from nepa_hf.training.finetuning import freeze_patch_embeddings, layer_decay_parameter_groups
+from nepa_hf.training.optimization import (
     get_layerwise_cosine_schedule,
-    layer_decay_parameter_groups,
+    pretraining_param_groups,
     reference_warmup_steps,
+    weight_decay_flags,
 )
-from nepa_hf.pretraining import pretraining_param_groups
-from nepa_hf.weight_decay import weight_decay_flags
 
 FACTS_PATH = Path(__file__).resolve().parents[1].parent / "shared/reference/recipe-facts.json"
 REL_TOL = 1e-9

@@ -25,8 +25,8 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-from nepa_hf.evaluation import local_metric_path
-from nepa_hf.finetuning import layer_decay_parameter_groups
+from nepa_hf.evaluation.features import local_metric_path
+from nepa_hf.training.finetuning import layer_decay_parameter_groups
 from nepa_hf import (
     NepaBackbone,
     NepaConfig,
@@ -38,11 +38,11 @@ from nepa_hf import (
     NepaModel,
     default_backbone_out_indices,
 )
-from nepa_hf.segmentation import (
+from nepa_hf.evaluation.segmentation import (
     sliding_window_inference,
     whole_inference,
 )
-from nepa_hf.segmentation_data import (
+from nepa_hf.data.segmentation import (
     FASHION_SCENES_LABELS,
     fashion_scenes_dataset,
     make_fashion_scenes,
@@ -87,6 +87,12 @@ def test_default_out_indices_are_four_evenly_spaced_blocks():
     assert NepaConfig(out_indices=[12]).out_features == ["stage12"]
     stored = NepaConfig.from_dict({**NepaConfig().to_dict(), "out_indices": [3, 12], "out_features": None})
     assert stored.out_indices == [3, 12]
+    # A config saved by a model that does not read stages, with the last block only (the default before the
+    # four-stage one), gets the four-stage default; one saved by a backbone keeps its choice.
+    last_block_only = {**NepaConfig().to_dict(), "out_indices": [12], "out_features": ["stage12"]}
+    for architecture in ("NepaForPreTraining", "NepaForImageClassification"):
+        assert NepaConfig.from_dict({**last_block_only, "architectures": [architecture]}).out_indices == [4, 6, 8, 12]
+    assert NepaConfig.from_dict({**last_block_only, "architectures": ["NepaBackbone"]}).out_indices == [12]
     reloaded = NepaConfig.from_dict(json.loads(json.dumps(tiny_config(pool_scales=[1, 3]).to_dict())))
     assert reloaded.pool_scales == [1, 3] and reloaded.semantic_loss_ignore_index == 255
     with pytest.raises(ValueError, match="pool_scales"):
@@ -210,6 +216,37 @@ def test_segmentation_model_from_a_pretraining_checkpoint(tmp_path):
     assert logits.shape == (1, len(LABELS), 20, 28)  # stride p/4 = 1 for patch size 4
 
 
+def test_segmentation_folder_with_the_earlier_head_layout_loads(tmp_path):
+    """Folders saved when the heads were NEPA's own modules (conv units as nn.Sequential: `.0.` conv, `.1.`
+    BatchNorm; `psp_modules.stages.i`, `auxiliary_head.conv`) load into transformers' UperNet heads unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = NepaForSemanticSegmentation(tiny_config())
+    with torch.no_grad():  # non-default BatchNorm running statistics
+        model.train()(torch.randn(4, 3, 16, 16))
+    model.eval().save_pretrained(tmp_path)
+
+    def earlier_name(key: str) -> str:
+        if not key.startswith(("decode_head.", "auxiliary_head.")):
+            return key
+        key = key.replace(".conv.", ".0.").replace(".batch_norm.", ".1.")
+        return key.replace("psp_modules.", "psp_modules.stages.").replace("auxiliary_head.convs.0.", "auxiliary_head.conv.")
+
+    weights = tmp_path / "model.safetensors"
+    earlier = {earlier_name(key): tensor for key, tensor in load_file(weights).items()}
+    assert {"decode_head.psp_modules.stages.3.1.1.running_var", "decode_head.lateral_convs.2.0.weight",
+            "auxiliary_head.conv.1.weight"} <= set(earlier)
+    save_file(earlier, weights, metadata={"format": "pt"})
+    reloaded, info = NepaForSemanticSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    pixels = torch.randn(2, 3, 20, 28)
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(pixels).logits, model(pixels).logits)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], tensor), key
+
+
 def test_segmentation_loss_ignore_index_and_auxiliary_weight():
     torch.manual_seed(0)
     model = NepaForSemanticSegmentation(tiny_config(patch_size=8)).train()
@@ -254,6 +291,14 @@ def test_segmentation_input_errors():
         model(torch.randn(2, 3, 15, 16))
     with pytest.raises(ValueError, match="num_hidden_layers >= 3"):
         NepaForSemanticSegmentation(tiny_config(num_hidden_layers=2))
+    two_stages = tiny_config(out_indices=[2, 4])
+    with pytest.raises(ValueError, match=r"reads four backbone stages.*out_indices=\[1, 2, 3, 4\]"):
+        NepaForSemanticSegmentation(two_stages)
+    assert two_stages.out_indices == [2, 4]  # constructors never change the config
+    config = tiny_config()
+    saved = config.to_dict()
+    NepaForSemanticSegmentation(config), NepaBackbone(config)
+    assert config.to_dict() == saved
     model.eval()(pixels[:1])  # a single image is fine for inference
 
 
@@ -351,6 +396,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_trust_remote_code_segmentation_without_the_package(tmp_path):
     model = save_segmenter(tmp_path / "ckpt")
     pixels = torch.randn(2, 3, 32, 32)
@@ -511,10 +557,10 @@ def test_layer_decay_param_groups():
     neck = [name for name in named if name.startswith("neck.")]
     assert neck and all(lr[name] == 1.0 and scale[name] == 1.0 for name in neck)
     for name in ("nepa.encoder.layers.1.attention.q_proj.weight", "nepa.embeddings.cls_token",
-                 "neck.upsample_2x.weight", "decode_head.fpn_bottleneck.0.weight", "auxiliary_head.classifier.weight"):
+                 "neck.upsample_2x.weight", "decode_head.fpn_bottleneck.conv.weight", "auxiliary_head.classifier.weight"):
         assert decay[name] == 0.05, name
     for name in ("nepa.encoder.layers.1.attention.q_proj.bias", "nepa.encoder.layers.1.layer_scale1.lambda1",
-                 "nepa.norm.weight", "decode_head.fpn_bottleneck.1.weight", "neck.upsample_4x.1.weight"):
+                 "nepa.norm.weight", "decode_head.fpn_bottleneck.batch_norm.weight", "neck.upsample_4x.1.weight"):
         assert decay[name] == 0.0, name
     # The same rule for transformers' UperNet on a NEPA backbone.
     upernet_groups = layer_decay_parameter_groups(UperNetForSemanticSegmentation(tiny_upernet_config()), 1.0)

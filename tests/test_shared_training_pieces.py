@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from nepa_hf import NepaConfig, NepaModel
-from nepa_hf.data import load_image_dataset, resolve_column
-from nepa_hf.ema import create_ema, ema_weights, load_ema, save_ema
+from nepa_hf.data.images import load_image_dataset, resolve_column
+from nepa_hf.training.ema import create_ema, ema_weights, load_ema, save_ema
 
 
 def micro_model():

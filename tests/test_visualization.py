@@ -1,4 +1,4 @@
-"""Attention / next-embedding similarity / PCA maps (reference §10) and their PNGs."""
+"""Attention / next-embedding similarity / PCA maps (the paper's figures) and their PNGs."""
 
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessorPil
-from nepa_hf.visualization import (
+from nepa_hf.evaluation.visualization import (
     FIGURE_SIZES_PX, compute_maps, pca_to_rgb, processor_view, render_attention, render_pca, render_similarity,
     save_visualizations,
 )
@@ -128,6 +128,7 @@ def test_input_panel_is_the_region_the_processor_crops():
     assert processor_view(image, (56, 56), NepaImageProcessorPil()).size == (300, 200)  # no crop: all of it
 
 
+@pytest.mark.slow
 def test_visualize_script_on_saved_checkpoint(tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path / "ckpt")

@@ -14,9 +14,9 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 
-from .configuration_nepa import NEPA_PRESETS, NepaConfig, default_backbone_out_indices
-from .image_processing_nepa import NepaImageProcessor, NepaImageProcessorPil
-from .modeling_nepa import (
+from .models.nepa.configuration_nepa import NEPA_PRESETS, NepaConfig, default_backbone_out_indices
+from .models.nepa.image_processing_nepa import NepaImageProcessor, NepaImageProcessorPil
+from .models.nepa.modeling_nepa import (
     NepaForImageClassification,
     NepaForPreTraining,
     NepaForPreTrainingOutput,
@@ -26,7 +26,7 @@ from .modeling_nepa import (
     nepa_loss,
     soft_target_cross_entropy,
 )
-from .modeling_nepa_segmentation import NepaBackbone, NepaForSemanticSegmentation
+from .models.nepa.modeling_nepa_segmentation import NepaBackbone, NepaForSemanticSegmentation
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import FASHION_MNIST_CLASSES, bundled_photo_paths, load_fashion_mnist
+from .images import FASHION_MNIST_CLASSES, bundled_photo_paths, load_fashion_mnist
 
 __all__ = [
     "FASHION_SCENES_LABELS",
@@ -74,7 +74,7 @@ def make_fashion_scenes(
         item_size: inclusive range of the side an item (28x28 originally) is resized to; default
             (5/16, 5/8) of `image_size`, i.e. (20, 40) for 64x64 scenes.
         seed: seed of all random choices; the same arguments always give the same scenes.
-        source: Fashion-MNIST source, see `nepa_hf.data.load_fashion_mnist` ("bundled" works offline everywhere).
+        source: Fashion-MNIST source, see `nepa_hf.data.images.load_fashion_mnist` ("bundled" works offline everywhere).
 
     Returns:
         `(images, masks)`: uint8 arrays of shape (N, image_size, image_size, 3) and (N, image_size, image_size),

@@ -3,6 +3,7 @@
 
 A plain ViT with a CLS token, no absolute position embedding, 2D RoPE on the patch tokens, QK-norm and
 LayerScale. Pretraining predicts the next patch's input embedding (stop-gradient, negative cosine).
+Reading order follows transformers' `dinov3_vit`: outputs, embeddings, RoPE, attention, MLP, block, encoder, models.
 
 This file is copied next to saved checkpoints for `trust_remote_code=True` users, so it imports only torch,
 transformers and its sibling `configuration_nepa.py`.
@@ -12,6 +13,7 @@ import glob
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,9 +46,7 @@ except ImportError:  # pragma: no cover
 logger = logging.get_logger(__name__)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------- Outputs
 
 
 @dataclass
@@ -77,9 +77,7 @@ class NepaForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Embeddings
-# --------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------------- Embeddings
 
 
 class NepaPatchEmbeddings(nn.Module):
@@ -87,8 +85,6 @@ class NepaPatchEmbeddings(nn.Module):
 
     def __init__(self, config: NepaConfig):
         super().__init__()
-        self.patch_size = config.patch_size
-        self.num_channels = config.num_channels
         self.projection = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
@@ -135,6 +131,9 @@ class NepaEmbeddings(nn.Module):
         return self.dropout(hidden_states), input_embeddings
 
 
+# -------------------------------------------------------------------------------------------------------------- RoPE
+
+
 def patch_center_coordinates(num_patches_h: int, num_patches_w: int, device: torch.device) -> torch.Tensor:
     """(h*w, 2) patch-centre coordinates (y, x) in [-1, 1], row-major, float32."""
     coords_h = (torch.arange(num_patches_h, dtype=torch.float32, device=device) + 0.5) / num_patches_h
@@ -159,11 +158,11 @@ def augment_patch_coordinates(
 
 
 class NepaRopePositionEmbedding(nn.Module):
-    """2D RoPE tables for [CLS; patches].
+    """2D RoPE tables (cos, sin) for [CLS; patches], each (1 + h*w, head_dim).
 
     Angles are `2*pi*coord*inv_freq` with `inv_freq[k] = theta^(-4k/d)`: d/4 angles for y then d/4 for x, the d/2
-    vector repeated twice (rotate-half layout). The CLS row is the identity rotation (cos 1, sin 0), so RoPE can be
-    applied to all tokens at once without touching CLS. Computed in float32, cached per grid in eval mode.
+    vector repeated twice (rotate-half layout). CLS is never rotated: its row is the identity (cos 1, sin 0), which
+    is bit-exact with leaving it out. Computed in float32 with autocast off, then cast; cached per grid in eval.
     """
 
     inv_freq: torch.Tensor
@@ -171,41 +170,40 @@ class NepaRopePositionEmbedding(nn.Module):
     def __init__(self, config: NepaConfig):
         super().__init__()
         self.config = config
-        self.head_dim = config.head_dim
         self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
 
     @staticmethod
     def compute_inv_freq(config: NepaConfig) -> torch.Tensor:
-        return 1.0 / config.rope_theta ** (torch.arange(config.head_dim // 4, dtype=torch.float32) * 4 / config.head_dim)
+        exponents = torch.arange(config.head_dim // 4, dtype=torch.float32) * 4 / config.head_dim
+        return 1.0 / config.rope_theta**exponents
 
-    def _tables(self, coords: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = 2 * math.pi * coords[:, :, None] * self.inv_freq.float()[None, None, :]  # (hw, 2, d/4)
-        angles = angles.flatten(1, 2).tile(2)  # (hw, d)
-        # Identity rotation for CLS.
-        cos = torch.cat([angles.new_ones(1, self.head_dim), angles.cos()], dim=0)
-        sin = torch.cat([angles.new_zeros(1, self.head_dim), angles.sin()], dim=0)
-        return cos.to(dtype), sin.to(dtype)
+    def forward(
+        self, num_patches_h: int, num_patches_w: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        if self.training and (config.pos_embed_shift or config.pos_embed_jitter or config.pos_embed_rescale):
+            return self._tables(num_patches_h, num_patches_w, device, dtype, augment=True)
+        return self._cached_tables(num_patches_h, num_patches_w, device, dtype)
 
     @compile_compatible_method_lru_cache(maxsize=8)
     def _cached_tables(self, num_patches_h: int, num_patches_w: int, device: torch.device, dtype: torch.dtype):
         # Normal (non-inference) tensors, so a later forward with autograd can save them for backward.
         with torch.inference_mode(False), torch.no_grad():
-            return self._tables(patch_center_coordinates(num_patches_h, num_patches_w, device), dtype)
+            return self._tables(num_patches_h, num_patches_w, device, dtype, augment=False)
 
-    def forward(
-        self, num_patches_h: int, num_patches_w: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (cos, sin), each (1 + h*w, head_dim)."""
-        config = self.config
-        augment = self.training and (config.pos_embed_shift or config.pos_embed_jitter or config.pos_embed_rescale)
-        if not augment:
-            return self._cached_tables(num_patches_h, num_patches_w, device, dtype)
+    def _tables(self, num_patches_h, num_patches_w, device, dtype, augment: bool):
         with torch.autocast(device_type=device.type, enabled=False):
             coords = patch_center_coordinates(num_patches_h, num_patches_w, device)
-            coords = augment_patch_coordinates(
-                coords, config.pos_embed_shift, config.pos_embed_jitter, config.pos_embed_rescale
-            )
-            return self._tables(coords, dtype)
+            if augment:
+                config = self.config
+                coords = augment_patch_coordinates(
+                    coords, config.pos_embed_shift, config.pos_embed_jitter, config.pos_embed_rescale
+                )
+            angles = 2 * math.pi * coords[:, :, None] * self.inv_freq.float()[None, None, :]  # (hw, 2, d/4)
+            angles = torch.cat([angles.new_zeros(1, angles.shape[1] * angles.shape[2]), angles.flatten(1, 2)])
+            angles = angles.tile(2)  # (1 + hw, d); the CLS row is all zeros
+            cos, sin = angles.cos(), angles.sin()
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -216,44 +214,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k of shape (B, H, N, d) with tables (N, d): `x * cos + rotate_half(x) * sin`. The CLS row of the
-    tables is the identity."""
-    # rotate_half(x) * sin == swap_halves(x) * (sin with its first half negated): folding the sign into the small
-    # table and fusing the multiply-add saves two full passes over q and k (neg, add) per layer.
-    half = q.shape[-1] // 2
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-
-    def rotate(x):
-        return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), signed_sin)
-
-    return rotate(q), rotate(k)
+    """Rotate q and k of shape (B, H, N, d) with tables (N, d)."""
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def rotary_complex_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The RoPE tables as unit complex numbers `cos + i*sin`, (N, 1, d/2), for `rotate_pairs`.
-
-    The (N, d) tables repeat their d/2 angles twice (rotate-half layout), so the first half holds every angle.
-    """
-    half = cos.shape[-1] // 2
-    return torch.complex(cos[..., :half], sin[..., :half]).unsqueeze(-2)
-
-
-def to_pair_layout(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Reorder the first dim (num_heads * d, ...) of a q/k projection weight, bias or QK-norm vector so that within
-    each head the rotate-half partners j and j + d/2 become neighbours 2j and 2j + 1."""
-    return rows.reshape(num_heads, 2, -1, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
-
-
-def rotate_pairs(states: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """RoPE on (B, N, H, d) states in pair layout: each (2j, 2j + 1) pair is a complex number rotated by one complex
-    multiplication. Same rotation as `apply_rotary_pos_emb` on the rotate-half layout."""
-    rotated = torch.view_as_complex(states.unflatten(-1, (-1, 2))) * table
-    return torch.view_as_real(rotated).flatten(-2)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Attention
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------- Attention
 
 
 def eager_attention_forward(
@@ -300,19 +265,9 @@ def build_attention_mask(
     return torch.zeros(seq_len, seq_len, dtype=dtype, device=device).masked_fill(future, torch.finfo(dtype).min)
 
 
-def _is_plain_linear(module: nn.Module) -> bool:
-    """An `nn.Linear` whose forward may be bypassed by calling `F.linear` on (a view of) its weight: exactly nn.Linear
-    (not a LoRA/quantised subclass), no hooks and no instance-level forward override (accelerate offload hooks)."""
-    return (
-        type(module) is nn.Linear
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and "forward" not in module.__dict__
-    )
-
-
 class NepaAttention(nn.Module):
-    """Multi-head self-attention with QK-norm and 2D RoPE, dispatched through transformers' attention interface."""
+    """Multi-head self-attention: q, k, v projections, QK-norm per head, 2D RoPE on q and k, any attention backend
+    of transformers' attention interface, output projection."""
 
     def __init__(self, config: NepaConfig):
         super().__init__()
@@ -337,43 +292,6 @@ class NepaAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def _use_pair_layout(self, hidden_states: torch.Tensor) -> bool:
-        """Whether q/k can be computed in pair layout (see `_project_rotated`): eager float32/64 with plain Linear
-        projections. Anything else (bf16/fp16, which have no complex dtype; torch.compile/export/tracing, which fuse
-        the rotate-half form anyway; LoRA, quantised or hooked projections, whose own forward must run) takes the
-        rotate-half path."""
-        return (
-            hidden_states.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled(hidden_states.device.type)
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-            and _is_plain_linear(self.q_proj)
-            and _is_plain_linear(self.k_proj)
-            and type(self.q_norm) in (nn.LayerNorm, nn.Identity)
-            and type(self.k_norm) in (nn.LayerNorm, nn.Identity)
-        )
-
-    def _project_rotated(
-        self, hidden_states: torch.Tensor, projection: nn.Linear, norm: nn.Module, rotary_table: torch.Tensor
-    ) -> torch.Tensor:
-        """q or k as (B, H, N, d): projection, QK-norm, RoPE, in "pair layout".
-
-        The projection's output rows are permuted per head (a cheap copy of the weight, not of activations) so that
-        the rotate-half partners j and j + d/2 sit side by side: RoPE is then one complex multiplication instead of
-        five elementwise passes. QK-norm is permutation-invariant (its weight is permuted alike), and q.k is
-        unchanged because q and k share the permutation, so attention scores, weights and outputs are the same.
-        """
-        batch_size, seq_len, _ = hidden_states.shape
-        weight = to_pair_layout(projection.weight, self.num_heads)
-        bias = to_pair_layout(projection.bias, self.num_heads) if projection.bias is not None else None
-        states = F.linear(hidden_states, weight, bias).view(batch_size, seq_len, self.num_heads, self.head_dim)
-        if isinstance(norm, nn.LayerNorm):
-            # A ones weight when non-affine: ATen's CPU LayerNorm is ~1.5x slower without a weight (measured).
-            norm_weight = states.new_ones(self.head_dim) if norm.weight is None else to_pair_layout(norm.weight, 1)
-            norm_bias = to_pair_layout(norm.bias, 1) if norm.bias is not None else None
-            states = F.layer_norm(states, (self.head_dim,), norm_weight, norm_bias, norm.eps)
-        return rotate_pairs(states, rotary_table).transpose(1, 2)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -381,44 +299,28 @@ class NepaAttention(nn.Module):
         attention_mask=None,
         is_causal: bool = False,
         attn_implementation: str | None = None,
-        rotary_table: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`rotary_table`: `rotary_complex_table(*position_embeddings)`, precomputed once per forward by the encoder."""
         batch_size, seq_len, _ = hidden_states.shape
         shape = (batch_size, seq_len, self.num_heads, self.head_dim)
-        if self._use_pair_layout(hidden_states):
-            if rotary_table is None:
-                rotary_table = rotary_complex_table(*position_embeddings)
-            query = self._project_rotated(hidden_states, self.q_proj, self.q_norm, rotary_table)
-            key = self._project_rotated(hidden_states, self.k_proj, self.k_norm, rotary_table)
-        else:
-            query = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)
-            key = self.k_norm(self.k_proj(hidden_states).view(shape)).transpose(1, 2)
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        query = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)
+        key = self.k_norm(self.k_proj(hidden_states).view(shape)).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             attn_implementation or self.config._attn_implementation, eager_attention_forward
         )
+        dropout = self.dropout if self.training else 0.0
         attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=is_causal,
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, is_causal=is_causal,
             **kwargs,
-        )
+        )  # fmt: skip
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
         return self.output_dropout(attn_output), attn_weights
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Block
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- LayerScale, drop path, MLP
 
 
 class NepaLayerScale(nn.Module):
@@ -449,76 +351,18 @@ class NepaDropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
-class GeluLinearFunction(torch.autograd.Function):
-    """`F.linear(gelu(x), weight, bias)` that saves only `x` for backward and recomputes `gelu(x)` there.
-
-    Autograd would keep both the GELU input and its output, the two widest activations of a block (4 x hidden per
-    token each). Dropping the output costs one extra GELU per block in backward (measured: ~1% of a training step)
-    and saves a quarter of a block's activation memory, which pays for what QK-norm and LayerScale add to it.
-    """
-
-    @staticmethod
-    def forward(ctx, pre_activation, weight, bias, approximate: str):
-        ctx.approximate = approximate
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(pre_activation, weight)
-        return F.linear(F.gelu(pre_activation, approximate=approximate), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        pre_activation, weight = ctx.saved_tensors
-        grad_pre_activation = grad_weight = grad_bias = None
-        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        if ctx.needs_input_grad[1]:
-            activation = F.gelu(pre_activation, approximate=ctx.approximate)
-            grad_weight = grad_rows.t() @ activation.reshape(-1, activation.shape[-1])
-            del activation  # free it before the next wide temporary: keeps the backward peak low
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
-        if ctx.needs_input_grad[0]:
-            grad_activation = grad_output @ weight
-            # In place (elementwise, same index): no second wide temporary.
-            grad_pre_activation = torch.ops.aten.gelu_backward.grad_input(
-                grad_activation, pre_activation, approximate=ctx.approximate, grad_input=grad_activation
-            )
-        return grad_pre_activation, grad_weight, grad_bias, None
-
-
-# hidden_act values whose ACT2FN module is exactly `F.gelu(x, approximate=...)`.
-_GELU_APPROXIMATION = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}
-
-
 class NepaMLP(nn.Module):
+    """down(act(up(x)))."""
+
     def __init__(self, config: NepaConfig):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.gelu_approximation = _GELU_APPROXIMATION.get(config.hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        pre_activation = self.up_proj(hidden_states)
-        if self._recompute_activation(pre_activation):
-            down = self.down_proj
-            hidden_states = GeluLinearFunction.apply(pre_activation, down.weight, down.bias, self.gelu_approximation)
-        else:
-            hidden_states = self.down_proj(self.act(pre_activation))
-        return self.dropout(hidden_states)
-
-    def _recompute_activation(self, pre_activation: torch.Tensor) -> bool:
-        """Use `GeluLinearFunction` when autograd records this call in eager mode without autocast (torch.compile
-        already recomputes pointwise ops when it saves memory) and down_proj is a plain Linear (LoRA, quantised or
-        hooked projections run their own forward)."""
-        return (
-            self.gelu_approximation is not None
-            and torch.is_grad_enabled()
-            and (pre_activation.requires_grad or self.down_proj.weight.requires_grad)
-            and not torch.is_autocast_enabled(pre_activation.device.type)
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-            and _is_plain_linear(self.down_proj)
-        )
+        return self.dropout(self.down_proj(self.act(self.up_proj(hidden_states))))
 
 
 class NepaGatedMLP(nn.Module):
@@ -534,6 +378,9 @@ class NepaGatedMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down_proj(self.act(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)))
+
+
+# ---------------------------------------------------------------------------------------------------- Block, encoder
 
 
 class NepaLayer(GradientCheckpointingLayer):
@@ -558,22 +405,11 @@ class NepaLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         attn_output, _ = self.attention(
-            self.norm1(hidden_states),
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            is_causal=is_causal,
-            **kwargs,
+            self.norm1(hidden_states), position_embeddings, attention_mask, is_causal, **kwargs
         )
-        hidden_states = self._add_branch(hidden_states, attn_output, self.layer_scale1)
-        return self._add_branch(hidden_states, self.mlp(self.norm2(hidden_states)), self.layer_scale2)
-
-    def _add_branch(self, residual: torch.Tensor, branch: torch.Tensor, layer_scale: nn.Module) -> torch.Tensor:
-        """residual + drop_path(layer_scale(branch))."""
-        if isinstance(layer_scale, NepaLayerScale) and (isinstance(self.drop_path, nn.Identity) or not self.training):
-            # One fused multiply-add instead of a multiply then an add: LayerScale costs no extra pass over the
-            # activations (same arithmetic, same saved tensors).
-            return torch.addcmul(residual, branch, layer_scale.lambda1)
-        return residual + self.drop_path(layer_scale(branch))
+        hidden_states = hidden_states + self.drop_path(self.layer_scale1(attn_output))
+        mlp_output = self.mlp(self.norm2(hidden_states))
+        return hidden_states + self.drop_path(self.layer_scale2(mlp_output))
 
 
 class NepaEncoder(nn.Module):
@@ -585,26 +421,26 @@ class NepaEncoder(nn.Module):
         self.layers = nn.ModuleList([NepaLayer(config, rate) for rate in rates])
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, is_causal=False, **kwargs):
-        # The complex form of the RoPE tables for the attention fast path (float32/64 eager), once per forward rather
-        # than per layer.
-        rotary_table = None
-        if position_embeddings[0].dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
-            rotary_table = rotary_complex_table(*position_embeddings)
         for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                is_causal=is_causal,
-                rotary_table=rotary_table,
-                **kwargs,
-            )
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask, is_causal, **kwargs)
         return hidden_states
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------ Models
+
+
+_QK_NORM_WEIGHT = re.compile(r"(^|\.)[qk]_norm\.weight$")
+
+
+def _saved_qk_norm_affine(load_config) -> bool | None:
+    """`qk_norm_affine` of the config saved with the checkpoint being loaded (same revision), None if unreadable."""
+    if load_config.pretrained_model_name_or_path is None:
+        return None
+    download_kwargs = {**(load_config.download_kwargs or {}), "force_download": False}
+    try:
+        return NepaConfig.from_pretrained(load_config.pretrained_model_name_or_path, **download_kwargs).qk_norm_affine
+    except (OSError, ValueError):
+        return None
 
 
 def safetensors_file_problem(path: str) -> str | None:
@@ -772,6 +608,26 @@ class NepaPreTrainedModel(PreTrainedModel):
             # Non-persistent buffer: recomputed here, otherwise garbage after from_pretrained (meta-device load).
             init.copy_(module.inv_freq, NepaRopePositionEmbedding.compute_inv_freq(self.config))
 
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        """Missing QK-norm weights are accepted in one known case only: the checkpoint's own config says
+        `qk_norm_affine=False` (e.g. the authors' base pretraining checkpoint) and the model is affine, so every
+        QK-norm weight is missing. `_init_weights` starts them at 1.0, which computes exactly the non-affine norm.
+        Any other missing QK-norm weight is reported like every missing key."""
+        expected = {name for name, _ in model.named_parameters() if _QK_NORM_WEIGHT.search(name)}
+        missing = {key for key in loading_info.missing_keys if _QK_NORM_WEIGHT.search(key)}
+        ignored = model._keys_to_ignore_on_load_missing
+        if missing and missing == expected and _saved_qk_norm_affine(load_config) is False:
+            logger.info(
+                f"{load_config.pretrained_model_name_or_path} has non-affine QK-norm (qk_norm_affine=False): "
+                f"starting the {len(missing)} QK-norm weights of this affine model at 1.0 (same outputs)."
+            )
+            model._keys_to_ignore_on_load_missing = set(ignored or ()) | {f"^{re.escape(key)}$" for key in missing}
+        try:
+            return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        finally:
+            model._keys_to_ignore_on_load_missing = ignored
+
     def _attention_backend_for_call(self, kwargs: dict) -> str:
         """Only eager attention materialises attention maps: use it for calls that ask for them."""
         implementation = self.config._attn_implementation
@@ -908,7 +764,7 @@ def nepa_loss(
 
 
 class NepaForPreTraining(NepaPreTrainedModel):
-    """NEPA with the next-embedding prediction objective (reference §4). No extra head."""
+    """NEPA with the next-embedding prediction objective (`nepa_loss` on the backbone's outputs). No extra head."""
 
     def __init__(self, config: NepaConfig):
         super().__init__(config)
@@ -937,20 +793,14 @@ class NepaForPreTraining(NepaPreTrainedModel):
             targets = targets.detach()
         loss = None
         if return_loss:
+            config = self.config
             loss = nepa_loss(
-                outputs.last_hidden_state,
-                targets,
-                shift=self.config.pretraining_shift,
-                stop_gradient=self.config.pretraining_stop_gradient,
+                outputs.last_hidden_state, targets, config.pretraining_shift, config.pretraining_stop_gradient
             )
         return NepaForPreTrainingOutput(
-            loss=loss,
-            last_hidden_state=outputs.last_hidden_state,
-            input_embeddings=targets,
-            pooler_output=outputs.pooler_output,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+            loss=loss, last_hidden_state=outputs.last_hidden_state, input_embeddings=targets,
+            pooler_output=outputs.pooler_output, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )  # fmt: skip
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -975,9 +825,8 @@ class NepaForImageClassification(NepaPreTrainedModel):
 
     # Trainer: let it average over gradient-accumulation steps (soft targets have no item count).
     accepts_loss_kwargs = False
-    # Expected when starting from a pretraining checkpoint; affine QK-norm weights then start at 1.0, which is
-    # exactly the non-affine reference behaviour.
-    _keys_to_ignore_on_load_missing = [r"fc_norm\.", r"classifier\.", r"\.[qk]_norm\.weight"]
+    # Expected when starting from a pretraining checkpoint (missing QK-norm weights: see `_finalize_model_loading`).
+    _keys_to_ignore_on_load_missing = [r"fc_norm\.", r"classifier\."]
 
     def __init__(self, config: NepaConfig):
         super().__init__(config)

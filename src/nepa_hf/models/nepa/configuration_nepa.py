@@ -5,6 +5,10 @@ This file is copied next to saved checkpoints so that `trust_remote_code=True` u
 transformers: it imports only transformers and the standard library.
 """
 
+import dataclasses
+import difflib
+import typing
+
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
@@ -64,6 +68,9 @@ def default_backbone_out_indices(num_hidden_layers: int) -> list[int]:
 # Models whose attention is `finetuning_is_causal` (the others, NepaModel and NepaForPreTraining, use `is_causal`).
 FINETUNING_ARCHITECTURES = ("NepaForImageClassification", "NepaForSemanticSegmentation", "NepaBackbone")
 
+# Models that read the backbone stages (`out_indices` / `out_features`); the other NEPA models ignore them.
+BACKBONE_STAGE_ARCHITECTURES = ("NepaBackbone", "NepaForSemanticSegmentation")
+
 
 def saved_by_finetuning_model(config) -> bool:
     """Whether `config.architectures` names a fine-tuning model, i.e. the config was saved by one."""
@@ -106,7 +113,9 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
         pretraining_stop_gradient: detach the targets (True, the method); False is the collapse ablation.
         apply_layernorm, reshape_hidden_states, out_features, out_indices: backbone options (`NepaBackbone`).
             `out_indices` count blocks from 1 (0 is the embedding output, "stem"); unset, they default to four
-            evenly spaced blocks, `default_backbone_out_indices(num_hidden_layers)` (4, 6, 8, 12 of 12 blocks).
+            evenly spaced blocks, `default_backbone_out_indices(num_hidden_layers)` (4, 6, 8, 12 of 12 blocks), as
+            they are in a config saved by a pretraining or classification model with the last block only (the
+            default before this one, which those models never read).
         decode_hidden_size: channels of the UperNet decode head of `NepaForSemanticSegmentation`.
         pool_scales: output sizes of the decode head's pyramid pooling module.
         use_auxiliary_head, auxiliary_hidden_size, auxiliary_loss_weight: the FCN auxiliary head on the third
@@ -168,9 +177,8 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
         self._validate_nepa()
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
         out_indices, out_features = kwargs.pop("out_indices", None), kwargs.pop("out_features", None)
-        if out_indices is None and out_features is None:
-            # Saved configs always store their stages, so this default only applies to new configs.
-            out_indices = default_backbone_out_indices(self.num_hidden_layers)
+        if (out_indices is None and out_features is None) or self._stores_last_block_default(out_indices, out_features):
+            out_indices, out_features = default_backbone_out_indices(self.num_hidden_layers), None
         self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
         super().__post_init__(**kwargs)
 
@@ -195,6 +203,16 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
         if not self.pool_scales or any(int(scale) < 1 for scale in self.pool_scales):
             raise ValueError(f"pool_scales must be a non-empty list of positive sizes, got {self.pool_scales!r}.")
 
+    def _stores_last_block_default(self, out_indices, out_features) -> bool:
+        """Whether these are the stages that configs saved before the four-stage default store: the last block only,
+        transformers' backbone default, saved by a model that does not read stages (pretraining, classification).
+        They are no choice, so they get the four-stage default like a new config, which a segmentation model needs."""
+        saved_by = getattr(self, "architectures", None) or []
+        if not saved_by or any(name in BACKBONE_STAGE_ARCHITECTURES for name in saved_by):
+            return False
+        last = self.num_hidden_layers
+        return list(out_indices or [last]) == [last] and list(out_features or [f"stage{last}"]) == [f"stage{last}"]
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -202,6 +220,50 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    def update_from_string(self, update_str: str):
+        """`PreTrainedConfig.update_from_string`: "field=value,field=value", each value typed like the field's current
+        one (booleans: true/false). NEPA adds what transformers cannot type: integer lists written `a:b:c`
+        (`pool_scales=1:2:3:6`, `out_indices=2:4`) and numbers for unset fields (`pos_embed_shift=0.1`). A bad item
+        raises a ValueError that names it.
+
+        This changes one field at a time and skips what the constructor derives and checks (the backbone stages
+        follow `num_hidden_layers`); `overrides_from_string` gives the same values as constructor arguments.
+        """
+        annotations = {f.name: f.type for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        fields = set(annotations) | {"out_indices"}  # the backbone stages are properties over `_out_indices`
+        for item in filter(None, (part.strip() for part in update_str.split(","))):
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep:
+                raise ValueError(f"Config override {item!r} is not of the form field=value.")
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                nepa_fields = fields - {f.name for f in dataclasses.fields(PreTrainedConfig)}
+                hint = f"Did you mean {close[0]!r}?" if close else f"NEPA's fields: {', '.join(sorted(nepa_fields))}."
+                raise ValueError(f"Config override {item!r}: {key!r} is not a field of {type(self).__name__}. {hint}")
+            current = getattr(self, key)
+            try:
+                if isinstance(current, (list, tuple)):
+                    setattr(self, key, [int(entry) for entry in value.split(":")])
+                elif current is None:  # unset: typed by the field's annotation, e.g. `float | int | None`
+                    setattr(self, key, float(value) if float in typing.get_args(annotations[key]) else value)
+                else:
+                    super().update_from_string(f"{key}={value}")
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Config override {item!r}: {error}") from error
+
+    @classmethod
+    def overrides_from_string(cls, update_str: str | None) -> dict:
+        """`update_from_string`'s values as keyword arguments for `NepaConfig(...)`, `from_preset` or
+        `from_pretrained`: "hidden_size=64,pool_scales=1:2" -> {"hidden_size": 64, "pool_scales": [1, 2]}; None or
+        "" -> {}. The constructor then checks them and derives what depends on them (the default backbone stages
+        follow `num_hidden_layers`), which setting them on a built config would not."""
+        if not update_str:
+            return {}
+        parsed = cls()
+        parsed.update_from_string(update_str)
+        keys = [item.partition("=")[0].strip() for item in update_str.split(",") if item.strip()]
+        return {key: getattr(parsed, key) for key in keys}
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "NepaConfig":
@@ -218,6 +280,7 @@ __all__ = [
     "NepaConfig",
     "NEPA_PRESETS",
     "FINETUNING_ARCHITECTURES",
+    "BACKBONE_STAGE_ARCHITECTURES",
     "default_backbone_out_indices",
     "saved_by_finetuning_model",
 ]

@@ -1,7 +1,7 @@
 # Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
 """Mean IoU for semantic segmentation, as a local `evaluate` metric (no Hub access needed).
 
-Load it by path: `nepa_hf.evaluation.load_metric("mean_iou")` (the folder shipped with nepa_hf, loaded by path).
+Load it by path: `nepa_hf.evaluation.features.load_metric("mean_iou")` (the folder shipped with nepa_hf, loaded by path).
 """
 
 import datasets

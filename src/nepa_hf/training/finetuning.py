@@ -1,16 +1,16 @@
-"""The reference fine-tuning recipe (reference §8) as pieces for `transformers.Trainer`.
+"""The authors' fine-tuning recipe as pieces for `transformers.Trainer`.
 
 * `layer_decay_parameter_groups`: layer-wise lr decay groups for any model holding a NEPA backbone
   (`embeddings`, `encoder.layers.N`); the head lr goes to the task heads and the backbone's final norm; weight decay
-  on the >1-D parameters the pretraining rule decays (`nepa_hf.weight_decay`: the CLS token is decayed).
-* `get_layerwise_cosine_schedule`: per-group warmup (groups with a small lr factor warm up longest) + cosine to 0;
-  `reference_warmup_steps` turns a warmup ratio into the reference's W = int(ratio x total steps).
-* `EMACallback`: EMA of the weights (timm's `ModelEmaV3`, fp32, see `nepa_hf.ema`) updated per optimizer step,
+  on the >1-D parameters the pretraining rule decays (`nepa_hf.training.optimization`: the CLS token is decayed).
+* The authors' per-group warmup + cosine schedule and their warmup length live in `nepa_hf.training.optimization`
+  (`get_layerwise_cosine_schedule`, `reference_warmup_steps`); `NepaTrainer` uses them.
+* `EMACallback`: EMA of the weights (timm's `ModelEmaV3`, fp32, see `nepa_hf.training.ema`) updated per optimizer step,
   saved as `ema.safetensors` in every checkpoint and restored on resume; works with any Trainer.
 * `NepaTrainingArguments` + `NepaTrainer`: a Trainer that wires the above together, freezes the patch embedding
   on request, and evaluates the EMA weights beside the online ones (metrics `eval_ema_*`, usable as
   `metric_for_best_model="ema_accuracy"`). Augmentation lives in the data: timm transforms per sample and timm
-  Mixup in the collator (`nepa_hf.augmentation`).
+  Mixup in the collator (`nepa_hf.data.augmentation`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from transformers.utils import logging
 from timm.utils import ModelEmaV3
 
 from .ema import create_ema, ema_weights, load_ema, save_ema
-from .weight_decay import NO_WEIGHT_DECAY_NAMES, decays_in_finetuning, weight_decay_flags
+from .optimization import get_layerwise_cosine_schedule, reference_warmup_steps, weight_decay_flags
 
 logger = logging.get_logger(__name__)
 
@@ -86,14 +86,6 @@ def count_backbone_layers(model: nn.Module) -> int:
     return max(indices) + 1
 
 
-def uses_weight_decay(name: str, parameter: torch.Tensor, in_norm_module: bool = False) -> bool:
-    """The reference fine-tuning rule for one parameter (`nepa_hf.weight_decay.decays_in_finetuning`): more than one
-    dimension and decayed by the pretraining rule, so matrices, kernels and the CLS token `[1, 1, D]` are decayed,
-    1-D parameters (biases, norms, LayerScale) never. `layer_decay_parameter_groups` reads the same rule (with the
-    LayerNorm module check) through `weight_decay_flags(model, finetuning=True)`."""
-    return decays_in_finetuning(name, parameter, in_norm_module)
-
-
 def _backbone_prefixes(names: Iterable[str]) -> set[str]:
     """Prefixes of the modules holding the blocks (`nepa.` for `nepa.encoder.layers.N.*`, `` for `layers.N.*`)."""
     return {name[: match.start()] for name in names if (match := _LAYER_PATTERN.search(name))}
@@ -121,7 +113,7 @@ def layer_decay_parameter_groups(
     num_layers: int | None = None,
     head_module_names: Iterable[str] = HEAD_MODULE_NAMES,
 ) -> list[dict]:
-    """Optimizer parameter groups with layer-wise lr decay (reference §8), for any model with a NEPA backbone (or a
+    """Optimizer parameter groups with layer-wise lr decay , the authors' rule, for any model with a NEPA backbone (or a
     transformers ViT/ViTMAE, whose `layers.N`/`encoder.layer.N` blocks and `layernorm` are read the same way).
 
     Learning rates (factor f = the group's `lr_scale`):
@@ -131,7 +123,7 @@ def layer_decay_parameter_groups(
         `classifier`, `decode_head`, `auxiliary_head`; see `head_module_names`) and the backbone's final norm
         (`nepa.norm`, `vit.layernorm`, ...), as the authors do;
       * everything else outside the blocks (`fc_norm`, a segmentation `neck`, ...): `learning_rate` with f = 1.
-    Weight decay (`nepa_hf.weight_decay`, one rule with pretraining): `weight_decay` on parameters with more than
+    Weight decay (`nepa_hf.training.optimization`, one rule with pretraining): `weight_decay` on parameters with more than
     one dimension that the pretraining rule decays (so the CLS token `[1, 1, D]` is decayed; biases, norms and
     LayerScale are not), 0 elsewhere.
 
@@ -176,53 +168,6 @@ def layer_decay_parameter_groups(
         groups[key]["params"].append(parameter)
         groups[key]["param_names"].append(name)
     return [groups[key] for key in sorted(groups)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Per-group warmup + cosine schedule
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def reference_warmup_steps(warmup: float, num_training_steps: int) -> int:
-    """The reference's W: `int(warmup * num_training_steps)` (rounded down) for a ratio `warmup < 1`, else
-    `int(warmup)` steps. (transformers' `TrainingArguments.get_warmup_steps` rounds a ratio up: 21 for 0.2 x 101.)"""
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}.")
-    return int(warmup) if warmup >= 1 else int(warmup * num_training_steps)
-
-
-def layerwise_warmup_steps(num_warmup_steps: int, lr_scale: float, num_training_steps: int) -> int:
-    """Warmup length of a group with lr factor f: max(1, W - round(W * min(f, 1))) (reference §8), so even with
-    W = 0 (or f = 1) there is one warmup step and every lr is 0 at step 0; capped at `num_training_steps`."""
-    steps = num_warmup_steps - int(round(num_warmup_steps * min(max(lr_scale, 0.0), 1.0)))
-    return max(1, min(steps, num_training_steps))
-
-
-def layerwise_lr_multiplier(step: int, warmup_steps: int, num_training_steps: int) -> float:
-    """Linear warmup from 0 over `warmup_steps`, then cosine from 1 to 0 at `num_training_steps`."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    if step >= num_training_steps:
-        return 0.0
-    progress = (step - warmup_steps) / max(1, num_training_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-
-
-def get_layerwise_cosine_schedule(
-    optimizer: torch.optim.Optimizer, num_warmup_steps: int, num_training_steps: int, last_epoch: int = -1
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The reference fine-tuning schedule: each group warms up linearly from 0 over `layerwise_warmup_steps(W,
-    lr_scale)` steps (deep-in-the-network groups with small factors warm up longest, the head, fc_norm and the last
-    block in one step), then decays with a cosine to 0 at `num_training_steps`; every lr is 0 at step 0. Group lrs
-    already include their factor (see `layer_decay_parameter_groups`); groups without `lr_scale` count as factor 1.
-    W is a number of steps: `reference_warmup_steps(ratio, total)` gives the reference's int(ratio x total)."""
-    if num_training_steps <= 0:
-        raise ValueError(f"num_training_steps must be > 0, got {num_training_steps}.")
-    lambdas = []
-    for group in optimizer.param_groups:
-        warmup = layerwise_warmup_steps(num_warmup_steps, float(group.get("lr_scale", 1.0)), num_training_steps)
-        lambdas.append(lambda step, warmup=warmup: layerwise_lr_multiplier(step, warmup, num_training_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=last_epoch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,7 +270,7 @@ class EMACallback(TrainerCallback):
 
 @dataclass
 class NepaTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the reference fine-tuning recipe (reference §8) as defaults, plus its extra knobs.
+    """`TrainingArguments` with the authors' fine-tuning recipe as defaults, plus its extra knobs.
 
     Changed defaults: learning_rate 1e-3, weight_decay 0.05, warmup_steps 0.2 (a ratio of the total steps),
     lr_scheduler_type "cosine", label_smoothing_factor 0.1, remove_unused_columns False (image datasets with
@@ -496,19 +441,13 @@ __all__ = [
     "EMA_WEIGHTS_NAME",
     "FINAL_NORM_NAMES",
     "HEAD_MODULE_NAMES",
-    "NO_WEIGHT_DECAY_NAMES",
     "NepaTrainer",
     "NepaTrainingArguments",
     "count_backbone_layers",
     "freeze_patch_embeddings",
-    "get_layerwise_cosine_schedule",
     "is_ema_metric",
     "is_head_parameter",
     "layer_decay_parameter_groups",
     "layer_id_for_parameter",
     "layer_lr_scale",
-    "layerwise_lr_multiplier",
-    "layerwise_warmup_steps",
-    "reference_warmup_steps",
-    "uses_weight_decay",
 ]

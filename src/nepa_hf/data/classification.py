@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .pretraining import _describe, _undecoded, decode_image
+from .images import decode_image, describe_image_source, without_image_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         columns = [image_column] + ([label_column] if label_column is not None else [])
         if hasattr(dataset, "select_columns"):
             dataset = dataset.select_columns(columns)
-        self.dataset = _undecoded(dataset, image_column)
+        self.dataset = without_image_decoding(dataset, image_column)
         self.transform = transform
         self.image_column = image_column
         self.label_column = label_column
@@ -269,9 +269,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             self._num_warnings += 1
             if self._num_warnings <= self.max_warnings:
                 logger.warning(
-                    "Skipping unreadable image %s: %s: %s%s", _describe(value, f"#{index}"), type(error).__name__,
-                    error, " (further ones in this worker are only counted)" if self._num_warnings == self.max_warnings
-                    else "",
+                    "Skipping unreadable image %s: %s: %s%s", describe_image_source(value, f"#{index}"),
+                    type(error).__name__, error,
+                    " (further ones in this worker are only counted)" if self._num_warnings == self.max_warnings else "",
                 )
             pixel_values = None
         example = {"pixel_values": pixel_values}
@@ -289,7 +289,7 @@ def with_image_transform(dataset, transform: Callable, image_column: str, label_
     is left as it is).
 
     `transform` maps one image to a normalised tensor (`AugmentationArguments.train_transform`, or
-    `nepa_hf.transforms.ImageProcessorTransform` for evaluation). `mixable=True` marks training examples for
+    `nepa_hf.data.transforms.ImageProcessorTransform` for evaluation). `mixable=True` marks training examples for
     `MixupCollator`.
     """
     return ImageClassificationDataset(dataset, transform, image_column, label_column, mixable)
@@ -326,7 +326,7 @@ def collate_image_batch(examples: list) -> dict:
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"pixel_values are {pixel_values.dtype}, not normalised floats: transform the images with the image "
-            "processor (nepa_hf.transforms.ImageProcessorTransform) or AugmentationArguments.train_transform."
+            "processor (nepa_hf.data.transforms.ImageProcessorTransform) or AugmentationArguments.train_transform."
         )
     batch = {"pixel_values": pixel_values}
     if "labels" in examples[0] and examples[0]["labels"] is not None:

@@ -1,11 +1,11 @@
 # Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
 """Publish a NEPA checkpoint to the Hugging Face Hub.
 
-    python -m nepa_hf.publish --model nepa-vit-b --repo-id my-org/nepa-vit-b --dry-run
-    python -m nepa_hf.publish --model nepa-vit-b --repo-id my-org/nepa-vit-b [--private] [--revision BR] [--create-pr]
+    python -m nepa_hf.hub.publish --model nepa-vit-b --repo-id my-org/nepa-vit-b --dry-run
+    python -m nepa_hf.hub.publish --model nepa-vit-b --repo-id my-org/nepa-vit-b [--private] [--revision BR] [--create-pr]
 
 Steps: (1) assemble a complete Hub-ready folder from a nepa-hf checkpoint folder: safetensors weights, config,
-image-processor config, model card (from `nepa_hf.model_card`) and the model code files with an `auto_map`, so
+image-processor config, model card (from `nepa_hf.hub.model_card`) and the model code files with an `auto_map`, so
 `trust_remote_code=True` users need nothing but transformers. Every head the package registers publishes:
 `NepaModel`, `NepaForPreTraining`, `NepaForImageClassification`, `NepaForSemanticSegmentation`, `NepaBackbone`;
 (2) validate it: required files, card metadata, and a
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 
-from .configuration_nepa import NepaConfig
-from .image_processing_nepa import NepaImageProcessorPil
+from ..models.nepa.configuration_nepa import NepaConfig
+from ..models.nepa.image_processing_nepa import NepaImageProcessorPil
 from .model_card import (
     AUTO_CLASS_OF_HEAD,
     HUB_NAMESPACE,
@@ -64,7 +64,7 @@ def _load_config(model_dir: Path) -> NepaConfig:
     if model_type == "vit_nepa":
         raise PublishError(
             f"{model_dir} is in the authors' vit_nepa layout; convert it first: "
-            f"python -m nepa_hf.convert --input {model_dir} --output <folder>"
+            f"python -m nepa_hf.models.nepa.convert_nepa --input {model_dir} --output <folder>"
         )
     if model_type != NepaConfig.model_type:
         raise PublishError(f"{model_dir} holds model_type {model_type!r}, not a NEPA (model_type 'nepa') checkpoint.")
@@ -209,7 +209,7 @@ _LOAD_BACK = textwrap.dedent(
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     with torch.no_grad():
         out = model(torch.load(pixels_path))
-    for name in ("logits", "feature_maps", "last_hidden_state"):  # = nepa_hf.publish.main_outputs
+    for name in ("logits", "feature_maps", "last_hidden_state"):  # = nepa_hf.hub.publish.main_outputs
         value = getattr(out, name, None)
         if value is not None:
             torch.save(list(value) if isinstance(value, (tuple, list)) else [value], out_path)
@@ -330,7 +330,7 @@ def upload(
         repo_type="model",
         revision=revision,
         create_pr=create_pr,
-        commit_message=commit_message or "Upload NEPA checkpoint with nepa_hf.publish",
+        commit_message=commit_message or "Upload NEPA checkpoint with nepa_hf.hub.publish",
     )
     return getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or str(info)
 
@@ -363,8 +363,8 @@ def _hub_error_message(error: Exception, repo_id: str) -> str | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m nepa_hf.publish", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="nepa-hf checkpoint folder (e.g. made by nepa_hf.convert).")
+    parser = argparse.ArgumentParser(prog="python -m nepa_hf.hub.publish", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="nepa-hf checkpoint folder (e.g. made by nepa_hf.models.nepa.convert_nepa).")
     parser.add_argument("--repo-id", default=None, help=f"Hub repo (default: {HUB_NAMESPACE}/<folder name>).")
     parser.add_argument("--name", default=None, help="Name on the card (default: the repo name); "
                         f"{', '.join(PUBLISHED_CHECKPOINTS)} get their published card.")  # fmt: skip

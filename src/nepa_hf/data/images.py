@@ -32,6 +32,9 @@ __all__ = [
     "resolve_column",
     "split_names",
     "BUILTIN_DATASETS",
+    "decode_image",
+    "describe_image_source",
+    "without_image_decoding",
 ]
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -145,24 +148,17 @@ def write_idx(path, array: np.ndarray, compress: Optional[bool] = None) -> Path:
 
 
 def bundled_data_dir() -> Path:
-    """Return the repository's ``data/`` folder (or ``$NEPA_HF_DATA_DIR`` when set)."""
+    """The bundled sample data shipped inside the package (``nepa_hf/data/bundled``; ``data/`` in the repository
+    links to it), or ``$NEPA_HF_DATA_DIR`` when set."""
     env = os.environ.get(DATA_DIR_ENV_VAR)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"${DATA_DIR_ENV_VAR}={env!r} is not a directory")
-        return path
-    here = Path(__file__).resolve().parent
-    for parent in (here, *here.parents):
-        candidate = parent / "data"
-        if (candidate / BUNDLED_FASHION_MNIST_FILE).is_file() or (
-            candidate / BUNDLED_PHOTOS_DIR
-        ).is_dir():
-            return candidate
-    raise FileNotFoundError(
-        "Could not find the bundled data/ folder above "
-        f"{here}; set ${DATA_DIR_ENV_VAR} to the nepa-hf repository's data/ directory."
-    )
+    path = Path(env).expanduser() if env else Path(__file__).resolve().parent / "bundled"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{'$' + DATA_DIR_ENV_VAR + '=' + repr(env) if env else 'The bundled data folder ' + str(path)} is not a "
+            "directory: reinstall nepa-hf (the package ships its sample data) or point $" + DATA_DIR_ENV_VAR +
+            " at a folder holding fashion_mnist/ and photos/."
+        )
+    return path
 
 
 def bundled_photo_paths() -> List[Path]:
@@ -421,3 +417,56 @@ def resolve_column(dataset, requested: Optional[str], candidates: Sequence[str],
     raise ValueError(
         f"Could not find the {what} column among {columns}; pass it explicitly (e.g. --{what}_column NAME)."
     )
+
+
+# --------------------------------------------------------------------------- decoding one image
+
+
+def decode_image(value):
+    """Decode one dataset value into a fully loaded PIL image.
+
+    Accepts a PIL image, a ``datasets.Image(decode=False)`` dict (``{"bytes", "path"}``), raw bytes, a file path or an
+    HxW[xC] array (uint16 arrays scaled to 8 bits by the image processor's rule, ``transforms.array_to_image``). The
+    pixels are read here (``Image.load()``), so truncated files fail now rather than later.
+    """
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        if value.get("bytes") is None and not value.get("path"):
+            raise ValueError("image entry has neither bytes nor a path")
+        from datasets import Image as ImageFeature
+
+        image = ImageFeature().decode_example(value)  # handles local, archive and remote paths
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, os.PathLike)):
+        image = Image.open(value)
+    elif isinstance(value, np.ndarray):
+        from .transforms import array_to_image
+
+        image = array_to_image(value)
+    else:
+        raise TypeError(f"Cannot decode an image from a {type(value).__name__}.")
+    image.load()
+    return image
+
+
+def describe_image_source(value, where) -> str:
+    """``where`` (e.g. a row index) plus the file path behind a dataset value when it has one, for warnings."""
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
+    return f"{where}" + (f" ({path})" if path else "")
+
+
+def without_image_decoding(dataset, image_column: str):
+    """The dataset with its ``datasets.Image`` column read undecoded (``decode=False``), so decoding, and its errors,
+    happen in our wrappers, which skip an unreadable file instead of ending the DataLoader."""
+    features = getattr(dataset, "features", None)
+    if features is None or image_column not in features:
+        return dataset
+    from datasets import Image as ImageFeature
+
+    if isinstance(features[image_column], ImageFeature) and features[image_column].decode:
+        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    return dataset

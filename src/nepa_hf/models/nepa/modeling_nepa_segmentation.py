@@ -4,17 +4,20 @@
 `NepaBackbone` turns a NEPA ViT into a transformers backbone: feature maps (B, D, H/p, W/p) after selected blocks,
 usable by any backbone-based head (e.g. transformers' `UperNetForSemanticSegmentation`).
 `NepaForSemanticSegmentation` is the plain-ViT recipe of the paper's ADE20K transfer: four evenly spaced blocks,
-a multi-scale neck (4x up, 2x up, identity, 2x down), a UperNet decode head (pyramid pooling + FPN) and an optional
-FCN auxiliary head for the training loss.
+a multi-scale neck (4x up, 2x up, identity, 2x down), then transformers' own UperNet decode head (pyramid pooling +
+FPN) and FCN auxiliary head (for the training loss).
 
 This file is copied next to saved checkpoints for `trust_remote_code=True` users, so it imports only torch,
 transformers and its siblings `configuration_nepa.py` / `modeling_nepa.py`.
 """
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 from transformers import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, SemanticSegmenterOutput
+from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 from transformers.utils import logging
 
 from .configuration_nepa import NepaConfig, default_backbone_out_indices
@@ -89,7 +92,6 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
     is_finetuning_model = True
     _keys_to_ignore_on_load_unexpected = _HEAD_KEYS
-    _keys_to_ignore_on_load_missing = [r"\.[qk]_norm\.weight"]
 
     def __init__(self, config: NepaConfig):
         super().__init__(config)
@@ -143,17 +145,6 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class NepaConvNormActivation(nn.Sequential):
-    """Conv2d (no bias) + BatchNorm2d + ReLU, the unit of the UperNet and FCN heads."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1):
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-
 class NepaMultiScaleNeck(nn.Module):
     """Four same-resolution ViT maps (stride p) -> a pyramid with strides p/4, p/2, p, 2p.
 
@@ -181,67 +172,32 @@ class NepaMultiScaleNeck(nn.Module):
         return [operation(feature_map) for operation, feature_map in zip(operations, feature_maps)]
 
 
-class NepaPyramidPoolingModule(nn.Module):
-    """PSPNet pyramid pooling: average-pool to each scale, 1x1 conv, upsample back to the input size."""
-
-    def __init__(self, pool_scales, in_channels: int, channels: int):
-        super().__init__()
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(int(scale)), NepaConvNormActivation(in_channels, channels, 1))
-            for scale in pool_scales
-        )
-
-    def forward(self, hidden_state: torch.Tensor) -> list[torch.Tensor]:
-        size = hidden_state.shape[-2:]
-        return [
-            nn.functional.interpolate(stage(hidden_state), size=size, mode="bilinear", align_corners=False)
-            for stage in self.stages
-        ]
+def upernet_head_config(config: NepaConfig) -> SimpleNamespace:
+    """The fields that transformers' `UperNetHead` / `UperNetFCNHead` read, under `UperNetConfig`'s names, taken
+    from a NEPA config (whose `hidden_size` is the ViT width, so the decode width is `decode_hidden_size`). The
+    heads read it once, in their constructors."""
+    return SimpleNamespace(
+        num_labels=config.num_labels,
+        pool_scales=tuple(int(scale) for scale in config.pool_scales),
+        hidden_size=config.decode_hidden_size,
+        auxiliary_in_channels=None,  # the channels of the pyramid level the FCN head reads
+        auxiliary_channels=config.auxiliary_hidden_size,
+        auxiliary_num_convs=1,
+        auxiliary_concat_input=False,
+    )
 
 
-class NepaUperNetHead(nn.Module):
-    """UperNet decode head (Xiao et al., 2018): pyramid pooling on the coarsest level, FPN top-down fusion of all
-    levels, concatenation at the finest level, 3x3 fusion conv, 1x1 classifier. Logits come at the finest
-    level's resolution."""
-
-    def __init__(self, config: NepaConfig, in_channels: list[int]):
-        super().__init__()
-        channels = config.decode_hidden_size
-        self.psp_modules = NepaPyramidPoolingModule(config.pool_scales, in_channels[-1], channels)
-        self.bottleneck = NepaConvNormActivation(in_channels[-1] + len(config.pool_scales) * channels, channels, 3)
-        self.lateral_convs = nn.ModuleList(NepaConvNormActivation(c, channels, 1) for c in in_channels[:-1])
-        self.fpn_convs = nn.ModuleList(NepaConvNormActivation(channels, channels, 3) for _ in in_channels[:-1])
-        self.fpn_bottleneck = NepaConvNormActivation(len(in_channels) * channels, channels, 3)
-        self.classifier = nn.Conv2d(channels, config.num_labels, kernel_size=1)
-
-    def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
-        coarsest = pyramid[-1]
-        laterals = [conv(level) for conv, level in zip(self.lateral_convs, pyramid)]
-        laterals.append(self.bottleneck(torch.cat([coarsest, *self.psp_modules(coarsest)], dim=1)))
-        for i in range(len(laterals) - 1, 0, -1):  # top-down path
-            laterals[i - 1] = laterals[i - 1] + nn.functional.interpolate(
-                laterals[i], size=laterals[i - 1].shape[-2:], mode="bilinear", align_corners=False
-            )
-        outputs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
-        finest_size = outputs[0].shape[-2:]
-        outputs = [outputs[0]] + [
-            nn.functional.interpolate(output, size=finest_size, mode="bilinear", align_corners=False)
-            for output in outputs[1:]
-        ]
-        return self.classifier(self.fpn_bottleneck(torch.cat(outputs, dim=1)))
-
-
-class NepaFCNHead(nn.Module):
-    """Auxiliary FCN head: 3x3 conv + BatchNorm + ReLU and a 1x1 classifier on one pyramid level."""
-
-    def __init__(self, config: NepaConfig, in_channels: int, level: int = 2):
-        super().__init__()
-        self.level = level
-        self.conv = NepaConvNormActivation(in_channels, config.auxiliary_hidden_size, 3)
-        self.classifier = nn.Conv2d(config.auxiliary_hidden_size, config.num_labels, kernel_size=1)
-
-    def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
-        return self.classifier(self.conv(pyramid[self.level]))
+# `from_pretrained` renames the head weights of folders saved before the heads were transformers' UperNet modules
+# (old -> new; a conv unit was an nn.Sequential, so `.0.` / `.1.` are its conv / BatchNorm). As with any key mapping,
+# transformers' `save_pretrained` writes a model loaded from such a folder back in that folder's layout.
+LEGACY_HEAD_KEY_MAPPING = {
+    r"^decode_head\.psp_modules\.stages\.(\d+)\.1\.0\.": r"decode_head.psp_modules.\1.1.conv.",
+    r"^decode_head\.psp_modules\.stages\.(\d+)\.1\.1\.": r"decode_head.psp_modules.\1.1.batch_norm.",
+    r"^decode_head\.(bottleneck|fpn_bottleneck|lateral_convs\.\d+|fpn_convs\.\d+)\.0\.": r"decode_head.\1.conv.",
+    r"^decode_head\.(bottleneck|fpn_bottleneck|lateral_convs\.\d+|fpn_convs\.\d+)\.1\.": r"decode_head.\1.batch_norm.",
+    r"^auxiliary_head\.conv\.0\.": "auxiliary_head.convs.0.conv.",
+    r"^auxiliary_head\.conv\.1\.": "auxiliary_head.convs.0.batch_norm.",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -250,12 +206,12 @@ class NepaFCNHead(nn.Module):
 
 
 class NepaForSemanticSegmentation(NepaPreTrainedModel):
-    """NEPA ViT + multi-scale neck + UperNet decode head (+ FCN auxiliary head for the loss).
+    """NEPA ViT + multi-scale neck + transformers' UperNet decode head (+ its FCN auxiliary head for the loss).
 
     Built from any NEPA checkpoint (`NepaForSemanticSegmentation.from_pretrained(dir, id2label=..., label2id=...)`):
     the backbone weights load into `nepa`, the neck and heads start from scratch. Attention is
     `config.finetuning_is_causal`, bidirectional unless set, as for every fine-tuning model.
-    The backbone always feeds four blocks (`config.out_indices`, default four evenly spaced ones).
+    The backbone feeds four blocks (`config.out_indices`, four evenly spaced ones unless set).
 
     `logits` are (batch, num_labels, 4 * H/p, 4 * W/p), i.e. at stride p/4; the loss and
     `post_process_semantic_segmentation` upsample them bilinearly. `labels` are (batch, H, W) int64 class indices;
@@ -267,36 +223,37 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     # The Trainer counts every label != -100 as an item, including 255 "ignore" pixels: let the loss take its mean.
     accepts_loss_kwargs = False
     # Expected when starting from a pretraining or classification checkpoint.
-    _keys_to_ignore_on_load_missing = [r"^neck\.", r"^decode_head\.", r"^auxiliary_head\.", r"\.[qk]_norm\.weight"]
+    _keys_to_ignore_on_load_missing = [r"^neck\.", r"^decode_head\.", r"^auxiliary_head\."]
     _keys_to_ignore_on_load_unexpected = [r"^fc_norm\.", r"^classifier\."]
 
     def __init__(self, config: NepaConfig):
-        self._select_four_stages(config)
+        if len(config.out_indices) != 4:
+            default = default_backbone_out_indices(config.num_hidden_layers)
+            if len(default) != 4:
+                raise ValueError(
+                    f"NepaForSemanticSegmentation needs four feature maps, but a {config.num_hidden_layers}-block NEPA "
+                    "has fewer than four stages. Use num_hidden_layers >= 3."
+                )
+            raise ValueError(
+                f"NepaForSemanticSegmentation reads four backbone stages, but config.out_indices={config.out_indices} "
+                f"selects {len(config.out_indices)}. Set out_indices={default} (four evenly spaced blocks), e.g. "
+                f"NepaForSemanticSegmentation.from_pretrained(..., out_indices={default})."
+            )
         super().__init__(config)
         self.nepa = NepaBackbone(config)
         in_channels = self.nepa.channels
         self.neck = NepaMultiScaleNeck(config)
-        self.decode_head = NepaUperNetHead(config, in_channels)
-        self.auxiliary_head = NepaFCNHead(config, in_channels[2]) if config.use_auxiliary_head else None
+        head_config = upernet_head_config(config)
+        self.decode_head = UperNetHead(head_config, in_channels)
+        self.auxiliary_head = UperNetFCNHead(head_config, in_channels) if config.use_auxiliary_head else None
         self.post_init()
 
-    @staticmethod
-    def _select_four_stages(config: NepaConfig) -> None:
-        if len(config.out_indices) == 4:
-            return
-        default = default_backbone_out_indices(config.num_hidden_layers)
-        if len(default) != 4:
-            raise ValueError(
-                f"NepaForSemanticSegmentation needs four feature maps, but a {config.num_hidden_layers}-block NEPA "
-                "has fewer than four stages. Use num_hidden_layers >= 3."
-            )
-        # Configs saved before the segmentation release store the old backbone default, the last block only.
-        log = logger.info if config.out_indices == [config.num_hidden_layers] else logger.warning
-        log(
-            f"NepaForSemanticSegmentation uses four blocks; config.out_indices={config.out_indices} selects "
-            f"{len(config.out_indices)}. Using the default four evenly spaced blocks {default}."
-        )
-        config.out_indices = default
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, key_mapping=None, **kwargs):
+        """`from_pretrained` that also reads folders saved before the heads were transformers' UperNet modules: their
+        head weights are renamed by `LEGACY_HEAD_KEY_MAPPING` (keys it does not match load unchanged)."""
+        key_mapping = {**LEGACY_HEAD_KEY_MAPPING, **(key_mapping or {})}
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, **kwargs)
 
     def get_input_embeddings(self) -> NepaPatchEmbeddings:
         return self.nepa.get_input_embeddings()

@@ -1,13 +1,13 @@
 """Evaluation: classification metrics through `evaluate` (offline), and frozen-backbone evaluation.
 
 * `load_metric` / `classification_metrics`: accuracy and top-k accuracy from the local metric modules shipped in
-  `nepa_hf/metrics/` (loaded by path, so no network); any other name goes to `evaluate.load` (e.g. a Hub metric).
+  `nepa_hf/evaluation/metrics/` (loaded by path, so no network); any other name goes to `evaluate.load` (e.g. a Hub metric).
 * `extract_features`: pooled features of a frozen NEPA backbone (mean of patch tokens, CLS, last token or the
   model's pooler; any layer).
 * `knn_classify` / `knn_accuracy`: weighted k-NN on cosine similarity (k=20, temperature 0.07, as in DINO).
 * `train_linear_probe` / `linear_probe_accuracy`: a logistic-regression probe trained with AdamW on the features.
 
-Note: the paper reports linear probing of NEPA as weak (reference §9); fine-tuning is its protocol.
+Note: the paper reports linear probing of NEPA as weak; fine-tuning is its protocol.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _prepare_pixels(batch: dict, device, dtype) -> torch.Tensor:
     if not pixels.is_floating_point():
         raise ValueError(
             f"pixel_values are {pixels.dtype}, not normalised floats: preprocess the images with the model's image "
-            "processor (e.g. nepa_hf.transforms.ImageProcessorTransform in the dataset)."
+            "processor (e.g. nepa_hf.data.transforms.ImageProcessorTransform in the dataset)."
         )
     return pixels.to(device=device, dtype=dtype)
 

@@ -1,4 +1,4 @@
-"""What a NEPA model looks at and predicts (reference §10), as arrays and as PNGs.
+"""What a NEPA model looks at and predicts (the paper's attention and similarity maps), as arrays and as PNGs.
 
 For a query patch:
 - attention map: that patch's attention row, averaged over the chosen layers and heads, CLS column dropped;
@@ -373,7 +373,7 @@ def processor_view(image: Image.Image, size: tuple[int, int], processor) -> Imag
         return image
     from transformers.image_utils import SizeDict
 
-    from .image_processing_nepa import _resize_output_size
+    from ..models.nepa.image_processing_nepa import _resize_output_size
 
     crop_h, crop_w = int(size[0]), int(size[1])
     resized_h, resized_w = image.height, image.width

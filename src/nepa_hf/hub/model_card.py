@@ -15,7 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-# Organisation our checkpoints are published under; `nepa_hf.publish --repo-id` can name any other.
+# Organisation our checkpoints are published under; `nepa_hf.hub.publish --repo-id` can name any other.
 HUB_NAMESPACE = "nepa-hf"
 PAPER_URL = "https://arxiv.org/abs/2512.16922"
 PAPER_TITLE = "Next-Embedding Prediction Makes Strong Vision Learners"
@@ -122,7 +122,7 @@ _FINETUNING = (
 
 
 def _published(**fields) -> CheckpointSpec:
-    command = f"python -m nepa_hf.convert --input {fields['source']} --output {fields['name']}"
+    command = f"python -m nepa_hf.models.nepa.convert_nepa --input {fields['source']} --output {fields['name']}"
     return CheckpointSpec(conversion_command=command, dataset=IMAGENET_NAME, dataset_ids=(IMAGENET,), **fields)
 
 
@@ -173,8 +173,8 @@ def _size_name(hidden_size: int, num_layers: int, patch_size: int) -> str:
 
 def head_classes() -> dict:
     """{class name: class} of every head in `AUTO_CLASS_OF_HEAD`."""
-    from .modeling_nepa import NepaForImageClassification, NepaForPreTraining, NepaModel
-    from .modeling_nepa_segmentation import NepaBackbone, NepaForSemanticSegmentation
+    from ..models.nepa.modeling_nepa import NepaForImageClassification, NepaForPreTraining, NepaModel
+    from ..models.nepa.modeling_nepa_segmentation import NepaBackbone, NepaForSemanticSegmentation
 
     classes = (NepaModel, NepaForPreTraining, NepaForImageClassification, NepaForSemanticSegmentation, NepaBackbone)
     return {cls.__name__: cls for cls in classes}
@@ -187,7 +187,7 @@ def describe_dataset(recorded: str | None) -> tuple[str | None, tuple[str, ...]]
     """(name for the card text, Hub ids for the `datasets` metadata) of a dataset as a training run recorded it
     (`--dataset` / `--dataset_name`: a built-in name, a Hub id or a local folder). Only a value of the form
     `namespace/name` that is not a local path, or a built-in name with a Hub copy, goes into the metadata."""
-    from .data import BUILTIN_DATASETS
+    from ..data.images import BUILTIN_DATASETS
 
     if not recorded:
         return None, ()
@@ -199,7 +199,7 @@ def describe_dataset(recorded: str | None) -> tuple[str | None, tuple[str, ...]]
         "bundled_fashion_mnist": (f"Fashion-MNIST ({BUILTIN_DATASETS['bundled']})", (FASHION_MNIST,)),
         "bundled_photos": (BUILTIN_DATASETS["bundled_photos"], ()),
         "fashion-mnist-scenes": ("synthetic scenes of Fashion-MNIST items pasted on photo crops "
-                                 "(`nepa_hf.segmentation_data`)", ()),
+                                 "(`nepa_hf.data.segmentation`)", ()),
     }  # fmt: skip
     if recorded in builtin:
         return builtin[recorded]
@@ -247,7 +247,7 @@ def spec_from_config(
 
 def card_for_conversion(source: str, config, repo_id: str, ema: bool = False, revision: str | None = None) -> ModelCard:
     """The card the converter writes: the published card for the authors' four repos, a generic one otherwise."""
-    command = f"python -m nepa_hf.convert --input {source} --output {repo_id}" + (" --ema" if ema else "")
+    command = f"python -m nepa_hf.models.nepa.convert_nepa --input {source} --output {repo_id}" + (" --ema" if ema else "")
     if revision:
         command += f" --revision {revision}"
     known = [spec for spec in PUBLISHED_CHECKPOINTS.values() if spec.source == source]

@@ -18,14 +18,14 @@ from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
 from transformers.utils import logging
 
-from .classification_data import MIXABLE_KEY, collate_image_batch, drop_unreadable
+from .classification import MIXABLE_KEY, collate_image_batch, drop_unreadable
 from .transforms import INTERPOLATIONS, evaluation_image_processor, to_rgb
 
 logger = logging.get_logger(__name__)
 
 
 class RGBTransform:
-    """Convert any image to 8-bit RGB (`nepa_hf.transforms.to_rgb`), then run `transform` (timm wants RGB PIL)."""
+    """Convert any image to 8-bit RGB (`nepa_hf.data.transforms.to_rgb`), then run `transform` (timm wants RGB PIL)."""
 
     def __init__(self, transform):
         self.transform = transform

@@ -3,7 +3,7 @@
 * `pretraining_transform`: the authors' pretraining data pipeline and nothing else: torchvision's
   RandomResizedCrop(size) with its defaults (scale 0.08-1, ratio 3/4-4/3, bilinear), a horizontal flip, then the
   image processor's rescale and normalisation.
-* Fine-tuning uses timm's `create_transform` (RandAugment, random erasing, ...); see `nepa_hf.augmentation`.
+* Fine-tuning uses timm's `create_transform` (RandAugment, random erasing, ...); see `nepa_hf.data.augmentation`.
 * `ImageProcessorTransform`: evaluation preprocessing *is* the image processor (resize / centre crop / normalise),
   so what is scored during training is what `pipeline(...)` sees at inference.
 
@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 from torchvision.transforms import v2
 
-from .image_processing_nepa import _sixteen_bit_to_uint8, to_8bit_rgb
+from ..models.nepa.image_processing_nepa import _sixteen_bit_to_uint8, to_8bit_rgb
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
@@ -128,7 +128,7 @@ def evaluation_image_processor(size: int, mean: Sequence[float], std: Sequence[f
     crop_pct 1 resizes straight to size x size. Saved with fine-tuned models, it is what pipelines then apply."""
     from transformers.image_utils import PILImageResampling
 
-    from .image_processing_nepa import NepaImageProcessor
+    from ..models.nepa.image_processing_nepa import NepaImageProcessor
 
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")

@@ -1,0 +1,1 @@
+"""Model families of nepa-hf (one folder each, in transformers' `models/<family>/` layout)."""

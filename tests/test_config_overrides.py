@@ -1,0 +1,86 @@
+"""`--config_overrides` of the example scripts: one parser, transformers' `PreTrainedConfig.update_from_string`, as
+`NepaConfig.update_from_string` / `NepaConfig.overrides_from_string`."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from nepa_hf import NepaConfig
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_values_are_typed_like_the_fields():
+    overrides = NepaConfig.overrides_from_string(
+        "hidden_size=32, num_hidden_layers=3,use_auxiliary_head=false,drop_path_rate=0.1,rope_theta=10,pooling=last,"
+        "pool_scales=1:2,out_indices=0:1:2:3,pos_embed_shift=0.5"
+    )
+    assert overrides == {
+        "hidden_size": 32, "num_hidden_layers": 3, "use_auxiliary_head": False, "drop_path_rate": 0.1,
+        "rope_theta": 10.0, "pooling": "last", "pool_scales": [1, 2], "out_indices": [0, 1, 2, 3],
+        "pos_embed_shift": 0.5,
+    }
+    assert type(overrides["rope_theta"]) is float and NepaConfig.overrides_from_string(None) == {}
+    # As constructor arguments they are checked and what depends on them is derived: the backbone stages follow
+    # num_hidden_layers (setting it on a built config would leave the preset's 6-block stages).
+    config = NepaConfig.from_preset("nepa-vit-micro", **NepaConfig.overrides_from_string("num_hidden_layers=3"))
+    assert config.out_indices == [0, 1, 2, 3] and config.stage_names[-1] == "stage3"
+    with pytest.raises(ValueError, match="divisible by num_attention_heads"):
+        NepaConfig(**NepaConfig.overrides_from_string("hidden_size=30"))
+    # The same parser on a built config (transformers' run_mlm.py style).
+    config = NepaConfig()
+    config.update_from_string("qk_norm_affine=true,decode_hidden_size=64")
+    assert config.qk_norm_affine is True and config.decode_hidden_size == 64
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("hiden_size=64", r"'hiden_size' is not a field of NepaConfig\. Did you mean 'hidden_size'\?"),
+        ("colour=red", r"'colour' is not a field of NepaConfig\. NEPA's fields: apply_layernorm, .*pool_scales"),
+        ("hidden_size", r"'hidden_size' is not of the form field=value"),
+        ("hidden_size=big", r"Config override 'hidden_size=big': invalid literal for int"),
+        ("is_causal=maybe", r"Config override 'is_causal=maybe': can't derive true or false"),
+        ("pool_scales=1:two", r"Config override 'pool_scales=1:two'"),
+        ("head_dim=16", r"'head_dim' is not a field"),  # a derived property, not a field
+    ],
+)
+def test_a_bad_item_is_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        NepaConfig.overrides_from_string(text)
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}_overrides", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_example_script_uses_the_one_parser(tmp_path, monkeypatch):
+    """A misspelt field stops each script with the same message before any training (the classification and
+    pretraining scripts used to pass unknown keys into the config silently)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    bad = "hidden_size=32,num_hidden_layer=2"
+    message = r"'num_hidden_layer' is not a field of NepaConfig\. Did you mean 'num_hidden_layers'\?"
+    classification = load_example("finetune_classification")
+    with pytest.raises(ValueError, match=message):
+        classification.load_model(classification.ModelArguments(preset="nepa-vit-micro", config_overrides=bad), {}, {})
+
+    monkeypatch.setattr(sys, "argv", [
+        "finetune_segmentation.py", "--output_dir", str(tmp_path / "seg"), "--num_train_scenes", "2",
+        "--num_eval_scenes", "1", "--scene_size", "32", "--use_cpu", "--report_to", "none", "--config_overrides", bad,
+    ])
+    with pytest.raises(ValueError, match=message):
+        load_example("finetune_segmentation").main()
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(ValueError, match=message):
+        load_example("pretrain_nepa").main(
+            ["--model", "nepa-vit-micro", "--config_overrides", bad, "--output_dir", str(tmp_path / "pretrain"),
+             "--dataset", "bundled", "--max_train_samples", "8", "--max_steps", "1", "--mixed_precision", "no"]
+        )
