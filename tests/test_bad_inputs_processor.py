@@ -14,33 +14,15 @@ from transformers import pipeline
 from transformers.utils import is_torchvision_available
 
 from nepa_hf import (
-    NepaConfig,
     NepaForImageClassification,
     NepaForSemanticSegmentation,
     NepaImageProcessor,
     NepaImageProcessorPil,
 )
 from nepa_hf.models.nepa.image_processing_nepa import open_image
+from small_models import save_folder
 
-LABELS = {0: "cat", 1: "coffee", 2: "rocket"}
 PROCESSOR_CLASSES = [NepaImageProcessorPil] + ([NepaImageProcessor] if is_torchvision_available() else [])
-
-
-def small_config(**overrides) -> NepaConfig:
-    base = dict(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, patch_size=8,
-        image_size=32, layerscale_value=1.0, qk_norm_affine=True, id2label=LABELS,
-    )  # fmt: skip
-    base.update(overrides)
-    return NepaConfig(**base)
-
-
-def save_folder(folder, model_class=NepaForImageClassification):
-    torch.manual_seed(0)
-    model = model_class(small_config()).eval()
-    model.save_pretrained(folder)
-    NepaImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return model
 
 
 def jpeg_bytes() -> bytes:
