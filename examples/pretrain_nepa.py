@@ -154,7 +154,10 @@ def load_model(args):
     if args.model in NEPA_PRESETS:
         model = AutoModelForPreTraining.from_config(NepaConfig.from_preset(args.model, **overrides), **attn)
     elif args.model.endswith(".json") and os.path.isfile(args.model):
-        config_dict = {**NepaConfig.from_json_file(args.model).to_dict(), **overrides}
+        # The saved backbone stages follow the saved layer count: let the constructor derive them again.
+        saved = {k: v for k, v in NepaConfig.from_json_file(args.model).to_dict().items()
+                 if k not in ("out_indices", "out_features", "stage_names")}
+        config_dict = {**saved, **overrides}
         model = AutoModelForPreTraining.from_config(NepaConfig(**config_dict), **attn)
     elif os.path.isdir(args.model) or "/" in args.model:
         folder = Path(args.model)

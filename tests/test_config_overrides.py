@@ -29,6 +29,11 @@ def test_values_are_typed_like_the_fields():
     assert config.out_indices == [0, 1, 2, 3] and config.stage_names[-1] == "stage3"
     with pytest.raises(ValueError, match="divisible by num_attention_heads"):
         NepaConfig(**NepaConfig.overrides_from_string("hidden_size=30"))
+    # Backbone stages are checked by the constructor against the final layer count (here 24, from the same string).
+    large = NepaConfig(**NepaConfig.overrides_from_string("num_hidden_layers=24,out_indices=8:12:16:24"))
+    assert large.out_indices == [8, 12, 16, 24] and large.stage_names[-1] == "stage24"
+    with pytest.raises(ValueError, match="out_indices"):
+        NepaConfig(**NepaConfig.overrides_from_string("out_indices=8:12:16:24"))  # 12 blocks by default
     # The same parser on a built config (transformers' run_mlm.py style).
     config = NepaConfig()
     config.update_from_string("qk_norm_affine=true,decode_hidden_size=64")
@@ -84,3 +89,14 @@ def test_every_example_script_uses_the_one_parser(tmp_path, monkeypatch):
             ["--model", "nepa-vit-micro", "--config_overrides", bad, "--output_dir", str(tmp_path / "pretrain"),
              "--dataset", "bundled", "--max_train_samples", "8", "--max_steps", "1", "--mixed_precision", "no"]
         )
+
+
+def test_pretraining_from_a_config_file_with_fewer_layers(tmp_path):
+    """A saved config names its backbone stages for its own layer count; overriding the count re-derives them."""
+    NepaConfig.from_preset("nepa-vit-micro").to_json_file(tmp_path / "config.json")  # 6 blocks: stages up to 6
+    pretrain = load_example("pretrain_nepa")
+    args = pretrain.parse_args(["--model", str(tmp_path / "config.json"), "--config_overrides", "num_hidden_layers=2",
+                                "--dataset", "bundled", "--output_dir", str(tmp_path / "out")])
+    model, _ = pretrain.load_model(args)
+    assert model.config.num_hidden_layers == 2 and model.config.stage_names[-1] == "stage2"
+    assert len(model.nepa.encoder.layers) == 2

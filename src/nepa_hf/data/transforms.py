@@ -140,25 +140,12 @@ def evaluation_image_processor(size: int, mean: Sequence[float], std: Sequence[f
                               crop_size={"height": size, "width": size}, **kwargs)
 
 
-def processor_size(processor) -> tuple[int, int]:
-    """(height, width) the image processor produces (crop size when it centre-crops)."""
-    if getattr(processor, "do_center_crop", False) and processor.crop_size:
-        crop = processor.crop_size
-        return crop["height"], crop["width"]
-    size = processor.size
-    if "height" in size:
-        return size["height"], size["width"]
-    edge = size["shortest_edge"]
-    return edge, edge
-
-
 __all__ = [
     "INTERPOLATIONS",
     "ImageProcessorTransform",
     "array_to_image",
     "evaluation_image_processor",
     "pretraining_transform",
-    "processor_size",
     "seeded",
     "to_rgb",
 ]

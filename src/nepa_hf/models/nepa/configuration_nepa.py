@@ -260,10 +260,21 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
         follow `num_hidden_layers`), which setting them on a built config would not."""
         if not update_str:
             return {}
+        items = [item.strip() for item in update_str.split(",") if item.strip()]
+        # The backbone stages are checked against the layer count, which only the constructor knows for sure (it
+        # may come from a preset, a checkpoint or this same string): take their indices as given, check them there.
+        stages = [item for item in items if item.partition("=")[0].strip() == "out_indices"]
+        rest = [item for item in items if item not in stages]
         parsed = cls()
-        parsed.update_from_string(update_str)
-        keys = [item.partition("=")[0].strip() for item in update_str.split(",") if item.strip()]
-        return {key: getattr(parsed, key) for key in keys}
+        parsed.update_from_string(",".join(rest))
+        overrides = {item.partition("=")[0].strip(): None for item in rest}
+        overrides = {key: getattr(parsed, key) for key in overrides}
+        for item in stages:
+            try:
+                overrides["out_indices"] = [int(entry) for entry in item.partition("=")[2].split(":")]
+            except ValueError as error:
+                raise ValueError(f"Config override {item!r}: {error}") from error
+        return overrides
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "NepaConfig":
