@@ -77,3 +77,22 @@ def test_quick_style_run_writes_the_headline_keys(bench, tmp_path):
     markdown = bench.markdown_report(results)
     assert "NEPA / ViT inference images/s" in markdown and "| tiny | 17 | 2 | nepa |" in markdown
     json.dumps(results)  # serialisable
+
+
+def test_gpu_check_cpu_path_prints_the_table(tmp_path, capsys, monkeypatch):
+    """benchmarks/gpu_check.py without a GPU: says so, runs its tiny CPU path through the same code, exits 0."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("nepa_gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    output = tmp_path / "gpu_check.json"
+    assert module.main(["--cpu", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "No CUDA GPU present" in printed and "CPU smoke run" in printed
+    assert "| train step | NEPA (NepaForPreTraining) | sdpa | no |" in printed
+    assert "| train step | ViT (ViTModel) | sdpa | no |" in printed
+    assert "| inference | NEPA (NepaModel) |" in printed and "| inference | ViT (ViTModel) |" in printed
+    results = json.loads(output.read_text())
+    assert not results["cuda"] and all(r["note"].startswith("PASS") for r in results["rows"] if r["section"] == "check")
+    assert all(r["images_per_s"] for r in results["rows"] if r["section"] in ("train step", "inference"))
