@@ -23,6 +23,7 @@ a check fails.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -111,22 +112,18 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@functools.cache
+def throughput_benchmark():
+    """benchmarks/throughput.py as a module (loaded once), for the FLOP counter both benchmarks share."""
+    spec = importlib.util.spec_from_file_location("nepa_throughput_benchmark", Path(__file__).with_name("throughput.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def flop_counter():
-    """FlopCounterMode, plus the CPU flash-attention ops (not in torch's registry) counted by torch's sdpa formulas."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
-    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    def cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-    aten = torch.ops.aten
-    mapping = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = cpu_sdpa_backward
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    """The throughput benchmark's FLOP counter (torch's FlopCounterMode + the CPU flash-attention ops)."""
+    return throughput_benchmark().flop_counter()
 
 
 def nepa_config(setup: Setup, **overrides) -> NepaConfig:

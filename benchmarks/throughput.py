@@ -217,7 +217,9 @@ def matmul_case(n: int, m: int | None = None, k: int | None = None) -> tuple[Cal
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _flop_counter():
+def flop_counter():
+    """FlopCounterMode, plus the CPU flash-attention ops (not in torch's registry) counted by torch's sdpa formulas.
+    Shared with benchmarks/gpu_check.py."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     def cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -235,7 +237,7 @@ def _flop_counter():
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    with _flop_counter() as counter:
+    with flop_counter() as counter:
         fn()
     return counter.get_total_flops()
 
