@@ -117,6 +117,7 @@ def throughput_benchmark():
     """benchmarks/throughput.py as a module (loaded once), for the FLOP counter both benchmarks share."""
     spec = importlib.util.spec_from_file_location("nepa_throughput_benchmark", Path(__file__).with_name("throughput.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module while the file executes
     spec.loader.exec_module(module)
     return module
 

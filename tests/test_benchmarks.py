@@ -96,3 +96,4 @@ def test_gpu_check_cpu_path_prints_the_table(tmp_path, capsys, monkeypatch):
     results = json.loads(output.read_text())
     assert not results["cuda"] and all(r["note"].startswith("PASS") for r in results["rows"] if r["section"] == "check")
     assert all(r["images_per_s"] for r in results["rows"] if r["section"] in ("train step", "inference"))
+    assert all(r["tflop_per_step"] for r in results["rows"] if r["section"] in ("train step", "inference"))
