@@ -37,6 +37,7 @@ from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForPreTraining, NepaImageProce
 from nepa_hf.data.images import BUILTIN_DATASETS, load_image_dataset, resolve_column
 from nepa_hf.data.pretraining import UnreadableFileCounter, pretraining_dataloader, select_readable
 from nepa_hf.data.transforms import INTERPOLATIONS, pretraining_transform
+from nepa_hf.data.workers import default_num_workers
 from nepa_hf.training.checkpointing import CHECKPOINTS_DIR, checkpoint_to_resume, read_checkpoint_meta, save_checkpoint
 from nepa_hf.training.ema import create_ema, save_ema
 from nepa_hf.training.monitoring import CollapseMonitor, JsonlTracker, cpu_oversubscription_note
@@ -77,7 +78,8 @@ def parse_args(argv=None):
     add("--shuffle_buffer_size", type=int, default=10_000, help="Shuffle buffer when streaming.")
     add("--image_column", help="Column with the images (default: detected).")
     add("--max_train_samples", type=int, help="Use only this many images.")
-    add("--dataloader_num_workers", type=int, help="Per process (default: 0 on CPU, min(8, cores) on GPU).")
+    add("--dataloader_num_workers", type=int,
+        help="Per process (default: 0 on CPU, min(8, cores per process) on GPU).")
     add("--crop_min_scale", type=float, default=0.08, help="RandomResizedCrop minimum area scale.")
     add("--hflip_prob", type=float, default=0.5)
     add("--interpolation", default="bilinear", choices=INTERPOLATIONS, help="RandomResizedCrop resampling.")
@@ -188,8 +190,7 @@ def build_train_dataloader(args, config, image_size, mean, std, accelerator):
         image_column = resolve_column(dataset, args.image_column, IMAGE_COLUMN_CANDIDATES, "image")
     num_workers = args.dataloader_num_workers
     if num_workers is None:  # decoding workers on GPU machines, the training process itself on CPUs
-        cores = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
-        num_workers = min(8, cores) if accelerator.device.type == "cuda" else 0
+        num_workers = default_num_workers(accelerator.device, accelerator.num_processes)
     if args.streaming:
         if isinstance(dataset, datasets.Dataset):  # built-in or local data: stream it too, e.g. to try the path
             dataset = dataset.to_iterable_dataset(num_shards=max(1, num_workers))
