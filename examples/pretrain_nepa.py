@@ -40,7 +40,7 @@ from nepa_hf.data.transforms import INTERPOLATIONS, pretraining_transform
 from nepa_hf.data.workers import default_num_workers
 from nepa_hf.training.checkpointing import CHECKPOINTS_DIR, checkpoint_to_resume, read_checkpoint_meta, save_checkpoint
 from nepa_hf.training.ema import create_ema, save_ema
-from nepa_hf.training.monitoring import CollapseMonitor, JsonlTracker, cpu_oversubscription_note
+from nepa_hf.training.monitoring import CollapseMonitor, JsonlTracker, cpu_oversubscription_note, grad_norm_tensor
 from nepa_hf.training.objective import NepaPretrainingObjective, readable_loss_weight
 from nepa_hf.training.optimization import create_pretraining_optimizer, scaled_learning_rate, warmup_steps_for
 
@@ -302,8 +302,10 @@ def main(argv=None):
                               f"{max_steps}: the lr schedule will not match the original run.")
     run_config = {**vars(args), "mixed_precision": mixed_precision, "learning_rate": learning_rate,
                   "global_batch_size": global_batch, "max_steps": max_steps, "warmup_steps": warmup_steps,
-                  "num_processes": accelerator.num_processes, "image_size": image_size, "num_images": num_images,
-                  "num_parameters": sum(p.numel() for p in unwrapped.model.parameters())}
+                  "num_processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+                  "image_size": image_size, "num_images": num_images,
+                  # ZeRO-3 leaves empty placeholders in the module and keeps the size in ds_numel
+                  "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped.model.parameters())}
     accelerator.init_trackers("nepa-pretraining", config=run_config)
     accelerator.print(
         f"NEPA pretraining: {run_config['num_parameters']:,} parameters, {num_images or 'streamed'} images at "
@@ -346,7 +348,7 @@ def main(argv=None):
             if accelerator.sync_gradients:
                 scheduler.step()
                 global_step += 1
-                sums["grad_norm"] += torch.as_tensor(grad_norm, dtype=torch.float32, device=accelerator.device)
+                sums["grad_norm"] += grad_norm_tensor(grad_norm, accelerator.device)
                 sums["updates"] += 1
                 progress.update(1)
                 if ema is not None:
