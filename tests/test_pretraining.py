@@ -8,10 +8,7 @@ thread) to stay fast; the two-process run goes through `torchrun` for real.
 import importlib.util
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +44,10 @@ from nepa_hf.training.optimization import (
     scaled_learning_rate,
     warmup_steps_for,
 )
+from launch_processes import ACCELERATE_CONFIGS, launch_two_cpu_processes
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "pretrain_nepa.py"
-FSDP2_CONFIG = REPO / "examples" / "accelerate_configs" / "fsdp2.yaml"
 TINY_ARGS = [
     "--model", "nepa-vit-micro",
     "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64",
@@ -456,26 +453,6 @@ def reference_run(run_pretraining, tmp_path_factory):
     return output_dir
 
 
-def launch_two_cpu_processes(args, accelerate_config=None, expect_success=True) -> subprocess.CompletedProcess:
-    """examples/pretrain_nepa.py in 2 CPU processes over gloo, one thread each: DDP through `torchrun`, or, given one of
-    the committed examples/accelerate_configs/*.yaml, FSDP2 or DeepSpeed through `accelerate launch` (by way of
-    tests/accelerate_sharding_on_cpu.py, which lifts Accelerate's GPU-only guard for them: see its docstring)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    if accelerate_config:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-                    "--num_processes", "2", "--main_process_port", "0", "--mixed_precision", "no",
-                    str(REPO / "tests" / "accelerate_sharding_on_cpu.py")]
-    else:
-        env["ACCELERATE_USE_CPU"] = "1"
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run([*launcher, str(SCRIPT), *map(str, args)], env=env, capture_output=True, text=True,
-                            timeout=600)
-    if expect_success:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
 def _without_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
@@ -541,7 +518,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     """torchrun, 2 processes x batch 4 == 1 process x batch 8: same images (see the sharding test), so the loss
     and the all-reduced gradient agree up to float summation order."""
     output_dir = tmp_path / "ddp"
-    launch_two_cpu_processes(REFERENCE_ARGS + ["--per_device_batch_size", "4", "--output_dir", output_dir])
+    launch_two_cpu_processes(SCRIPT, REFERENCE_ARGS + ["--per_device_batch_size", "4", "--output_dir", output_dir])
     single, double = read_jsonl(reference_run / "metrics.jsonl"), read_jsonl(output_dir / "metrics.jsonl")
     assert [r["step"] for r in double] == list(range(1, 9))
     for a, b in zip(single, double):
@@ -567,7 +544,8 @@ def test_two_processes_match_one_process_with_unreadable_images(run_pretraining,
                           "--seed", "3"]
     run_pretraining(common + ["--per_device_batch_size", "8", "--output_dir", tmp_path / "single"])
     assert "skipped 2 unreadable image(s)" in capsys.readouterr().out  # 3 epochs: 6 reads of the 2 files
-    result = launch_two_cpu_processes(common + ["--per_device_batch_size", "4", "--output_dir", tmp_path / "double"])
+    result = launch_two_cpu_processes(SCRIPT, common + ["--per_device_batch_size", "4",
+                                                        "--output_dir", tmp_path / "double"])
     assert "skipped 2 unreadable image(s)" in result.stdout
     single, double = read_jsonl(tmp_path / "single" / "metrics.jsonl"), read_jsonl(tmp_path / "double" / "metrics.jsonl")
     assert [r["step"] for r in double] == list(range(1, 7))
@@ -609,8 +587,8 @@ def test_sharded_training_on_two_cpu_processes_matches_one_process_and_saves_ful
     1.2e-7 after 20 steps, so 1e-5 leaves a wide margin while a wrong gradient average or other data would miss by
     orders of magnitude (the loss moves by ~0.1 between steps). The saved model holds full (gathered) weights."""
     output_dir = tmp_path / config_name
-    config_file = REPO / "examples" / "accelerate_configs" / f"{config_name}.yaml"
-    launch_two_cpu_processes(SHARDED_RUN_ARGS + ["--per_device_batch_size", "4", "--checkpointing_steps", "10",
+    config_file = ACCELERATE_CONFIGS / f"{config_name}.yaml"
+    launch_two_cpu_processes(SCRIPT, SHARDED_RUN_ARGS + ["--per_device_batch_size", "4", "--checkpointing_steps", "10",
                                                  "--output_dir", output_dir], accelerate_config=config_file)
 
     config = json.loads((output_dir / "run_config.json").read_text())
@@ -649,7 +627,7 @@ def test_sharded_training_on_two_cpu_processes_matches_one_process_and_saves_ful
 
     if config_name in ("fsdp2", "deepspeed_zero3"):  # an EMA cannot follow sharded weights: a clear error
         result = launch_two_cpu_processes(
-            SHARDED_RUN_ARGS + ["--per_device_batch_size", "4", "--max_steps", "1", "--ema_decay", "0.9",
+            SCRIPT, SHARDED_RUN_ARGS + ["--per_device_batch_size", "4", "--max_steps", "1", "--ema_decay", "0.9",
                                 "--output_dir", tmp_path / "ema"], accelerate_config=config_file, expect_success=False)
         assert result.returncode != 0 and "Cannot keep an EMA of a sharded model" in result.stderr
 
