@@ -585,7 +585,8 @@ def test_sharded_training_on_two_cpu_processes_matches_one_process_and_saves_ful
     mean loss. Only float32 summation order differs (FSDP2's reduce-scatter / DeepSpeed's reduction average two
     half-batch gradients): measured max |loss difference| 1.2e-7 (FSDP2), 6e-8 (ZeRO-2, ZeRO-3), max |weight difference|
     1.2e-7 after 20 steps, so 1e-5 leaves a wide margin while a wrong gradient average or other data would miss by
-    orders of magnitude (the loss moves by ~0.1 between steps). The saved model holds full (gathered) weights."""
+    orders of magnitude (the loss moves by ~0.1 between steps). The saved model holds full (gathered) weights, and a
+    run resumed from the plugin's checkpoint ends bit-exactly where the uninterrupted one did."""
     output_dir = tmp_path / config_name
     config_file = ACCELERATE_CONFIGS / f"{config_name}.yaml"
     launch_two_cpu_processes(SCRIPT, SHARDED_RUN_ARGS + ["--per_device_batch_size", "4", "--checkpointing_steps", "10",
@@ -624,6 +625,17 @@ def test_sharded_training_on_two_cpu_processes_matches_one_process_and_saves_ful
             f"model.{name}": tensor.shape for name, tensor in expected.items()}
     else:  # DeepSpeed's sharded checkpoint, with its script to recover fp32 weights
         assert (checkpoint / "pytorch_model").is_dir() and (checkpoint / "zero_to_fp32.py").is_file()
+
+    # Resuming from the step-10 checkpoint (the plugin's own loading) ends exactly where the uninterrupted run did.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(output_dir / "checkpoints" / "checkpoint_0", resumed / "checkpoints" / "checkpoint_0")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sharded[:10]))
+    launch_two_cpu_processes(SCRIPT, SHARDED_RUN_ARGS + ["--per_device_batch_size", "4", "--checkpointing_steps", "10",
+                                                         "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
+                             accelerate_config=config_file)
+    uninterrupted, after_resume = load_file(output_dir / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(uninterrupted[name], after_resume[name]) for name in uninterrupted)
+    assert _without_timing(read_jsonl(resumed / "metrics.jsonl")) == _without_timing(sharded)
 
     if config_name in ("fsdp2", "deepspeed_zero3"):  # an EMA cannot follow sharded weights: a clear error
         result = launch_two_cpu_processes(
