@@ -8,6 +8,7 @@ RandomResizedCrop + flip). One CPU, one GPU or many through `accelerate launch` 
 
     python examples/pretrain_nepa.py --model nepa-vit-tiny --dataset fashion_mnist --output_dir out --max_steps 1000
     accelerate launch --multi_gpu --num_processes 8 examples/pretrain_nepa.py ...
+    accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml examples/pretrain_nepa.py ...  # or ZeRO-3
     ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 examples/pretrain_nepa.py ...   # 2 CPU processes
     python examples/pretrain_nepa.py --demo                    # tiny NEPA on the bundled images, a few minutes
 
@@ -400,7 +401,8 @@ def main(argv=None):
     images_skipped = skipped.gather(accelerator)
 
     # Save the model with its image processor (inference preprocessing at the training resolution and mean/std), the
-    # EMA weights and the training-only pixel decoder beside it. Full weights on the main process under FSDP/DeepSpeed.
+    # EMA weights and the training-only pixel decoder beside it. Full weights on the main process: FSDP2 gathers them,
+    # DeepSpeed ZeRO-3 needs zero3_save_16bit_model in its config (docs/distributed.md).
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(objective)
     if accelerator.is_main_process:

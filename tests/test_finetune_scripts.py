@@ -293,21 +293,26 @@ def test_single_class_folder_and_max_steps_0_fail_before_training(tmp_path, fine
 
 
 @pytest.mark.slow
-def test_fsdp2_finetuning_on_two_cpu_processes_saves_a_full_model(tmp_path):
-    """The Trainer under the committed FSDP2 config (2 CPU processes over gloo, see tests/accelerate_sharding_on_cpu.py)
-    trains, evaluates and saves a full model: every weight at its full shape, loadable with the Auto class, with
-    auto_map naming modeling_nepa (not torch's FSDP files, which an FSDP2-wrapped class would have copied). No EMA:
-    it cannot follow sharded weights (refused with a clear error)."""
+@pytest.mark.parametrize("config_name", [
+    "fsdp2",
+    pytest.param("deepspeed_zero3", marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                                             reason="deepspeed is not installed")),
+])
+def test_sharded_finetuning_on_two_cpu_processes_saves_a_full_model(config_name, tmp_path):
+    """The Trainer under the committed FSDP2 / ZeRO-3 config (2 CPU processes over gloo, see
+    tests/accelerate_sharding_on_cpu.py) trains, evaluates and saves a full model: every weight at its full shape,
+    loadable with the Auto class, with auto_map naming modeling_nepa (not torch's FSDP files, which an FSDP2-wrapped
+    class would have copied). No EMA: it cannot follow sharded weights (refused with a clear error)."""
     from transformers import AutoModelForImageClassification
 
-    output_dir = tmp_path / "fsdp2"
+    output_dir = tmp_path / config_name
     launch_two_cpu_processes(EXAMPLES / "finetune_classification.py", base_args(
         output_dir, "--preset", "nepa-vit-micro", "--config_overrides", SMALL_MODEL, "--do_train", "--do_eval",
         "--eval_split", "test", "--max_train_samples", "200", "--max_eval_samples", "100", "--max_steps", "10",
         "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--ema_decay", "0",
         "--rand_augment", "none", "--mixup_alpha", "0", "--cutmix_alpha", "0", "--random_erasing_prob", "0",
         "--save_strategy", "no", "--logging_steps", "5",
-    ), accelerate_config=ACCELERATE_CONFIGS / "fsdp2.yaml")
+    ), accelerate_config=ACCELERATE_CONFIGS / f"{config_name}.yaml")
 
     results = json.loads((output_dir / "all_results.json").read_text())
     assert np.isfinite(results["train_loss"]) and 0.0 <= results["eval_accuracy"] <= 1.0
