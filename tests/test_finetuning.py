@@ -14,7 +14,6 @@ from nepa_hf.training.ema import create_ema, load_ema, sharded_parameter_name
 from nepa_hf.evaluation.features import classification_metrics
 from nepa_hf.training.finetuning import (
     EMA_WEIGHTS_NAME,
-    EMACallback,
     NepaTrainer,
     NepaTrainingArguments,
     freeze_patch_embeddings,
