@@ -24,8 +24,8 @@ def default_num_workers(device: str | torch.device, num_processes: int = 1,
     """DataLoader workers per training process when none are asked for.
 
     On an accelerator (GPU, MPS, ...): the cores left per process, at most `max_workers` (8). JPEG decoding and
-    augmentation in the training process itself would leave the GPU waiting: one worker decodes and augments a few
-    hundred 224 px images/s, a ViT-B on one H100 trains on thousands.
+    augmentation in the training process itself would leave the GPU waiting: one worker decodes and crops about 180
+    images/s (benchmarks/README.md, "Input pipeline"), a ViT-B on one H100 trains on thousands.
     On a CPU: 0, the training process loads its own data. The model's matmuls already use every core, worker
     processes would compete for the same cores, and each worker start costs seconds of imports that short CPU runs
     (the demo, the tests) would pay on every epoch.
