@@ -48,6 +48,7 @@ from nepa_hf.evaluation.features import (
     linear_probe_accuracy,
 )
 from nepa_hf.data.transforms import INTERPOLATIONS, ImageProcessorTransform, evaluation_image_processor
+from nepa_hf.data.workers import default_num_workers
 
 TASKS = ("accuracy", "knn", "linear_probe", "all")
 DATA_SPLIT_FILE = "data_split.json"  # written by examples/finetune_classification.py beside the model
@@ -82,11 +83,15 @@ def parse_args(argv=None):
     parser.add_argument("--probe_learning_rate", type=float, default=1e-2)
     parser.add_argument("--probe_weight_decay", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="DataLoader workers (default: min(8, cores) on a GPU, 0 on a CPU).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_file", default=None, help="Write the results as JSON here.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(args.device)
+    return args
 
 
 def load_kwargs(args) -> dict:

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 import transformers
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoImageProcessor, HfArgumentParser, Trainer, set_seed
 
 from nepa_hf import NepaConfig, NepaForSemanticSegmentation, NepaImageProcessor
 from nepa_hf.evaluation.features import local_metric_path
-from nepa_hf.training.finetuning import layer_decay_parameter_groups
+from nepa_hf.training.finetuning import AutoWorkersTrainingArguments, layer_decay_parameter_groups
 from nepa_hf.evaluation.segmentation import sliding_window_inference, whole_inference
 from nepa_hf.data.segmentation import (
     FASHION_SCENES_LABELS,
@@ -170,7 +170,8 @@ def load_splits(data_args: DataArguments, seed: int):
 
 
 def main():
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    # TrainingArguments whose --dataloader_num_workers defaults by device, as in the other scripts.
+    parser = HfArgumentParser((ModelArguments, DataArguments, AutoWorkersTrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:

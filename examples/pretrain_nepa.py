@@ -8,6 +8,7 @@ RandomResizedCrop + flip). One CPU, one GPU or many through `accelerate launch` 
 
     python examples/pretrain_nepa.py --model nepa-vit-tiny --dataset fashion_mnist --output_dir out --max_steps 1000
     accelerate launch --multi_gpu --num_processes 8 examples/pretrain_nepa.py ...
+    accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml examples/pretrain_nepa.py ...  # or ZeRO-3
     ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 examples/pretrain_nepa.py ...   # 2 CPU processes
     python examples/pretrain_nepa.py --demo                    # tiny NEPA on the bundled images, a few minutes
 
@@ -37,9 +38,10 @@ from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForPreTraining, NepaImageProce
 from nepa_hf.data.images import BUILTIN_DATASETS, load_image_dataset, resolve_column
 from nepa_hf.data.pretraining import UnreadableFileCounter, pretraining_dataloader, select_readable
 from nepa_hf.data.transforms import INTERPOLATIONS, pretraining_transform
+from nepa_hf.data.workers import default_num_workers
 from nepa_hf.training.checkpointing import CHECKPOINTS_DIR, checkpoint_to_resume, read_checkpoint_meta, save_checkpoint
 from nepa_hf.training.ema import create_ema, save_ema
-from nepa_hf.training.monitoring import CollapseMonitor, JsonlTracker, cpu_oversubscription_note
+from nepa_hf.training.monitoring import CollapseMonitor, JsonlTracker, cpu_oversubscription_note, grad_norm_tensor
 from nepa_hf.training.objective import NepaPretrainingObjective, readable_loss_weight
 from nepa_hf.training.optimization import create_pretraining_optimizer, scaled_learning_rate, warmup_steps_for
 
@@ -77,7 +79,8 @@ def parse_args(argv=None):
     add("--shuffle_buffer_size", type=int, default=10_000, help="Shuffle buffer when streaming.")
     add("--image_column", help="Column with the images (default: detected).")
     add("--max_train_samples", type=int, help="Use only this many images.")
-    add("--dataloader_num_workers", type=int, help="Per process (default: 0 on CPU, min(8, cores) on GPU).")
+    add("--dataloader_num_workers", type=int,
+        help="Per process (default: 0 on CPU, min(8, cores per process) on GPU).")
     add("--crop_min_scale", type=float, default=0.08, help="RandomResizedCrop minimum area scale.")
     add("--hflip_prob", type=float, default=0.5)
     add("--interpolation", default="bilinear", choices=INTERPOLATIONS, help="RandomResizedCrop resampling.")
@@ -188,8 +191,7 @@ def build_train_dataloader(args, config, image_size, mean, std, accelerator):
         image_column = resolve_column(dataset, args.image_column, IMAGE_COLUMN_CANDIDATES, "image")
     num_workers = args.dataloader_num_workers
     if num_workers is None:  # decoding workers on GPU machines, the training process itself on CPUs
-        cores = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
-        num_workers = min(8, cores) if accelerator.device.type == "cuda" else 0
+        num_workers = default_num_workers(accelerator.device, accelerator.num_processes)
     if args.streaming:
         if isinstance(dataset, datasets.Dataset):  # built-in or local data: stream it too, e.g. to try the path
             dataset = dataset.to_iterable_dataset(num_shards=max(1, num_workers))
@@ -301,8 +303,10 @@ def main(argv=None):
                               f"{max_steps}: the lr schedule will not match the original run.")
     run_config = {**vars(args), "mixed_precision": mixed_precision, "learning_rate": learning_rate,
                   "global_batch_size": global_batch, "max_steps": max_steps, "warmup_steps": warmup_steps,
-                  "num_processes": accelerator.num_processes, "image_size": image_size, "num_images": num_images,
-                  "num_parameters": sum(p.numel() for p in unwrapped.model.parameters())}
+                  "num_processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+                  "image_size": image_size, "num_images": num_images,
+                  # ZeRO-3 leaves empty placeholders in the module and keeps the size in ds_numel
+                  "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped.model.parameters())}
     accelerator.init_trackers("nepa-pretraining", config=run_config)
     accelerator.print(
         f"NEPA pretraining: {run_config['num_parameters']:,} parameters, {num_images or 'streamed'} images at "
@@ -345,7 +349,7 @@ def main(argv=None):
             if accelerator.sync_gradients:
                 scheduler.step()
                 global_step += 1
-                sums["grad_norm"] += torch.as_tensor(grad_norm, dtype=torch.float32, device=accelerator.device)
+                sums["grad_norm"] += grad_norm_tensor(grad_norm, accelerator.device)
                 sums["updates"] += 1
                 progress.update(1)
                 if ema is not None:
@@ -397,7 +401,8 @@ def main(argv=None):
     images_skipped = skipped.gather(accelerator)
 
     # Save the model with its image processor (inference preprocessing at the training resolution and mean/std), the
-    # EMA weights and the training-only pixel decoder beside it. Full weights on the main process under FSDP/DeepSpeed.
+    # EMA weights and the training-only pixel decoder beside it. Full weights on the main process: FSDP2 gathers them,
+    # DeepSpeed ZeRO-3 needs zero3_save_16bit_model in its config (docs/distributed.md).
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(objective)
     if accelerator.is_main_process:

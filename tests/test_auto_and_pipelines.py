@@ -244,3 +244,23 @@ def test_image_feature_extraction_pipeline_on_real_photos(tmp_path, photo_images
     pixels = AutoImageProcessor.from_pretrained(tmp_path)(photo_images[0], return_tensors="pt").pixel_values
     with torch.no_grad():
         torch.testing.assert_close(pooled[0], base(pixels).pooler_output)
+
+
+def test_a_model_sharded_by_fsdp2_saves_its_own_remote_code(tmp_path):
+    """FSDP2's `fully_shard` turns the model's class into a dynamic `FSDP<Name>(FSDPModule, Name)` defined in torch
+    (as below, minus the sharding). transformers' save would copy torch's FSDP files as the model's remote code and
+    point auto_map at `_fsdp_init.FSDPNepaForImageClassification` (seen with the Trainer under FSDP2); the model saves
+    as its own class instead, and keeps the wrapper class afterwards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    torch.manual_seed(0)
+    model = NepaForImageClassification(small_config(id2label=dict(enumerate(LABELS))))
+    fsdp_class = type(f"FSDP{type(model).__name__}", (FSDPModule, type(model)),
+                      {"__module__": "torch.distributed.fsdp._fully_shard._fsdp_init"})
+    model.__class__ = fsdp_class
+    model.save_pretrained(tmp_path)
+    assert type(model) is fsdp_class
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_nepa.NepaForImageClassification"
+    assert config["architectures"] == ["NepaForImageClassification"]
+    assert (tmp_path / "modeling_nepa.py").is_file() and not list(tmp_path.glob("_fsdp*.py"))

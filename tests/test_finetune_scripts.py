@@ -15,6 +15,7 @@ from nepa_hf.data.augmentation import MixupCollator
 from nepa_hf.data.classification import check_labels, encode_labels, stratified_indices, train_validation_split
 from nepa_hf.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist
 from nepa_hf.training.finetuning import NepaTrainer
+from launch_processes import ACCELERATE_CONFIGS, launch_two_cpu_processes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # LayerScale 1.0 instead of 1e-5: from scratch, the blocks then learn within a test-sized budget.
@@ -289,3 +290,37 @@ def test_single_class_folder_and_max_steps_0_fail_before_training(tmp_path, fine
     with pytest.raises(SystemExit):
         finetune_script.main(base_args(tmp_path / "b", "--preset", "nepa-vit-micro", "--do_train", "--max_steps", "0"))
     assert "--max_steps 0: give a positive number of optimizer updates" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_name", [
+    "fsdp2",
+    pytest.param("deepspeed_zero3", marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                                             reason="deepspeed is not installed")),
+])
+def test_sharded_finetuning_on_two_cpu_processes_saves_a_full_model(config_name, tmp_path):
+    """The Trainer under the committed FSDP2 / ZeRO-3 config (2 CPU processes over gloo, see
+    tests/accelerate_sharding_on_cpu.py) trains, evaluates and saves a full model: every weight at its full shape,
+    loadable with the Auto class, with auto_map naming modeling_nepa (not torch's FSDP files, which an FSDP2-wrapped
+    class would have copied). No EMA: it cannot follow sharded weights (refused with a clear error)."""
+    from transformers import AutoModelForImageClassification
+
+    output_dir = tmp_path / config_name
+    launch_two_cpu_processes(EXAMPLES / "finetune_classification.py", base_args(
+        output_dir, "--preset", "nepa-vit-micro", "--config_overrides", SMALL_MODEL, "--do_train", "--do_eval",
+        "--eval_split", "test", "--max_train_samples", "200", "--max_eval_samples", "100", "--max_steps", "10",
+        "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--ema_decay", "0",
+        "--rand_augment", "none", "--mixup_alpha", "0", "--cutmix_alpha", "0", "--random_erasing_prob", "0",
+        "--save_strategy", "no", "--logging_steps", "5",
+    ), accelerate_config=ACCELERATE_CONFIGS / f"{config_name}.yaml")
+
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert np.isfinite(results["train_loss"]) and 0.0 <= results["eval_accuracy"] <= 1.0
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_nepa.NepaForImageClassification"
+    assert not list(output_dir.glob("_fsdp*.py"))
+    model, info = AutoModelForImageClassification.from_pretrained(output_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    fresh = NepaForImageClassification(NepaConfig.from_pretrained(output_dir))
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+    assert not torch.equal(model.classifier.weight, fresh.classifier.weight)  # trained (the head starts at zero)

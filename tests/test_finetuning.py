@@ -10,11 +10,10 @@ from transformers import TrainerCallback
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaModel
 from nepa_hf.data.augmentation import AugmentationArguments
 from nepa_hf.data.classification import collate_image_batch
-from nepa_hf.training.ema import create_ema, load_ema
+from nepa_hf.training.ema import create_ema, load_ema, sharded_parameter_name
 from nepa_hf.evaluation.features import classification_metrics
 from nepa_hf.training.finetuning import (
     EMA_WEIGHTS_NAME,
-    EMACallback,
     NepaTrainer,
     NepaTrainingArguments,
     freeze_patch_embeddings,
@@ -229,6 +228,18 @@ def make_trainer(output_dir, max_steps=4, **overrides) -> NepaTrainer:
     return NepaTrainer(model=tiny_classifier(num_layers=2), args=args, train_dataset=pixel_dataset(8),
                        eval_dataset=pixel_dataset(6, seed=1), data_collator=collate_image_batch,
                        compute_metrics=classification_metrics(3))
+
+
+def test_ema_refuses_a_sharded_model_with_a_clear_error():
+    """Under FSDP or DeepSpeed ZeRO-3 each process holds a shard: an EMA copy would average partial weights (FSDP2's
+    DTensors are covered end to end by the sharded pretraining test)."""
+    model = tiny_classifier(num_layers=1)
+    assert sharded_parameter_name(model) is None
+    model.nepa.embeddings.cls_token.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    assert sharded_parameter_name(model) == "nepa.embeddings.cls_token"
+    with pytest.raises(ValueError, match=r"Cannot keep an EMA of a sharded model \(parameter 'nepa.embeddings.cls_token'.*"
+                                         r"--ema_decay 0"):
+        create_ema(model)
 
 
 def test_ema_callback_updates_per_step_saves_and_resumes(tmp_path):

@@ -362,3 +362,60 @@ def test_readme_autobackbone_note_holds_for_the_installed_transformers(tmp_path)
         )
     else:
         pytest.fail(f"AutoBackbone.from_pretrained(local_dir) works in transformers {installed}: update the README")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docs/distributed.md and the Accelerate configs it documents
+# ---------------------------------------------------------------------------------------------------------------
+
+DISTRIBUTED_DOC = REPO / "docs" / "distributed.md"
+ACCELERATE_CONFIGS = REPO / "examples" / "accelerate_configs"
+
+
+def test_distributed_doc_commands_use_existing_programs_flags_and_configs():
+    """Like the README's commands; and each `--config_file` is a committed config, every one of which is shown."""
+    commands = readme_commands(DISTRIBUTED_DOC.read_text())
+    assert {c.program for c in commands} >= {"examples/pretrain_nepa.py", "examples/finetune_classification.py"}
+    problems, configs = [], set()
+    for command in commands:
+        if not (REPO / command.program).is_file():
+            problems.append(f"{command.line}\n    no {command.program} in the repository")
+        elif bad := unknown_flags(command):
+            problems.append(f"{command.line}\n    " + ", ".join(bad))
+        if "--config_file" in command.launcher_args:
+            configs.add(command.launcher_args[command.launcher_args.index("--config_file") + 1])
+    assert not problems, "docs/distributed.md commands that would fail:\n" + "\n".join(problems)
+    assert all((REPO / config).is_file() for config in configs), configs
+    text = DISTRIBUTED_DOC.read_text()
+    assert all(f"`{path.name}`" in text for path in ACCELERATE_CONFIGS.glob("*.yaml"))  # each one documented
+
+
+def launch_environment(config_name: str) -> tuple[str, dict]:
+    """(distributed type, environment) that `accelerate launch --config_file <config>` gives the training processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    config = ACCELERATE_CONFIGS / f"{config_name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "examples/pretrain_nepa.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:  # as `accelerate launch` does before its DeepSpeed launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return defaults.distributed_type.value, prepare_deepspeed_cmd_env(args)[1]
+    return defaults.distributed_type.value, prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("config_name, distributed_type, expected", [
+    ("ddp", "MULTI_GPU", {"ACCELERATE_MIXED_PRECISION": "bf16"}),
+    ("fsdp2", "FSDP", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+                       "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "NepaLayer"}),
+    ("deepspeed_zero2", "DEEPSPEED", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+                                      "ACCELERATE_GRADIENT_CLIPPING": "1.0"}),
+    ("deepspeed_zero3", "DEEPSPEED", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                                      "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}),
+])
+def test_accelerate_configs_give_the_documented_launch_settings(config_name, distributed_type, expected):
+    """Accelerate's own launcher reads each committed config (no GPU or DeepSpeed needed to parse) into the settings
+    docs/distributed.md relies on: FSDP2 with full state dicts, ZeRO-3 gathering the weights to save them."""
+    kind, env = launch_environment(config_name)
+    assert kind == distributed_type
+    assert {key: env.get(key) for key in expected} == expected

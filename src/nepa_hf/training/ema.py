@@ -17,6 +17,18 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 
+def sharded_parameter_name(model: nn.Module) -> str | None:
+    """The name of a parameter that holds a shard of the weights rather than all of them (FSDP2's DTensor, FSDP1's
+    flat parameter, DeepSpeed ZeRO-3's partitioned parameter), or None when every process has full weights."""
+    for name, parameter in model.named_parameters():
+        dtensor, fsdp1_flat, zero3_partitioned = (hasattr(parameter, "device_mesh"),
+                                                  getattr(parameter, "_is_flat_param", False),
+                                                  hasattr(parameter, "ds_id"))
+        if dtensor or fsdp1_flat or zero3_partitioned:
+            return name
+    return None
+
+
 def create_ema(model: nn.Module, decay: float = 0.9999, device=None) -> ModelEmaV3:
     """An fp32 EMA copy of `model` (default: on the model's device; "cpu" saves accelerator memory).
 
@@ -24,6 +36,12 @@ def create_ema(model: nn.Module, decay: float = 0.9999, device=None) -> ModelEma
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay must be in [0, 1], got {decay}.")
+    if (sharded := sharded_parameter_name(model)) is not None:
+        raise ValueError(
+            f"Cannot keep an EMA of a sharded model (parameter {sharded!r} holds only this process's shard, as under "
+            "FSDP or DeepSpeed ZeRO-3): the EMA copies and averages full weights. Train without the EMA "
+            "(--ema_decay 0, or leave --ema_decay out in pretraining), or with DDP or DeepSpeed ZeRO-2."
+        )
     return ModelEmaV3(model, decay=decay, device=device, dtype=torch.float32)
 
 
@@ -53,4 +71,4 @@ def ema_weights(ema: ModelEmaV3, model: nn.Module):
         model.load_state_dict(backup)
 
 
-__all__ = ["create_ema", "ema_weights", "load_ema", "save_ema"]
+__all__ = ["create_ema", "ema_weights", "load_ema", "save_ema", "sharded_parameter_name"]

@@ -7,6 +7,7 @@
   (`get_layerwise_cosine_schedule`, `reference_warmup_steps`); `NepaTrainer` uses them.
 * `EMACallback`: EMA of the weights (timm's `ModelEmaV3`, fp32, see `nepa_hf.training.ema`) updated per optimizer step,
   saved as `ema.safetensors` in every checkpoint and restored on resume; works with any Trainer.
+* `AutoWorkersTrainingArguments`: `TrainingArguments` with DataLoader workers by device (see `nepa_hf.data.workers`).
 * `NepaTrainingArguments` + `NepaTrainer`: a Trainer that wires the above together, freezes the patch embedding
   on request, and evaluates the EMA weights beside the online ones (metrics `eval_ema_*`, usable as
   `metric_for_best_model="ema_accuracy"`). Augmentation lives in the data: timm transforms per sample and timm
@@ -29,6 +30,7 @@ from transformers.utils import logging
 
 from timm.utils import ModelEmaV3
 
+from ..data.workers import default_num_workers
 from .ema import create_ema, ema_weights, load_ema, save_ema
 from .optimization import get_layerwise_cosine_schedule, reference_warmup_steps, weight_decay_flags
 
@@ -269,7 +271,31 @@ class EMACallback(TrainerCallback):
 
 
 @dataclass
-class NepaTrainingArguments(TrainingArguments):
+class AutoWorkersTrainingArguments(TrainingArguments):
+    """`TrainingArguments` whose `dataloader_num_workers` defaults by device, with the rule of every script here
+    (`nepa_hf.data.workers.default_num_workers`: min(8, cores per process) on a GPU, 0 on a CPU); a number given
+    explicitly, 0 included, is kept."""
+
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "DataLoader worker processes per training process; default: min(8, CPU cores per process) "
+                          "on a GPU, 0 on a CPU."},
+    )
+
+    def __post_init__(self):
+        automatic = self.dataloader_num_workers is None
+        if automatic:  # an int through TrainingArguments' own checks; the device is known only after them
+            self.dataloader_num_workers = 0
+        super().__post_init__()
+        if automatic:
+            self.dataloader_num_workers = default_num_workers(self.device, self.world_size)
+            # TrainingArguments picks "fork" on MPS with several workers; its check saw 0 workers above.
+            if self.device.type == "mps" and self.dataloader_num_workers > 1:
+                self.dataloader_multiprocessing_context = self.dataloader_multiprocessing_context or "fork"
+
+
+@dataclass
+class NepaTrainingArguments(AutoWorkersTrainingArguments):
     """`TrainingArguments` with the authors' fine-tuning recipe as defaults, plus its extra knobs.
 
     Changed defaults: learning_rate 1e-3, weight_decay 0.05, warmup_steps 0.2 (a ratio of the total steps),
@@ -437,6 +463,7 @@ class NepaTrainer(Trainer):
 
 
 __all__ = [
+    "AutoWorkersTrainingArguments",
     "EMACallback",
     "EMA_WEIGHTS_NAME",
     "FINAL_NORM_NAMES",

@@ -4,6 +4,7 @@
 - `CollapseMonitor`: the spread of NEPA's predicted embeddings (`embedding_spread`, `mean_pairwise_cosine`), with a
   warning when it heads to zero. Without stop-gradient NEPA collapses to one vector while the loss looks great (-1).
 - `cpu_oversubscription_note`: says when a CPU run's threads oversubscribe a busy machine.
+- `grad_norm_tensor`: `accelerator.clip_grad_norm_`'s result as a plain tensor, whatever the distributed backend.
 - `JsonlTracker`: an Accelerate tracker (`Accelerator(log_with=[JsonlTracker(path)])`) writing one JSON object per
   logged step to a local file, available offline and beside any other tracker; `read_jsonl` reads it back.
 """
@@ -156,6 +157,17 @@ class JsonlTracker(GeneralTracker):
             self._file = None
 
 
+def grad_norm_tensor(grad_norm, device) -> torch.Tensor:
+    """`accelerator.clip_grad_norm_`'s result as a plain float32 scalar tensor on `device`, to sum over a logging
+    window: a tensor (one process, DDP), a replicated DTensor (FSDP2: it cannot be added to plain tensors) or a float
+    or None (DeepSpeed, whose engine clips inside its step and may not report a norm: NaN then)."""
+    if grad_norm is None:
+        return torch.tensor(math.nan, device=device)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor; every process holds the same (replicated) value
+        grad_norm = grad_norm.full_tensor()
+    return torch.as_tensor(grad_norm, dtype=torch.float32, device=device).detach()
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines file (e.g. a run's `metrics.jsonl`)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -166,6 +178,7 @@ __all__ = [
     "JsonlTracker",
     "cpu_oversubscription_note",
     "embedding_spread",
+    "grad_norm_tensor",
     "mean_pairwise_cosine",
     "read_jsonl",
 ]

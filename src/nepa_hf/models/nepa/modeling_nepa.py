@@ -506,6 +506,17 @@ def _corrupt_weights_message(pretrained_model_name_or_path, kwargs: dict, error:
     )
 
 
+def _class_before_fully_shard(cls: type) -> type:
+    """The model's own class under FSDP2's dynamic `FSDP<Name>(FSDPModule, Name)` subclass; `cls` otherwise."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return cls
+    if not issubclass(cls, FSDPModule):
+        return cls
+    return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
+
+
 class NepaPreTrainedModel(PreTrainedModel):
     config: NepaConfig
     config_class = NepaConfig
@@ -577,7 +588,18 @@ class NepaPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # registered for remote code: advertise all heads, not just this one
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.remote_code_auto_map}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # FSDP2's `fully_shard` swaps the class for a dynamic `FSDP<Name>` subclass defined in torch; transformers
+        # would copy torch's FSDP source files as this model's remote code and point `auto_map` at them. Save as the
+        # model's own class (the weights come from `state_dict`, e.g. `accelerator.get_state_dict`, either way).
+        wrapped_class = type(self)
+        own_class = _class_before_fully_shard(wrapped_class)
+        if own_class is wrapped_class:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.__class__ = own_class
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapped_class
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
