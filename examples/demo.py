@@ -84,14 +84,14 @@ def finetune_arguments(source: list[str], output_dir: str, args) -> list[str]:
 
 
 def margin_verdict(nepa: float, scratch: float, args) -> str:
-    """What the two accuracies show, said plainly: one seed and a short budget make a small difference noise."""
+    """What the two accuracies show, said plainly: from one seed, a difference under 2 points is no margin."""
     gap = 100 * (nepa - scratch)
     budget = f"{args.pretrain_steps} pretraining and {args.finetune_steps} fine-tuning steps, one seed"
     if gap >= 2:
         return f"NEPA pretraining is ahead by {gap:.1f} points ({budget})."
     if gap > -2:
-        return (f"The difference ({gap:+.1f} points) is within what changing the seed moves ({budget}): no reliable "
-                "margin at this budget. The converged study in docs/results.md measures it over seeds.")
+        return (f"The difference ({gap:+.1f} points) is not a reliable margin: one seed, and under 2 points ({budget}). "
+                "The converged study in docs/results.md measures it over seeds.")
     return (f"NEPA pretraining is behind by {-gap:.1f} points at this budget ({budget}): a short pretraining does not "
             "pay off in a short fine-tune here. The converged study in docs/results.md measures the gain over seeds "
             "and label budgets.")

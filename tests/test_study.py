@@ -70,7 +70,8 @@ def test_report_pairs_seeds_and_writes_the_summary_schema(study):
     """The summary and the paired gains come from result files; seeds pair by seed, in seed order."""
     def run(init, fraction, seed, accuracy):
         return {"kind": "finetune", "init": init, "fraction": fraction, "seed": seed, "test_top1": accuracy,
-                "converged": True}
+                "unit": f"finetune-{init}-{fraction}-s{seed}", "steps": 10,
+                "evaluations": [{"step": 8, "test_top1": accuracy}, {"step": 10, "test_top1": accuracy}]}
 
     results = [run("nepa", 0.1, 1, 0.83), run("nepa", 0.1, 0, 0.80), run("scratch", 0.1, 0, 0.78),
                run("scratch", 0.1, 1, 0.80), run("scratch", 1.0, 0, 0.885), run("mae", 0.01, 0, 0.6),
@@ -86,6 +87,7 @@ def test_report_pairs_seeds_and_writes_the_summary_schema(study):
     assert summary["budgets"]["10%"]["nepa"] == [0.80, 0.83]
     assert summary["budgets"]["1%"] == {"nepa": [], "scratch": [], "mae": [0.6]}
     assert set(summary["budgets"]) == {"1%", "10%", "100%"}
+    assert summary["converged"] is True and summary["not_converged"] == []
 
 
 def test_augment_keeps_shape_and_content(study):
@@ -94,3 +96,38 @@ def test_augment_keeps_shape_and_content(study):
     out = study.augment(images, generator, pad=0)  # no translation: each image is itself or its mirror
     for original, augmented in zip(images, out):
         assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(-1))
+
+
+def test_convergence_looks_at_every_score_in_the_last_20_percent(study):
+    evaluations = [{"step": 25, "test_top1": 0.70}, {"step": 80, "test_top1": 0.850},
+                   {"step": 90, "test_top1": 0.860}, {"step": 100, "test_top1": 0.852}]
+    assert study.last_20pct_change(evaluations, 100) == pytest.approx(1.0)  # not |final - at 80%| = 0.2
+
+
+def test_report_of_a_partly_finished_study(study, tmp_path):
+    """Resuming studies report what finished: missing arms say so, the summary keeps its keys."""
+    import argparse
+    import json
+
+    budget = study.Budget()
+    settings = study.study_settings(budget)
+    units = {
+        "pretrain-nepa-s0": {"kind": "pretrain", "method": "nepa", "seed": 0, "steps": 100, "epochs": 1.0,
+                             "cpu_seconds": 60.0, "final_loss": -0.8, "curve": [{"step": 100, "loss": -0.8, "cpu_s": 60}]},
+        "finetune-nepa-1pct-s0": {"kind": "finetune", "init": "nepa", "fraction": 0.01, "seed": 0, "steps": 10,
+                                  "epochs": 1.0, "test_top1": 0.7, "curve": [{"step": 10, "loss": 1.0}],
+                                  "evaluations": [{"step": 8, "test_top1": 0.69}, {"step": 10, "test_top1": 0.7}]},
+    }
+    for name, result in units.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps({**result, "unit": name, "settings": settings}))
+    args = argparse.Namespace(output_dir=str(tmp_path), report_dir=str(tmp_path / "docs"), quick=False)
+    report = study.write_report(args, budget).read_text()
+    assert "Not finished yet" in report and "not run" in report
+    summary = json.loads((tmp_path / "docs" / "study_summary.json").read_text())
+    assert summary["budgets"]["1%"]["nepa"] == [0.7] and summary["scratch_100"] is None
+    assert summary["raw_pixel_knn"] is None and summary["converged"] is False  # 1 point over the last 20%
+    (tmp_path / "finetune-nepa-1pct-s0" / "result.json").write_text(json.dumps(
+        {**units["finetune-nepa-1pct-s0"], "unit": "finetune-nepa-1pct-s0", "settings": {**settings, "patch_size": 7}}))
+    with pytest.raises(SystemExit, match="other settings"):
+        study.write_report(args, budget)
