@@ -836,7 +836,7 @@ def write_report(args, budget: Budget) -> Path:
     if anchor is not None:
         lines += ["", f"Sanity anchor: scratch at 100% of the labels reaches {100 * anchor:.1f}% "
                       f"({'meets' if anchor >= 0.88 else 'BELOW'} the 88% bar)."]
-    lines += ["", "### NEPA over scratch, paired by seed (same label subset, head init and data order)", ""]
+    lines += ["", "### NEPA over scratch, paired by seed (same label subset, data order and augmentation)", ""]
     for fraction in FRACTIONS:
         gains = paired_gains(results, fraction)
         if gains:
