@@ -5,9 +5,9 @@
 #   bash benchmarks/segmentation_fashion_scenes.sh [OUT_DIR] [extra finetune_segmentation.py args...]
 #   BACKBONES="study demo scenes scratch" MODES="finetune frozen" bash benchmarks/segmentation_fashion_scenes.sh
 #
-# Backbones (all nepa-vit-micro), chosen with BACKBONES (default "study scratch"):
-#   study   - the NEPA backbone of the Fashion-MNIST study (800 steps x 128 on the 60k training images;
-#             `python benchmarks/fashion_mnist_study.py` makes it: outputs/study/pretrain-nepa-s0/model);
+# Backbones (nepa-vit-micro widths), chosen with BACKBONES (default "study scratch"):
+#   study   - the NEPA backbone of the Fashion-MNIST study (patch 4 at 28x28, 4 epochs of the 60k training images;
+#             `python benchmarks/fashion_mnist_study.py` makes it: benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model);
 #   demo    - the demo's NEPA pretraining (outputs/demo/pretrained, made by examples/demo.py when missing);
 #   scenes  - NEPA on the unlabelled training scenes (benchmarks/pretrain_nepa_on_scenes.py, 400 steps);
 #   scratch - random init.
@@ -36,11 +36,11 @@ COMMON=(
 backbone_args() {
     case "$1" in
         study)
-            if [ ! -f outputs/study/pretrain-nepa-s0/model/model.safetensors ]; then
-                echo "missing outputs/study/pretrain-nepa-s0/model: run python benchmarks/fashion_mnist_study.py" >&2
+            if [ ! -f benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model/model.safetensors ]; then
+                echo "missing benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model: run python benchmarks/fashion_mnist_study.py" >&2
                 exit 1
             fi
-            echo --model_name_or_path outputs/study/pretrain-nepa-s0/model ;;
+            echo --model_name_or_path benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model ;;
         demo)
             [ -f outputs/demo/pretrained/model.safetensors ] || "$PYTHON" examples/demo.py --output_dir outputs/demo >&2
             echo --model_name_or_path outputs/demo/pretrained ;;

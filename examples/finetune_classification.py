@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None):
         trainer.save_model()
         unreadable["train"] = count_unreadable(train_dataset, trainer)
         train_result.metrics["train_unreadable_images"] = unreadable["train"]
+        train_result.metrics["train_samples"] = len(train_dataset)
         if training_args.should_save:
             with open(os.path.join(training_args.output_dir, DATA_SPLIT_FILE), "w") as handle:
                 json.dump(data_split, handle, indent=2)
@@ -319,6 +320,7 @@ def main(argv: list[str] | None = None):
     if training_args.do_eval:
         metrics = trainer.evaluate()
         metrics["eval_unreadable_images"] = unreadable["eval"] = count_unreadable(eval_dataset, trainer)
+        metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 

@@ -101,7 +101,8 @@ class DataArguments:
     num_labels: int | None = field(default=None, metadata={"help": "Number of classes (after label reduction)."})
     id2label_file: str | None = field(default=None, metadata={"help": 'JSON file {"0": "wall", ...}.'})
     crop_size: int | None = field(
-        default=None, metadata={"help": "Training crop and evaluation size (default 512; 64 for the scenes task)."}
+        default=None, metadata={"help": "Training crop and evaluation size (default 512, or the scene size for the scenes "
+                                        "task; a default is rounded down to a multiple of the patch size)."}
     )
     min_scale: float = field(default=0.5, metadata={"help": "Random-scale range lower bound (x short side)."})
     max_scale: float = field(default=2.0, metadata={"help": "Random-scale range upper bound."})
@@ -131,6 +132,7 @@ class DataArguments:
             raise ValueError("Pass either --dataset_name or --data_dir, not both.")
         if self.final_eval_mode not in ("slide", "whole", "none"):
             raise ValueError(f"--final_eval_mode must be 'slide', 'whole' or 'none', got {self.final_eval_mode!r}.")
+        self.crop_size_given = self.crop_size is not None
         if self.crop_size is None:
             self.crop_size = 512 if (self.dataset_name or self.data_dir) else self.scene_size
 
@@ -210,9 +212,13 @@ def main():
         model = NepaForSemanticSegmentation(config)
     if model_args.freeze_backbone:
         model.nepa.requires_grad_(False)
+    if data_args.crop_size % config.patch_size:
+        if data_args.crop_size_given:
+            raise ValueError(f"--crop_size {data_args.crop_size} must be a multiple of the patch size {config.patch_size}.")
+        # The default follows the data (e.g. 64-px scenes); fit it to the model's patches (a patch-7 model: 63).
+        data_args.crop_size -= data_args.crop_size % config.patch_size
+        logger.info(f"Crop size {data_args.crop_size}: the largest multiple of the patch size {config.patch_size} that fits.")
     crop = (data_args.crop_size, data_args.crop_size)
-    if crop[0] % config.patch_size:
-        raise ValueError(f"--crop_size {crop[0]} must be a multiple of the patch size {config.patch_size}.")
     base_size = data_args.base_size or data_args.crop_size
 
     # The saved processor resizes inputs to the training crop size (images bilinear, masks nearest): it is the

@@ -58,6 +58,18 @@ def test_seeded_is_reproducible_and_restores_the_callers_random_streams(photo):
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+def test_seeded_leaves_cuda_seeding_alone(photo, monkeypatch):
+    """Per-sample seeding touches only the CPU generator: `torch.manual_seed` also calls `torch.cuda.manual_seed_all`,
+    which on CUDA builds captures a stack trace per sample before CUDA starts (~10 ms each) and reseeds the GPUs."""
+    cuda_seedings = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: cuda_seedings.append(seed))
+    transform = AugmentationArguments().train_transform(32, MEAN, STD)
+    for seed in range(3):
+        with seeded(seed):
+            transform(photo)
+    assert cuda_seedings == []
+
+
 def test_finetuning_transform_is_timms_create_transform(photo):
     """The defaults are the authors' timm call, and the transform is timm's own (same output under the same seed)."""
     ours = AugmentationArguments().train_transform(32, MEAN, STD)

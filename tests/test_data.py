@@ -164,7 +164,7 @@ def test_fashion_mnist_dataset_features():
     assert ex["image"].mode == "L" and ex["image"].size == (28, 28)
     assert 0 <= ex["label"] < 10
 
-    # the same seed gives the same subset, and pixels survive the PNG encoding
+    # the same seed gives the same subset, and pixels survive the (PGM) encoding exactly
     images, labels = nd.load_fashion_mnist("test", source="bundled")
     again = nd.fashion_mnist_dataset("test", source="bundled", max_samples=50, seed=1)
     assert again["label"] == ds["label"]

@@ -629,3 +629,18 @@ def test_example_on_a_hub_layout_dataset_with_reduced_labels(tmp_path, monkeypat
     saved = json.loads((output / "config.json").read_text())
     assert saved["num_hidden_layers"] == 3 and saved["out_indices"] == [0, 1, 2, 3]
     assert json.loads((output / "preprocessor_config.json").read_text())["do_reduce_labels"] is True
+
+
+def test_default_crop_fits_the_patch_size_and_an_explicit_one_must(tmp_path, monkeypatch):
+    """The scenes task's default crop (the scene size) is fitted to a patch-7 model (32 -> 28); a --crop_size that
+    is not a multiple of the patch size is an error naming both."""
+    pretrained = tmp_path / "pretrained"
+    NepaForPreTraining(tiny_config(id2label=None, label2id=None, patch_size=7, image_size=28)).save_pretrained(pretrained)
+    output = tmp_path / "seg"
+    scenes = ["--num_train_scenes", "4", "--num_eval_scenes", "2", "--scene_size", "32", "--final_eval_mode", "none"]
+    run_example(monkeypatch, ["--model_name_or_path", str(pretrained), "--output_dir", str(output), *scenes,
+                              *COMMON_ARGS])
+    assert json.loads((output / "preprocessor_config.json").read_text())["size"] == {"height": 28, "width": 28}
+    with pytest.raises(ValueError, match="--crop_size 32 must be a multiple of the patch size 7"):
+        run_example(monkeypatch, ["--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path / "seg2"),
+                                  *scenes, "--crop_size", "32", *COMMON_ARGS])

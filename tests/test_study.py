@@ -26,8 +26,9 @@ def test_mae_encoder_transfers_exactly_into_the_vit_classifier(study, tmp_path):
     mae.save_pretrained(tmp_path / "mae")
     classifier = study.ViTMeanPoolClassifier().eval()
     classifier.load_mae_encoder(tmp_path / "mae")
-    pixels = torch.randn(2, 3, 32, 32)
-    num_patches = (32 // 4) ** 2
+    size = study.IMAGE_SIZE
+    pixels = torch.randn(2, 3, size, size)
+    num_patches = (size // study.PATCH_SIZE) ** 2
     mae.config.mask_ratio = 0.0
     with torch.no_grad():
         # Increasing noise keeps the patch order, so with no masking the MAE encoder sees every patch in place.
@@ -47,21 +48,86 @@ def test_label_subset_is_class_balanced_and_seeded(study):
 
 
 def test_plan_orders_every_dependency_first_and_covers_the_study(study):
-    units = study.plan(study.Budget())
+    budget = study.Budget()
+    units = study.plan(budget)
     names = [name for name, _, _ in units]
     assert len(names) == len(set(names))
     for index, (name, _, deps) in enumerate(units):
         assert all(dep in names[:index] for dep in deps), name
-    for variant in ["nepa", "mae", "nepa-short", *study.ABLATIONS]:
-        assert f"pretrain-{variant}-s0" in names
+    for method in study.PRETRAINED:
+        assert f"pretrain-{method}-s0" in names
     for init in ("nepa", "scratch", "mae"):
-        assert all(f"finetune-{init}-10pct-s{seed}" in names for seed in (0, 1, 2))
+        for fraction, label in ((0.01, "1pct"), (0.1, "10pct")):
+            assert all(f"finetune-{init}-{label}-s{seed}" in names for seed in (0, 1, 2))
         assert f"finetune-{init}-100pct-s0" in names
+    for shorter in ("nepa-third", "nepa-ninth"):  # the pretraining-length points
+        assert all(f"finetune-{shorter}-1pct-s{seed}" in names for seed in (0, 1, 2))
+    assert {"probe-nepa-s0", "probe-mae-s0", "probe-random-init-s0", "baseline-raw-pixels-s0"} <= set(names)
+    assert names[:2] == ["pretrain-nepa-s0", "finetune-scratch-100pct-s0"]  # the anchor is known early
+
+
+def test_report_pairs_seeds_and_writes_the_summary_schema(study):
+    """The summary and the paired gains come from result files; seeds pair by seed, in seed order."""
+    def run(init, fraction, seed, accuracy):
+        return {"kind": "finetune", "init": init, "fraction": fraction, "seed": seed, "test_top1": accuracy,
+                "unit": f"finetune-{init}-{fraction}-s{seed}", "steps": 10,
+                "evaluations": [{"step": 8, "test_top1": accuracy}, {"step": 10, "test_top1": accuracy}]}
+
+    results = [run("nepa", 0.1, 1, 0.83), run("nepa", 0.1, 0, 0.80), run("scratch", 0.1, 0, 0.78),
+               run("scratch", 0.1, 1, 0.80), run("scratch", 1.0, 0, 0.885), run("mae", 0.01, 0, 0.6),
+               {"kind": "baseline", "method": "raw-pixels", "runs": [
+                   {"fraction": 1.0, "seed": 0, "knn_top1": 0.855, "logistic_regression_top1": 0.84}]}]
+    gains = study.paired_gains(results, 0.1)
+    assert gains["seeds"] == [0, 1]
+    assert gains["gains_points"] == pytest.approx([2.0, 3.0])
+    assert 0 < gains["p_two_sided"] < 1
+    summary = study.summary_json(results)
+    assert summary["scratch_100"] == 0.885
+    assert summary["raw_pixel_knn"] == 0.855
+    assert summary["budgets"]["10%"]["nepa"] == [0.80, 0.83]
+    assert summary["budgets"]["1%"] == {"nepa": [], "scratch": [], "mae": [0.6]}
+    assert set(summary["budgets"]) == {"1%", "10%", "100%"}
+    assert summary["converged"] is True and summary["not_converged"] == []
 
 
 def test_augment_keeps_shape_and_content(study):
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (4, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
     out = study.augment(images, generator, pad=0)  # no translation: each image is itself or its mirror
     for original, augmented in zip(images, out):
         assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(-1))
+
+
+def test_convergence_looks_at_every_score_in_the_last_20_percent(study):
+    evaluations = [{"step": 25, "test_top1": 0.70}, {"step": 80, "test_top1": 0.850},
+                   {"step": 90, "test_top1": 0.860}, {"step": 100, "test_top1": 0.852}]
+    assert study.last_20pct_change(evaluations, 100) == pytest.approx(1.0)  # not |final - at 80%| = 0.2
+
+
+def test_report_of_a_partly_finished_study(study, tmp_path):
+    """Resuming studies report what finished: missing arms say so, the summary keeps its keys."""
+    import argparse
+    import json
+
+    budget = study.Budget()
+    settings = study.study_settings(budget)
+    units = {
+        "pretrain-nepa-s0": {"kind": "pretrain", "method": "nepa", "seed": 0, "steps": 100, "epochs": 1.0,
+                             "cpu_seconds": 60.0, "final_loss": -0.8, "curve": [{"step": 100, "loss": -0.8, "cpu_s": 60}]},
+        "finetune-nepa-1pct-s0": {"kind": "finetune", "init": "nepa", "fraction": 0.01, "seed": 0, "steps": 10,
+                                  "epochs": 1.0, "test_top1": 0.7, "curve": [{"step": 10, "loss": 1.0}],
+                                  "evaluations": [{"step": 8, "test_top1": 0.69}, {"step": 10, "test_top1": 0.7}]},
+    }
+    for name, result in units.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps({**result, "unit": name, "settings": settings}))
+    args = argparse.Namespace(output_dir=str(tmp_path), report_dir=str(tmp_path / "docs"), quick=False)
+    report = study.write_report(args, budget).read_text()
+    assert "Not finished yet" in report and "not run" in report
+    summary = json.loads((tmp_path / "docs" / "study_summary.json").read_text())
+    assert summary["budgets"]["1%"]["nepa"] == [0.7] and summary["scratch_100"] is None
+    assert summary["raw_pixel_knn"] is None and summary["converged"] is False  # 1 point over the last 20%
+    (tmp_path / "finetune-nepa-1pct-s0" / "result.json").write_text(json.dumps(
+        {**units["finetune-nepa-1pct-s0"], "unit": "finetune-nepa-1pct-s0", "settings": {**settings, "patch_size": 7}}))
+    with pytest.raises(SystemExit, match="other settings"):
+        study.write_report(args, budget)

@@ -275,12 +275,11 @@ def _subsample_indices(n: int, max_samples: Optional[int], seed: int) -> np.ndar
     return np.sort(rng.choice(n, size=max_samples, replace=False))
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)  # lossless, fast
-    return buf.getvalue()
+def _pgm_bytes(image: np.ndarray) -> bytes:
+    """A uint8 HxW array as binary PGM: lossless, read by PIL (and so by `datasets.Image`) as mode "L". Written
+    with NumPy alone: encoding 60k images as PNG through PIL took ~40 s per process, this takes well under one."""
+    height, width = image.shape
+    return b"P5\n%d %d\n255\n" % (width, height) + np.ascontiguousarray(image, dtype=np.uint8).tobytes()
 
 
 def fashion_mnist_dataset(
@@ -306,7 +305,7 @@ def fashion_mnist_dataset(
     )
     return datasets.Dataset.from_dict(
         {
-            "image": [{"bytes": _png_bytes(images[i]), "path": None} for i in keep],
+            "image": [{"bytes": _pgm_bytes(images[i]), "path": None} for i in keep],
             "label": [int(labels[i]) for i in keep],
         },
         features=features,

@@ -61,13 +61,15 @@ def seeded(seed: int):
 
     torchvision v2 draws from torch's generator, timm's RandAugment and Mixup from Python's `random` and NumPy: a
     per-sample seed around the transform makes the sample's augmentation a function of (seed, epoch, index) alone,
-    and leaves the caller's random streams (e.g. the model's RoPE augmentation) untouched.
+    and leaves the caller's random streams (e.g. the model's RoPE augmentation) untouched. Only the CPU generator is
+    seeded: `torch.manual_seed` would also seed (or, before CUDA starts, queue a seeding call with a captured stack
+    trace for) every CUDA device, which on CUDA builds of torch cost ~10 ms per sample and is not restored here.
     """
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
