@@ -655,7 +655,7 @@ def summary_json(results: list[dict]) -> dict:
             "logistic_regression": [run["logistic_regression_top1"] for run in baseline["runs"] if run["fraction"] == f],
         } for f in FRACTIONS}
     summary["paired_gain_nepa_minus_scratch"] = {
-        BUDGET_NAMES[f]: paired_gains(results, f) for f in FRACTIONS if paired_gains(results, f)}
+        BUDGET_NAMES[f]: gains for f in FRACTIONS if (gains := paired_gains(results, f))}
     changes = {r["unit"]: last_20pct_change(r["evaluations"], r["steps"]) for r in results if r["kind"] == "finetune"}
     summary["not_converged"] = sorted(unit for unit, change in changes.items() if change >= CONVERGED_POINTS)
     summary["converged"] = not summary["not_converged"] if changes else None
@@ -668,7 +668,7 @@ def summary_json(results: list[dict]) -> dict:
     return summary
 
 
-def make_plots(results: list[dict], report_dir: Path) -> dict[str, str]:
+def make_plots(results: list[dict], summary: dict, report_dir: Path) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -727,7 +727,7 @@ def make_plots(results: list[dict], report_dir: Path) -> dict[str, str]:
         fig.savefig(report_dir / figures["probes"])
         plt.close(fig)
 
-    lengths = summary_json(results)["pretraining_length"]
+    lengths = summary["pretraining_length"]
     if lengths:
         fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=80)
         for key, fraction, marker in (("finetuned_1%", 0.01, "o"), ("finetuned_10%", 0.1, "s")):
@@ -785,7 +785,7 @@ def write_report(args, budget: Budget) -> Path:
     (report_dir / "study_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (report_dir / "study_results.json").write_text(
         json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in results], indent=1) + "\n")
-    figures = make_plots(results, report_dir)
+    figures = make_plots(results, summary, report_dir)
     maps = make_visualizations(output_root, report_dir)
     missing = [name for name, _, _ in plan(budget) if name not in by]
     nepa = by.get(unit_name("pretrain", "nepa", PRETRAIN_SEED))
