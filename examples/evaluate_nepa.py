@@ -84,7 +84,7 @@ def parse_args(argv=None):
     parser.add_argument("--probe_weight_decay", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_workers", type=int, default=None,
-                        help="DataLoader workers (default: min(8, cores) on a GPU, 0 on a CPU).")
+                        help="DataLoader workers (default: min(12, cores) on a GPU, 0 on a CPU).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_file", default=None, help="Write the results as JSON here.")

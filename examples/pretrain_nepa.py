@@ -80,7 +80,7 @@ def parse_args(argv=None):
     add("--image_column", help="Column with the images (default: detected).")
     add("--max_train_samples", type=int, help="Use only this many images.")
     add("--dataloader_num_workers", type=int,
-        help="Per process (default: 0 on CPU, min(8, cores per process) on GPU).")
+        help="Per process (default: 0 on CPU, min(12, cores per process) on GPU).")
     add("--crop_min_scale", type=float, default=0.08, help="RandomResizedCrop minimum area scale.")
     add("--hflip_prob", type=float, default=0.5)
     add("--interpolation", default="bilinear", choices=INTERPOLATIONS, help="RandomResizedCrop resampling.")

@@ -79,6 +79,57 @@ def test_quick_style_run_writes_the_headline_keys(bench, tmp_path):
     json.dumps(results)  # serialisable
 
 
+def test_paired_ratio_range_compares_within_each_round(bench):
+    timings = {"vit": [1.0, 2.0, 1.5], "nepa": [2.0, 2.0, 1.0]}
+    assert bench.paired_ratio_range(timings, "nepa") == [0.5, 1.5]
+    assert bench.paired_ratio_range(timings, "vit") == [1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_training_rows_for_every_size_and_workers_for_a_target_rate(bench, tmp_path):
+    args = bench.parse_args(
+        [
+            "--quick", "--sizes", "tiny,tiny-p4", "--train-batch-sizes", "2", "--sections", "train,data",
+            "--train-repeats", "2", "--data-samples", "3", "--threads", "1", "--target-images-per-s", "1000",
+            "--output", str(tmp_path / "throughput.json"),
+        ]
+    )
+    results = bench.run(args)
+    train = [r for r in results["rows"] if r["section"] == "train"]
+    assert sorted((r["size"], r["model"]) for r in train) == [
+        ("tiny", "nepa"), ("tiny", "vit"), ("tiny-p4", "nepa"), ("tiny-p4", "vit")
+    ]
+    assert set(results["by_size"]) == {"tiny", "tiny-p4"}
+    for entry in results["by_size"].values():
+        low, high = entry["train_ratio_vs_vit_range"]
+        assert 0 < low <= high and entry["train_memory_ratio_vs_vit"] > 0
+    assert results["train_ratio_vs_vit"] == results["by_size"]["tiny"]["train_ratio_vs_vit"]
+    for row in (r for r in results["rows"] if r["section"] == "data"):
+        assert row["workers_for_target"] == -(-1000 // row["images_per_s_per_worker"])
+    markdown = bench.markdown_report(results)
+    assert "| tiny-p4: NEPA / ViT training images/s |" in markdown and "workers for 1,000 images/s" in markdown
+
+
+@pytest.mark.slow
+def test_compile_section_compares_both_families_compiled(bench, tmp_path):
+    args = bench.parse_args(
+        [
+            "--quick", "--sizes", "tiny", "--sections", "compile", "--compile-batch", "2", "--compile-train-batch", "2",
+            "--repeats", "2", "--train-repeats", "2", "--threads", "1", "--output", str(tmp_path / "throughput.json"),
+        ]
+    )
+    results = bench.run(args)
+    rows = {(r["mode"], r["variant"]): r for r in results["rows"] if r["section"] == "compile"}
+    assert set(rows) == {(mode, variant) for mode in ("inference", "train")
+                         for variant in ("vit", "vit +compile", "nepa", "nepa +compile")}
+    assert all("error" not in r for r in rows.values()), rows
+    for mode in ("inference", "train"):
+        compiled = rows[(mode, "nepa +compile")]
+        assert results[f"compile_{mode}_ratio_vs_vit"] == compiled["ratio_vs_vit_same_mode"] > 0
+        assert rows[(mode, "vit +compile")]["ratio_vs_vit_same_mode"] == 1.0
+    assert "NEPA / ViT training images/s, both under torch.compile" in bench.markdown_report(results)
+
+
 def test_gpu_check_cpu_path_prints_the_table(tmp_path, capsys, monkeypatch):
     """benchmarks/gpu_check.py without a GPU: says so, runs its tiny CPU path through the same code, exits 0."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"

@@ -22,10 +22,10 @@ def sixteen_cores(monkeypatch):
 
 def test_workers_on_an_accelerator_and_none_on_a_cpu(sixteen_cores):
     assert default_num_workers("cpu") == 0 and default_num_workers(torch.device("cpu"), num_processes=4) == 0
-    assert default_num_workers("cuda") == 8  # capped: 16 cores
+    assert default_num_workers("cuda") == 12  # capped: 16 cores
     assert default_num_workers(torch.device("cuda", 3), num_processes=4) == 4  # the cores shared by 4 processes
     assert default_num_workers("cuda", num_processes=32) == 1  # at least one, even with more processes than cores
-    assert default_num_workers("mps") == 8 and default_num_workers("cuda", max_workers=2) == 2
+    assert default_num_workers("mps") == 12 and default_num_workers("cuda", max_workers=2) == 2
     with pytest.raises(ValueError, match="num_processes must be >= 1"):
         default_num_workers("cuda", num_processes=0)
 
@@ -61,5 +61,5 @@ def test_evaluation_script_uses_the_rule_for_its_device(sixteen_cores):
     spec.loader.exec_module(script)
     required = ["--model_name_or_path", "unused", "--dataset_name", "bundled"]
     assert script.parse_args(required + ["--device", "cpu"]).num_workers == 0
-    assert script.parse_args(required + ["--device", "cuda"]).num_workers == 8  # parsing alone needs no GPU
+    assert script.parse_args(required + ["--device", "cuda"]).num_workers == 12  # parsing alone needs no GPU
     assert script.parse_args(required + ["--device", "cuda", "--num_workers", "0"]).num_workers == 0

@@ -8,7 +8,9 @@ import os
 
 import torch
 
-MAX_DEFAULT_WORKERS = 8
+# Enough to feed ViT-B/14 bf16 training on one H100 (~3,000 images/s) through the fine-tuning transforms, the
+# heaviest: one worker sustains ~270 images/s there (benchmarks/README.md, "Input pipeline").
+MAX_DEFAULT_WORKERS = 12
 
 
 def available_cores() -> int:
@@ -23,9 +25,10 @@ def default_num_workers(device: str | torch.device, num_processes: int = 1,
                         max_workers: int = MAX_DEFAULT_WORKERS) -> int:
     """DataLoader workers per training process when none are asked for.
 
-    On an accelerator (GPU, MPS, ...): the cores left per process, at most `max_workers` (8). JPEG decoding and
-    augmentation in the training process itself would leave the GPU waiting: one worker decodes and crops about 180
-    images/s (benchmarks/README.md, "Input pipeline"), a ViT-B on one H100 trains on thousands.
+    On an accelerator (GPU, MPS, ...): the cores per process, at most `max_workers` (12). JPEG decoding and
+    augmentation in the training process itself would leave the GPU waiting: one worker decodes and augments about
+    430 images/s for pretraining and 270 for fine-tuning (RandAugment, random erasing; benchmarks/README.md, "Input
+    pipeline"), while a ViT-B/14 on one H100 trains on about 3,000 images/s in bf16: 8 and 12 workers.
     On a CPU: 0, the training process loads its own data. The model's matmuls already use every core, worker
     processes would compete for the same cores, and each worker start costs seconds of imports that short CPU runs
     (the demo, the tests) would pay on every epoch.

@@ -273,12 +273,12 @@ class EMACallback(TrainerCallback):
 @dataclass
 class AutoWorkersTrainingArguments(TrainingArguments):
     """`TrainingArguments` whose `dataloader_num_workers` defaults by device, with the rule of every script here
-    (`nepa_hf.data.workers.default_num_workers`: min(8, cores per process) on a GPU, 0 on a CPU); a number given
+    (`nepa_hf.data.workers.default_num_workers`: min(12, cores per process) on a GPU, 0 on a CPU); a number given
     explicitly, 0 included, is kept."""
 
     dataloader_num_workers: int | None = field(
         default=None,
-        metadata={"help": "DataLoader worker processes per training process; default: min(8, CPU cores per process) "
+        metadata={"help": "DataLoader worker processes per training process; default: min(12, CPU cores per process) "
                           "on a GPU, 0 on a CPU."},
     )
 
