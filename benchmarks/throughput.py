@@ -953,7 +953,7 @@ def summarize(results: dict) -> dict:
             by_model = {r["model"]: r for r in size_rows if r["batch"] == batch}
             entry = by_size.setdefault(size_key, {})
             entry[keys[0]] = by_model["nepa"]["images_per_s"] / by_model["vit"]["images_per_s"]
-            entry[keys[0] + "_range"] = by_model["nepa"]["ratio_vs_vit_range"]
+            entry[keys[0] + "_range"] = by_model["nepa"].get("ratio_vs_vit_range")
             entry[f"{section}_batch"] = batch
             if section == "train":
                 entry[keys[1]] = by_model["nepa"]["tensor_peak_mib"] / by_model["vit"]["tensor_peak_mib"]
@@ -964,7 +964,7 @@ def summarize(results: dict) -> dict:
         batch = max(r["batch"] for r in inference)
         by_model = {r["model"]: r for r in inference if r["batch"] == batch}
         summary["inference_ratio_vs_vit"] = by_model["nepa"]["images_per_s"] / by_model["vit"]["images_per_s"]
-        summary["inference_ratio_vs_vit_range"] = by_model["nepa"]["ratio_vs_vit_range"]
+        summary["inference_ratio_vs_vit_range"] = by_model["nepa"].get("ratio_vs_vit_range")
         summary["inference_cpu_time_ratio_vs_vit"] = by_model["nepa"]["images_per_cpu_s"] / by_model["vit"]["images_per_cpu_s"]
         summary["inference_peak_fraction"] = by_model["nepa"]["peak_fraction"]
         summary["inference_peak_fraction_vit"] = by_model["vit"]["peak_fraction"]
@@ -974,7 +974,7 @@ def summarize(results: dict) -> dict:
         batch = max(r["batch"] for r in train)
         by_model = {r["model"]: r for r in train if r["batch"] == batch}
         summary["train_ratio_vs_vit"] = by_model["nepa"]["images_per_s"] / by_model["vit"]["images_per_s"]
-        summary["train_ratio_vs_vit_range"] = by_model["nepa"]["ratio_vs_vit_range"]
+        summary["train_ratio_vs_vit_range"] = by_model["nepa"].get("ratio_vs_vit_range")
         summary["train_cpu_time_ratio_vs_vit"] = by_model["nepa"]["images_per_cpu_s"] / by_model["vit"]["images_per_cpu_s"]
         summary["train_memory_ratio_vs_vit"] = by_model["nepa"]["tensor_peak_mib"] / by_model["vit"]["tensor_peak_mib"]
         summary["train_rss_ratio_vs_vit"] = by_model["nepa"]["train_memory_mib"] / by_model["vit"]["train_memory_mib"]
@@ -1070,14 +1070,17 @@ def markdown_report(results: dict) -> str:
             ):
                 if key in entry:
                     value = fmt(entry[key], ".3f")
-                    if key + "_range" in entry:
+                    if entry.get(key + "_range"):
                         value += f" ({fmt(entry[key + '_range'][0], '.3f')}–{fmt(entry[key + '_range'][1], '.3f')})"
                     lines.append(f"| {size_key}: {label} | {value} | {goal} |")
         batches = [f"{k.split('_')[0]} batch {summary[k]}" for k in ("inference_batch", "train_batch") if k in summary]
+        batches += [f"compiled {r['mode']} batch {r['batch']}" for r in rows
+                    if r["section"] == "compile" and r.get("variant") == "nepa +compile"]
         lines += [
             "",
-            f"Ratios at the largest batch of {first_size} unless a row names another size ({', '.join(batches)}); in "
-            "brackets the lowest and highest ratio within one interleaved round.",
+            f"Ratios for {first_size} unless a row names another size"
+            + (f" ({', '.join(batches)})" if batches else "")
+            + "; in brackets the lowest and highest ratio within one interleaved round.",
             "",
         ]
 
@@ -1309,7 +1312,7 @@ def run(args) -> dict:
         results["rows"] += run_inference(args, peak)["rows"]
     if "train" in args.sections:
         results["rows"] += run_train(args)["rows"]
-    if "compile" in args.sections:
+    if "compile" in args.sections and args.compile:  # --quick / --no-compile: nothing is compiled
         results["rows"] += run_compile(args)["rows"]
     if "resolution" in args.sections:
         results["rows"] += run_resolution(args)["rows"]
@@ -1319,8 +1322,10 @@ def run(args) -> dict:
         results["rows"] += run_backends(args)["rows"]
     if "data" in args.sections:
         consumption = {}
-        train_rows = [r for r in results["rows"] if r["section"] == "train" and r["model"] == "nepa"]
-        inference_rows = [r for r in results["rows"] if r["section"] == "inference" and r["model"] == "nepa"]
+        first = args.sizes[0]  # the data section's images are of the first size
+        train_rows = [r for r in results["rows"] if r["section"] == "train" and r["model"] == "nepa" and r["size"] == first]
+        inference_rows = [r for r in results["rows"]
+                          if r["section"] == "inference" and r["model"] == "nepa" and r["size"] == first]
         if train_rows:
             consumption["train"] = max(train_rows, key=lambda r: r["batch"])["images_per_s"]
         if inference_rows:

@@ -22,6 +22,14 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The benchmark sets torch's thread count (`--threads`, the memory worker): give later tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_interleaved_timings_rotate_the_order(bench):
     calls = []
     cases = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
@@ -89,22 +97,29 @@ def test_paired_ratio_range_compares_within_each_round(bench):
 def test_training_rows_for_every_size_and_workers_for_a_target_rate(bench, tmp_path):
     args = bench.parse_args(
         [
-            "--quick", "--sizes", "tiny,tiny-p4", "--train-batch-sizes", "2", "--sections", "train,data",
+            "--quick", "--sizes", "tiny,tiny-p4", "--train-batch-sizes", "2", "--sections", "train,data,compile",
             "--train-repeats", "2", "--data-samples", "3", "--threads", "1", "--target-images-per-s", "1000",
-            "--output", str(tmp_path / "throughput.json"),
+            "--causal-rows", "--output", str(tmp_path / "throughput.json"),
         ]
     )
     results = bench.run(args)
     train = [r for r in results["rows"] if r["section"] == "train"]
+    # Every size gets ViT and NEPA; the extra rows (the pretraining model) only the first size.
     assert sorted((r["size"], r["model"]) for r in train) == [
-        ("tiny", "nepa"), ("tiny", "vit"), ("tiny-p4", "nepa"), ("tiny-p4", "vit")
+        ("tiny", "nepa"), ("tiny", "nepa-pretraining"), ("tiny", "vit"), ("tiny-p4", "nepa"), ("tiny-p4", "vit")
     ]
     assert set(results["by_size"]) == {"tiny", "tiny-p4"}
-    for entry in results["by_size"].values():
+    rows = {(r["size"], r["model"]): r for r in train}
+    for size, entry in results["by_size"].items():
         low, high = entry["train_ratio_vs_vit_range"]
-        assert 0 < low <= high and entry["train_memory_ratio_vs_vit"] > 0
-    assert results["train_ratio_vs_vit"] == results["by_size"]["tiny"]["train_ratio_vs_vit"]
-    for row in (r for r in results["rows"] if r["section"] == "data"):
+        assert 0 < low <= high
+        nepa, vit = rows[(size, "nepa")], rows[(size, "vit")]
+        assert entry["train_memory_ratio_vs_vit"] == pytest.approx(nepa["tensor_peak_mib"] / vit["tensor_peak_mib"])
+    assert not any(r["section"] == "compile" for r in results["rows"])  # --quick compiles nothing
+    data = [r for r in results["rows"] if r["section"] == "data"]
+    assert data and all(r["model_images_per_s"] == rows[("tiny", "nepa")]["images_per_s"] for r in data
+                        if r["pipeline"] != "evaluation")
+    for row in data:
         assert row["workers_for_target"] == -(-1000 // row["images_per_s_per_worker"])
     markdown = bench.markdown_report(results)
     assert "| tiny-p4: NEPA / ViT training images/s |" in markdown and "workers for 1,000 images/s" in markdown
@@ -114,7 +129,7 @@ def test_training_rows_for_every_size_and_workers_for_a_target_rate(bench, tmp_p
 def test_compile_section_compares_both_families_compiled(bench, tmp_path):
     args = bench.parse_args(
         [
-            "--quick", "--sizes", "tiny", "--sections", "compile", "--compile-batch", "2", "--compile-train-batch", "2",
+            "--quick", "--compile", "--sizes", "tiny", "--sections", "compile", "--compile-batch", "2", "--compile-train-batch", "2",
             "--repeats", "2", "--train-repeats", "2", "--threads", "1", "--output", str(tmp_path / "throughput.json"),
         ]
     )
@@ -127,7 +142,24 @@ def test_compile_section_compares_both_families_compiled(bench, tmp_path):
         compiled = rows[(mode, "nepa +compile")]
         assert results[f"compile_{mode}_ratio_vs_vit"] == compiled["ratio_vs_vit_same_mode"] > 0
         assert rows[(mode, "vit +compile")]["ratio_vs_vit_same_mode"] == 1.0
+    # Training rows carry the peak memory of each variant, measured in its own process (compiled ones compiled).
+    train = {variant: rows[("train", variant)] for variant in ("vit", "vit +compile", "nepa", "nepa +compile")}
+    assert all(r["tensor_peak_mib"] > 0 for r in train.values())
+    assert results["compile_train_memory_ratio_vs_vit"] == pytest.approx(
+        train["nepa +compile"]["tensor_peak_mib"] / train["vit +compile"]["tensor_peak_mib"])
+    assert "memory_ratio_vs_vit_same_mode" not in rows[("inference", "nepa +compile")]
     assert "NEPA / ViT training images/s, both under torch.compile" in bench.markdown_report(results)
+
+
+def test_memory_worker_compiles_when_asked(bench):
+    spec = {"family": "nepa", "size": "tiny", "batch": 2, "threads": 1, "steps": 2}
+    eager = bench.memory_worker({**spec, "compiled": False})
+    assert eager["saved_activations_mib"] > 0 and eager["tensor_peak_mib"] > 0
+    torch._dynamo.reset()
+    compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = bench.memory_worker({**spec, "compiled": True})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > compiled_before  # it really ran compiled
+    assert compiled["saved_activations_mib"] is None and compiled["tensor_peak_mib"] > 0
 
 
 def test_gpu_check_cpu_path_prints_the_table(tmp_path, capsys, monkeypatch):
