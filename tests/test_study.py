@@ -128,6 +128,34 @@ def test_report_of_a_partly_finished_study(study, tmp_path):
     assert summary["budgets"]["1%"]["nepa"] == [0.7] and summary["scratch_100"] is None
     assert summary["raw_pixel_knn"] is None and summary["converged"] is False  # 1 point over the last 20%
     (tmp_path / "finetune-nepa-1pct-s0" / "result.json").write_text(json.dumps(
-        {**units["finetune-nepa-1pct-s0"], "unit": "finetune-nepa-1pct-s0", "settings": {**settings, "patch_size": 7}}))
+        {**units["finetune-nepa-1pct-s0"], "unit": "finetune-nepa-1pct-s0", "settings": {**settings, "patch_size": 4}}))
     with pytest.raises(SystemExit, match="other settings"):
         study.write_report(args, budget)
+
+
+def test_settings_check_follows_what_each_unit_depends_on(study, tmp_path):
+    """A new fine-tuning budget keeps the pretraining run; new pretraining settings stale the fine-tunes of its
+    checkpoint but not the scratch runs; a result without recorded settings is never taken silently."""
+    budget = study.Budget()
+    settings = study.study_settings(budget)
+    pretrain = {"kind": "pretrain", "method": "nepa", "unit": "pretrain-nepa-s0"}
+    nepa_1pct = {"kind": "finetune", "init": "nepa", "fraction": 0.01, "unit": "finetune-nepa-1pct-s0"}
+    scratch_1pct = {"kind": "finetune", "init": "scratch", "fraction": 0.01, "unit": "finetune-scratch-1pct-s0"}
+    scratch_all = {"kind": "finetune", "init": "scratch", "fraction": 1.0, "unit": "finetune-scratch-100pct-s0"}
+    baseline = {"kind": "baseline", "method": "raw-pixels", "unit": "baseline-raw-pixels-s0"}
+
+    def stale(results, new_budget):
+        try:
+            study.check_settings(results, new_budget, tmp_path)
+        except SystemExit as error:
+            return {unit for unit in ("pretrain-nepa-s0", "finetune-nepa-1pct-s0", "finetune-scratch-1pct-s0",
+                                      "finetune-scratch-100pct-s0", "baseline-raw-pixels-s0") if unit in str(error)}
+        return set()
+
+    results = [{**r, "settings": settings} for r in (pretrain, nepa_1pct, scratch_1pct, scratch_all, baseline)]
+    assert stale(results, budget) == set()
+    longer_finetune = study.Budget(finetune={**budget.finetune, 1.0: study.Finetune(9000, 128)})
+    assert stale(results, longer_finetune) == {"finetune-scratch-100pct-s0"}
+    longer_pretraining = study.Budget(pretrain_steps=budget.pretrain_steps * 2)
+    assert stale(results, longer_pretraining) == {"pretrain-nepa-s0", "finetune-nepa-1pct-s0"}
+    assert stale([{**scratch_1pct}], budget) == {"finetune-scratch-1pct-s0"}  # no settings recorded
