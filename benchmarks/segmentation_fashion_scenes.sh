@@ -6,7 +6,7 @@
 #   BACKBONES="study demo scenes scratch" MODES="finetune frozen" bash benchmarks/segmentation_fashion_scenes.sh
 #
 # Backbones (nepa-vit-micro widths), chosen with BACKBONES (default "study scratch"):
-#   study   - the NEPA backbone of the Fashion-MNIST study (patch 4 at 28x28, 4 epochs of the 60k training images;
+#   study   - the NEPA backbone of the Fashion-MNIST study (patch 7 at 28x28, 8 epochs of the 60k training images;
 #             `python benchmarks/fashion_mnist_study.py` makes it: benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model);
 #   demo    - the demo's NEPA pretraining (outputs/demo/pretrained, made by examples/demo.py when missing);
 #   scenes  - NEPA on the unlabelled training scenes (benchmarks/pretrain_nepa_on_scenes.py, 400 steps);

@@ -4,9 +4,9 @@
    60k Fashion-MNIST training images, labels unused, with `examples/pretrain_nepa.py` (Accelerate);
 2. fine-tune it for classification on 10% of the labels (a class-balanced subset) with
    `examples/finetune_classification.py` (Trainer), and the same architecture from scratch with the same budget;
-   also fine-tune the committed checkpoint of a longer NEPA pretraining (8 epochs, made by
-   `benchmarks/fashion_mnist_study.py` with the same code: longer than the demo can afford), and print the three
-   accuracies on the 10k test images;
+   also fine-tune the committed checkpoint of a longer NEPA pretraining of the same model (8 epochs, made by
+   `benchmarks/fashion_mnist_study.py`, whose own training loop is longer than the demo can afford), and print the
+   three accuracies on the 10k test images;
 3. classify the bundled photos with `pipeline("image-classification")` and extract features with
    `pipeline("image-feature-extraction")` from the saved transformers-format model;
 4. write attention / next-embedding similarity / PCA maps and the loss curves as PNGs, and print where all is.
@@ -74,8 +74,16 @@ def run_example(script: str, arguments: list[str], threads: int | None) -> None:
 MODEL = ["nepa-vit-micro", "patch_size=7,image_size=28"]
 
 
+def pretraining_length(checkpoint: str) -> str:
+    """'8 epochs' from the study's result file next to its checkpoint; a plain description elsewhere."""
+    result = Path(checkpoint).parent / "result.json"
+    if result.exists():
+        return f"{json.loads(result.read_text())['epochs']:g} epochs"
+    return "longer pretraining"
+
+
 def finetune_arguments(source: list[str], output_dir: str, args) -> list[str]:
-    # Same budget and recipe for both runs (the benchmarks/fashion_mnist_study.py one, shortened): a light
+    # Same budget and recipe for every run (the benchmarks/fashion_mnist_study.py one, shortened): a light
     # augmentation (a crop of at least 80% of the image + flip: no RandAugment, colour jitter, erasing, Mixup or
     # CutMix) suits a few hundred steps on 28x28 items; no EMA (its 0.9999 default averages over far more steps than the run has); the test split resized
     # straight to 28x28 (no centre crop: the items fill the frame).
@@ -134,11 +142,13 @@ def main():
     pretrained_dir = os.path.join(out, "pretrained")
     runs = {"NEPA-pretrained": os.path.join(out, "classifier-nepa"), "from scratch": os.path.join(out, "classifier-scratch")}
     long_pretraining = args.long_pretraining and os.path.isdir(args.long_pretraining)
-    if args.long_pretraining and not long_pretraining:
-        print(f"No checkpoint at --long_pretraining {args.long_pretraining}: the third run (a longer pretraining) is "
-              "skipped.")
+    skipped_long = (f"No checkpoint at --long_pretraining {args.long_pretraining}: the third run (a longer "
+                    "pretraining) is skipped." if args.long_pretraining and not long_pretraining else None)
+    if skipped_long:
+        print(skipped_long)
     if long_pretraining:
-        runs["NEPA, 8 epochs"] = os.path.join(out, "classifier-nepa-8-epochs")
+        long_name = f"NEPA, {pretraining_length(args.long_pretraining)}"
+        runs[long_name] = os.path.join(out, "classifier-nepa-long")
 
     if fashion_mnist_available("debian"):
         train_images = len(load_fashion_mnist("train")[1])
@@ -165,11 +175,11 @@ def main():
                 finetune_arguments(["--preset", MODEL[0], "--config_overrides", MODEL[1], "--layer_decay", "1.0"],
                                    runs["from scratch"], args), args.threads)
     if long_pretraining:
-        print("\n   The same fine-tuning from a longer NEPA pretraining of the same architecture (8 epochs of the 60k "
-              "images, committed by benchmarks/fashion_mnist_study.py):", flush=True)
+        print(f"\n   The same fine-tuning from a longer NEPA pretraining of the same architecture ({long_name}: "
+              f"{args.long_pretraining}):", flush=True)
         run_example("finetune_classification.py",
                     finetune_arguments(["--model_name_or_path", args.long_pretraining, "--layer_decay", "0.75",
-                                        "--freeze_patch_embeddings", "false"], runs["NEPA, 8 epochs"], args),
+                                        "--freeze_patch_embeddings", "false"], runs[long_name], args),
                     args.threads)
     accuracies, test_count = {}, None
     for name, directory in runs.items():
@@ -217,8 +227,11 @@ def main():
     demo_pretraining = f"{args.pretrain_steps} pretraining steps"
     print(f"  demo's pretraining: {margin_verdict(accuracies['NEPA-pretrained'], accuracies['from scratch'], demo_pretraining, args)}")
     if long_pretraining:
-        print(f"  8-epoch pretraining: "
-              f"{margin_verdict(accuracies['NEPA, 8 epochs'], accuracies['from scratch'], '8 pretraining epochs', args)}")
+        length = pretraining_length(args.long_pretraining)
+        print(f"  {length} of pretraining: "
+              f"{margin_verdict(accuracies[long_name], accuracies['from scratch'], f'{length} of pretraining', args)}")
+    if skipped_long:
+        print(f"  {skipped_long}")
     print(f"  pretrained model : {pretrained_dir}  (AutoModel / AutoModelForPreTraining.from_pretrained)")
     print(f"  classifier       : {classifier_dir}  (pipeline('image-classification', model=...))")
     print(f"  loss curves      : {loss_plot}")

@@ -159,3 +159,14 @@ def test_settings_check_follows_what_each_unit_depends_on(study, tmp_path):
     longer_pretraining = study.Budget(pretrain_steps=budget.pretrain_steps * 2)
     assert stale(results, longer_pretraining) == {"pretrain-nepa-s0", "finetune-nepa-1pct-s0"}
     assert stale([{**scratch_1pct}], budget) == {"finetune-scratch-1pct-s0"}  # no settings recorded
+    # The pretrained arms' layer decay is theirs alone; label smoothing changes every fine-tune, no pretraining run.
+    assert stale(results, study.Budget(pretrained_layer_decay=0.65)) == {"finetune-nepa-1pct-s0"}
+    assert stale(results, study.Budget(label_smoothing=0.0)) == {
+        "finetune-nepa-1pct-s0", "finetune-scratch-1pct-s0", "finetune-scratch-100pct-s0"}
+    # The raw-pixel baseline depends on its probe epochs and seeds only; probes on their backbone and probe epochs.
+    assert stale(results, study.Budget(probe_epochs=5)) == {"baseline-raw-pixels-s0"}
+    probes = [{"kind": "probe", "method": method, "unit": f"probe-{method}-s0", "settings": settings}
+              for method in ("nepa", "random-init")]
+    with pytest.raises(SystemExit) as error:
+        study.check_settings(probes, longer_pretraining, tmp_path)
+    assert "probe-nepa-s0" in str(error.value) and "probe-random-init-s0" not in str(error.value)
