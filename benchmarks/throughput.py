@@ -560,7 +560,6 @@ def run_compile(args) -> dict:
                 continue
             family = name.split()[0]
             same_mode_vit = "vit +compile" if name.endswith("+compile") else "vit"
-            eager = family
             seconds = median(timings[name])
             rows.append(
                 {
@@ -576,7 +575,7 @@ def run_compile(args) -> dict:
                     "ratio_vs_vit_same_mode_range": (
                         paired_ratio_range(timings, name, same_mode_vit) if same_mode_vit in timings else None
                     ),
-                    "speedup_vs_eager": median(timings[eager]) / seconds if eager in timings else None,
+                    "speedup_vs_eager": median(timings[family]) / seconds if family in timings else None,
                 }
             )
             if name in memory:

@@ -147,7 +147,8 @@ def main():
     if skipped_long:
         print(skipped_long)
     if long_pretraining:
-        long_name = f"NEPA, {pretraining_length(args.long_pretraining)}"
+        long_length = pretraining_length(args.long_pretraining)
+        long_name = f"NEPA, {long_length}"
         runs[long_name] = os.path.join(out, "classifier-nepa-long")
 
     if fashion_mnist_available("debian"):
@@ -227,9 +228,8 @@ def main():
     demo_pretraining = f"{args.pretrain_steps} pretraining steps"
     print(f"  demo's pretraining: {margin_verdict(accuracies['NEPA-pretrained'], accuracies['from scratch'], demo_pretraining, args)}")
     if long_pretraining:
-        length = pretraining_length(args.long_pretraining)
-        print(f"  {length} of pretraining: "
-              f"{margin_verdict(accuracies[long_name], accuracies['from scratch'], f'{length} of pretraining', args)}")
+        print(f"  {long_length} of pretraining: "
+              f"{margin_verdict(accuracies[long_name], accuracies['from scratch'], f'{long_length} of pretraining', args)}")
     if skipped_long:
         print(f"  {skipped_long}")
     print(f"  pretrained model : {pretrained_dir}  (AutoModel / AutoModelForPreTraining.from_pretrained)")
