@@ -504,8 +504,9 @@ def unit_name(kind: str, method: str, seed: int, fraction: float | None = None) 
 
 def plan(budget: Budget) -> list[tuple[str, list[str], list[str]]]:
     """[(unit, argv for `--unit`, dependencies)] in priority order: NEPA pretraining and the scratch anchor first,
-    then NEPA against scratch at 1% over seeds, MAE, the 10% comparisons over seeds, the 100% runs, probes, and the pretraining-length runs (fine-tuned
-    on 1% of the labels, where pretraining matters most and a run is cheap)."""
+    then NEPA against scratch at 1% over seeds, MAE, the NEPA and MAE runs on all labels, the 10% comparisons over
+    seeds, probes, and the pretraining-length runs (fine-tuned on 1% of the labels, where pretraining matters most and
+    a run is cheap)."""
     pretrained = {m: unit_name("pretrain", m, PRETRAIN_SEED) for m in PRETRAINED}
 
     def finetune_unit(init, fraction, seed):
@@ -522,8 +523,10 @@ def plan(budget: Budget) -> list[tuple[str, list[str], list[str]]]:
     units += [finetune_unit(init, 0.01, seed) for seed in budget.seeds[0.01] for init in ("nepa", "scratch")]
     units.append((pretrained["mae"], ["pretrain", "mae", str(PRETRAIN_SEED)], [pretrained["nepa"]]))
     units += [finetune_unit("mae", 0.01, seed) for seed in budget.seeds[0.01]]
-    units += [finetune_unit(init, 0.1, seed) for seed in budget.seeds[0.1] for init in ("nepa", "scratch", "mae")]
+    # The two remaining 100% fine-tunes are the longest units (~1 CPU-hour each): started before the short ones,
+    # so that `--jobs 2` workers finish together instead of one running a long unit alone at the end.
     units += [finetune_unit(init, 1.0, seed) for seed in budget.seeds[1.0] for init in ("nepa", "mae")]
+    units += [finetune_unit(init, 0.1, seed) for seed in budget.seeds[0.1] for init in ("nepa", "scratch", "mae")]
     units += [probe_unit(backbone) for backbone in ("nepa", "mae", "random-init")]
     for method in ("nepa-third", "nepa-ninth"):
         units.append((pretrained[method], ["pretrain", method, str(PRETRAIN_SEED)], []))
