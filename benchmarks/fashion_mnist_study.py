@@ -22,8 +22,10 @@ Arms (each fine-tuned with the same recipe, only the layer-wise lr decay differs
   * raw pixels: k-NN (k=20, cosine) and logistic regression on the 784 normalised pixels.
 Label budgets: class-balanced 1% (600), 10% (6,000) and 100% subsets, drawn per seed; seeds 0-2 at 1% and 10%,
 seed 0 at 100%. Each fine-tune evaluates the full 10k test set at 25/50/75% of its steps and five times in its last
-20% (80/85/90/95/100%): converged means those five scores lie within 0.5 point. Frozen features are probed per block (k-NN and
-a linear probe on mean-pooled tokens, all 60k training images).
+20% (80/85/90/95/100%): converged means the last 20% of the steps change test accuracy by less than 0.5 point
+(final score against the score at 80%); the spread of the five plateau scores (highest minus lowest) is reported
+beside it. Frozen features are probed per block (k-NN and a linear probe on mean-pooled tokens, all 60k training
+images).
 
 Every run ("unit") is one process with one torch thread, so CPU seconds are a load-independent budget; units run
 `--jobs` at a time, write `OUTPUT_DIR/<unit>/result.json`, and are skipped when that file exists (the study resumes
@@ -77,10 +79,18 @@ EVAL_POINTS = (0.25, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 CONVERGED_POINTS = 0.5  # test accuracy may move by less than this (points) over the last 20% of the steps
 
 
-def last_20pct_change(evaluations: list[dict], steps: int) -> float:
-    """Points between the highest and the lowest test accuracy scored at or after 80% of the steps."""
-    tail = [e["test_top1"] for e in evaluations if e["step"] >= round(0.8 * steps)]
-    return 100 * (max(tail) - min(tail))
+def plateau_scores(evaluations: list[dict], steps: int) -> list[float]:
+    """Test accuracies (points) scored at or after 80% of the steps, in step order."""
+    return [100 * e["test_top1"] for e in evaluations if e["step"] >= round(0.8 * steps)]
+
+
+def convergence(evaluations: list[dict], steps: int) -> dict:
+    """How much the last 20% of the steps moved test accuracy: `change` (final minus the score at 80% of the steps,
+    the convergence criterion) and `spread` (highest minus lowest plateau score: evaluation noise and wobble)."""
+    tail = plateau_scores(evaluations, steps)
+    change = tail[-1] - tail[0]
+    return {"change_over_last_20pct_points": change, "plateau_spread_points": max(tail) - min(tail),
+            "converged": abs(change) < CONVERGED_POINTS}
 
 
 def study_settings(budget: "Budget") -> dict:
@@ -424,12 +434,11 @@ def finetune(init: str, fraction: float, seed: int, budget: Budget, data: dict, 
             curve.append({"step": step, "loss": loss.item()})
         if step in eval_steps:
             evaluations.append({"step": step, "test_top1": test_accuracy(model, test_images, test_labels)})
-    change = last_20pct_change(evaluations, plan.steps)
     return {"kind": "finetune", "init": init, "fraction": fraction, "seed": seed, "train_images": len(subset),
             "steps": plan.steps, "batch_size": batch_size, "epochs": plan.steps * batch_size / len(subset),
             "layer_decay": layer_decay, "cpu_seconds": time.process_time() - cpu_start,
             "test_top1": evaluations[-1]["test_top1"], "test_images": len(test_labels),
-            "last_20pct_change_points": change, "converged": change < CONVERGED_POINTS,
+            **convergence(evaluations, plan.steps),
             "final_train_loss": curve[-1]["loss"], "evaluations": evaluations, "curve": curve}
 
 
@@ -704,9 +713,9 @@ def summary_json(results: list[dict]) -> dict:
         } for f in FRACTIONS}
     summary["paired_gain_nepa_minus_scratch"] = {
         BUDGET_NAMES[f]: gains for f in FRACTIONS if (gains := paired_gains(results, f))}
-    changes = {r["unit"]: last_20pct_change(r["evaluations"], r["steps"]) for r in results if r["kind"] == "finetune"}
-    summary["not_converged"] = sorted(unit for unit, change in changes.items() if change >= CONVERGED_POINTS)
-    summary["converged"] = not summary["not_converged"] if changes else None
+    verdicts = {r["unit"]: convergence(r["evaluations"], r["steps"]) for r in results if r["kind"] == "finetune"}
+    summary["not_converged"] = sorted(unit for unit, verdict in verdicts.items() if not verdict["converged"])
+    summary["converged"] = not summary["not_converged"] if verdicts else None
     summary["pretraining_length"] = [
         {"method": r["method"], "epochs": r["epochs"], "cpu_seconds": r["cpu_seconds"],
          "finetuned_1%": [f["test_top1"] for f in finetunes(results, r["method"], 0.01)],
@@ -897,19 +906,20 @@ def write_report(args, budget: Budget) -> Path:
                          f"{significance_sentence(f'{BUDGET_NAMES[fraction]} labels', gains)}")
 
     lines += ["", "### Convergence: test top-1 over the last 20% of the fine-tuning steps", "",
-              f"Scored at {', '.join(f'{100 * point:g}' for point in EVAL_POINTS if point >= 0.8)}% of the steps; change = "
-              "highest minus lowest of these scores. With the cosine "
-              "schedule the last 20% of the steps run at under 10% of the peak learning rate, so a small change there "
-              "says the schedule has annealed as well as that the run has plateaued.", "",
-              "| run | epochs | at 80% | final | change (points) | converged (< 0.5) |", "|---|---|---|---|---|---|"]
+              f"Scored at {', '.join(f'{100 * point:g}' for point in EVAL_POINTS if point >= 0.8)}% of the steps. "
+              "Change = final score minus the score at 80% (the criterion: |change| < 0.5 point); spread = highest "
+              "minus lowest of these scores (how much a run wobbles on its plateau, test-set noise included). With the "
+              "cosine schedule the last 20% of the steps run at under 10% of the peak learning rate, so a small change "
+              "there says the schedule has annealed as well as that the run has plateaued.", "",
+              "| run | epochs | at 80% | final | change (points) | spread (points) | converged (abs(change) < 0.5) |",
+              "|---|---|---|---|---|---|---|"]
     for fraction in FRACTIONS:
         for init in list(ARMS) + ["nepa-third", "nepa-ninth"]:
             for r in finetunes(results, init, fraction):
-                at_80 = [e for e in r["evaluations"] if e["step"] >= round(0.8 * r["steps"])][0]
-                change = last_20pct_change(r["evaluations"], r["steps"])
+                tail, verdict = plateau_scores(r["evaluations"], r["steps"]), convergence(r["evaluations"], r["steps"])
                 lines.append(f"| {init}, {BUDGET_NAMES[fraction]}, seed {r['seed']} | {r['epochs']:.1f} | "
-                             f"{100 * at_80['test_top1']:.1f} | {100 * r['test_top1']:.1f} | "
-                             f"{change:.2f} | {'yes' if change < CONVERGED_POINTS else 'NO'} |")
+                             f"{tail[0]:.2f} | {tail[-1]:.2f} | {verdict['change_over_last_20pct_points']:+.2f} | "
+                             f"{verdict['plateau_spread_points']:.2f} | {'yes' if verdict['converged'] else 'NO'} |")
 
     probes = sorted((r for r in results if r["kind"] == "probe"), key=lambda r: list(ARMS).index(r["method"])
                     if r["method"] in ARMS else 9)

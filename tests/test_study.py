@@ -98,10 +98,16 @@ def test_augment_keeps_shape_and_content(study):
         assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(-1))
 
 
-def test_convergence_looks_at_every_score_in_the_last_20_percent(study):
-    evaluations = [{"step": 25, "test_top1": 0.70}, {"step": 80, "test_top1": 0.850},
-                   {"step": 90, "test_top1": 0.860}, {"step": 100, "test_top1": 0.852}]
-    assert study.last_20pct_change(evaluations, 100) == pytest.approx(1.0)  # not |final - at 80%| = 0.2
+def test_convergence_is_the_change_over_the_last_20_percent_with_the_plateau_spread_beside_it(study):
+    wobbling = [{"step": 25, "test_top1": 0.70}, {"step": 80, "test_top1": 0.850},
+                {"step": 90, "test_top1": 0.860}, {"step": 100, "test_top1": 0.852}]
+    verdict = study.convergence(wobbling, 100)
+    assert verdict["change_over_last_20pct_points"] == pytest.approx(0.2)  # the step-25 score is not on the plateau
+    assert verdict["plateau_spread_points"] == pytest.approx(1.0)
+    assert verdict["converged"] is True
+    falling = [{"step": 80, "test_top1": 0.86}, {"step": 100, "test_top1": 0.852}]
+    assert study.convergence(falling, 100)["change_over_last_20pct_points"] == pytest.approx(-0.8)
+    assert study.convergence(falling, 100)["converged"] is False  # a drop counts like a rise
 
 
 def test_report_of_a_partly_finished_study(study, tmp_path):
