@@ -935,7 +935,9 @@ def write_report(args, budget: Budget) -> Path:
                       "the random init with causal attention (as pretrained), MAE's ViT encoder as it was pretrained. "
                       f"Trained on all {probes[0]['probe_train_images']:,} training images: k-NN weighted by "
                       "exp(cos/0.07); linear probe = "
-                      f"standardised features, AdamW, {budget.probe_epochs} epochs."]
+                      f"standardised features, AdamW, {budget.probe_epochs} epochs. The random init's blocks start "
+                      f"close to the identity (LayerScale initialised at {study_config().layerscale_value:g}, as in "
+                      "NEPA's recipe), so its features barely change from block to block."]
 
     lengths = summary["pretraining_length"]
     if lengths:
