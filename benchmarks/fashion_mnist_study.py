@@ -1,5 +1,5 @@
 # Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
-"""A converged Fashion-MNIST study on a 2-core CPU: NEPA vs scratch vs MAE vs raw pixels, at 1%, 10% and 100% labels.
+"""A Fashion-MNIST study on a 2-core CPU: NEPA vs scratch vs MAE vs raw pixels, at 1%, 10% and 100% labels.
 
 Backbone: the nepa-vit-micro preset (NEPA's architecture at D 128, 6 blocks, 4 heads, MLP 512: 1.2M parameters)
 with patch 7 on the native 28x28 images (16 patches; grey replicated to RGB). Why this size: one torch thread trains
