@@ -82,6 +82,11 @@ def pretraining_length(checkpoint: str) -> str:
     return "longer pretraining"
 
 
+def from_nepa_checkpoint(path: str) -> list[str]:
+    """Fine-tuning arguments for a NEPA-pretrained backbone: layer-wise lr decay, patch embeddings trained too."""
+    return ["--model_name_or_path", path, "--layer_decay", "0.75", "--freeze_patch_embeddings", "false"]
+
+
 def finetune_arguments(source: list[str], output_dir: str, args) -> list[str]:
     # Same budget and recipe for every run (the benchmarks/fashion_mnist_study.py one, shortened): a light
     # augmentation (a crop of at least 80% of the image + flip: no RandAugment, colour jitter, erasing, Mixup or
@@ -170,8 +175,7 @@ def main():
     print(f"\n== 2. Fine-tuning with Trainer on {args.label_fraction:.0%} of the labels: NEPA-pretrained vs from "
           "scratch, same budget", flush=True)
     run_example("finetune_classification.py",
-                finetune_arguments(["--model_name_or_path", pretrained_dir, "--layer_decay", "0.75",
-                                    "--freeze_patch_embeddings", "false"], runs["NEPA-pretrained"], args), args.threads)
+                finetune_arguments(from_nepa_checkpoint(pretrained_dir), runs["NEPA-pretrained"], args), args.threads)
     run_example("finetune_classification.py",
                 finetune_arguments(["--preset", MODEL[0], "--config_overrides", MODEL[1], "--layer_decay", "1.0"],
                                    runs["from scratch"], args), args.threads)
@@ -179,9 +183,7 @@ def main():
         print(f"\n   The same fine-tuning from a longer NEPA pretraining of the same architecture ({long_name}: "
               f"{args.long_pretraining}):", flush=True)
         run_example("finetune_classification.py",
-                    finetune_arguments(["--model_name_or_path", args.long_pretraining, "--layer_decay", "0.75",
-                                        "--freeze_patch_embeddings", "false"], runs[long_name], args),
-                    args.threads)
+                    finetune_arguments(from_nepa_checkpoint(args.long_pretraining), runs[long_name], args), args.threads)
     accuracies, test_count = {}, None
     for name, directory in runs.items():
         with open(os.path.join(directory, "all_results.json")) as handle:
