@@ -913,8 +913,8 @@ def write_report(args, budget: Budget) -> Path:
               f"Scored at {', '.join(f'{100 * point:g}' for point in EVAL_POINTS if point >= 0.8)}% of the steps. "
               "Change = final score minus the score at 80% (the criterion: |change| < 0.5 point); spread = highest "
               "minus lowest of these scores (how much a run wobbles on its plateau, test-set noise included). With the "
-              "cosine schedule (after a 10% warmup) the last 20% of the steps run at under 12% of the peak learning rate, so a small change "
-              "there says the schedule has annealed as well as that the run has plateaued.", "",
+              "cosine schedule (after a 10% warmup) the last 20% of the steps run at under 12% of the peak learning "
+              "rate, so a small change there says the schedule has annealed as well as that the run has plateaued.", "",
               "| run | epochs | at 80% | final | change (points) | spread (points) | converged (abs(change) < 0.5) |",
               "|---|---|---|---|---|---|---|"]
     for fraction in FRACTIONS:

@@ -110,7 +110,8 @@ def test_convergence_is_the_change_over_the_last_20_percent_with_the_plateau_spr
     assert study.convergence(falling, 100)["change_over_last_20pct_points"] == pytest.approx(-0.8)
     assert study.convergence(falling, 100)["converged"] is False  # a drop counts like a rise
     # Scores are stored as float32 fractions: a change of exactly 0.5 point (50 of 10,000 images) is not below 0.5.
-    at_the_bar = [{"step": 80, "test_top1": float(np.float32(0.7807))}, {"step": 100, "test_top1": float(np.float32(0.7857))}]
+    at_the_bar = [{"step": 80, "test_top1": float(np.float32(0.7807))},
+                  {"step": 100, "test_top1": float(np.float32(0.7857))}]
     assert study.convergence(at_the_bar, 100)["change_over_last_20pct_points"] == 0.5
     assert study.convergence(at_the_bar, 100)["converged"] is False
 
