@@ -5,6 +5,8 @@ set -euo pipefail
 # shellcheck source=scripts/setup_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 nepa_setup_env
+# transformers' common tests are part of the suite: here a missing copy is an error, not a skip.
+export NEPA_REQUIRE_TRANSFORMERS_TESTS=1
 
 # Default to the tests/ folder unless a test path (file, dir or node id) was given.
 has_path=0

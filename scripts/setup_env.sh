@@ -1,26 +1,42 @@
 # shellcheck shell=bash
-# Shared environment setup for scripts/run_tests.sh and scripts/run_demo.sh.
+# Shared environment setup for scripts/run_tests.sh, scripts/run_demo.sh and scripts/update_lock.sh.
 #
 # Source it from bash (it can also be run directly to only set up):
 #   * creates (or reuses) a virtual environment in <repo>/.venv;
-#   * installs torch and torchvision (pinned; never let pip resolve an unpinned torch) first, then
-#     `pip install -e ".[dev]"`; skipped when setup.cfg / pyproject.toml are unchanged
-#     since the last successful install (stamp file .venv/.nepa-hf-install-stamp);
+#   * installs `pip install -c requirements/lock.txt -e ".[dev]"`: every package at the exact version of the lock,
+#     which is what CI tested (torch and torchvision included, so pip never resolves another torch); skipped when
+#     setup.cfg, pyproject.toml and the lock are unchanged since the last successful install (stamp file
+#     .venv/.nepa-hf-install-stamp);
+#   * fetches the test files of the installed transformers release (its source distribution's tests/ folder, where
+#     transformers' common model tests live) into .venv/transformers-tests/<version>/, never into git;
 #   * installs Debian's dataset-fashion-mnist package when missing and possible
 #     (root or password-less sudo); otherwise code falls back to the bundled subset.
 # Afterwards $NEPA_REPO_ROOT is the repository root, $NEPA_PYTHON the venv's python,
-# the venv's bin/ is first on PATH, and the current directory is the repository root.
+# $NEPA_TRANSFORMERS_TESTS the transformers tests folder, the venv's bin/ is first on PATH, and the current directory
+# is the repository root.
 #
 # Environment knobs:
+#   NEPA_UNLOCKED=1        ignore the lock: the newest releases that setup.cfg allows, in <repo>/.venv-latest (torch
+#                          and torchvision stay at the lock's versions unless NEPA_TORCH_SPEC names others); this is
+#                          how to try new upstream releases, and what scripts/update_lock.sh builds the next lock from
+#   NEPA_EXTRA_REQUIREMENTS  with NEPA_UNLOCKED=1: further requirements, e.g. "transformers==5.25.0"
+#   NEPA_TORCH_SPEC        with NEPA_UNLOCKED=1: torch + torchvision requirements (default: the lock's pins)
 #   NEPA_PYTHON_BOOTSTRAP  python used to create the venv (default: first python3.x >= 3.10)
-#   NEPA_TORCH_SPEC        torch + torchvision requirements installed first (default: torch==2.14.1 torchvision==0.29.1)
 #   NEPA_EXTRAS            extras for the editable install (default: dev)
 #   NEPA_FORCE_INSTALL=1   reinstall even if the stamp matches
 #   NEPA_SKIP_APT=1        never try apt-get
 
 NEPA_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-NEPA_VENV="${NEPA_REPO_ROOT}/.venv"
-NEPA_TORCH_SPEC="${NEPA_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
+NEPA_LOCK_FILE="${NEPA_REPO_ROOT}/requirements/lock.txt"
+NEPA_UNLOCKED="${NEPA_UNLOCKED:-0}"
+if [ "$NEPA_UNLOCKED" = 1 ]; then
+    NEPA_VENV="${NEPA_REPO_ROOT}/.venv-latest"
+else
+    NEPA_VENV="${NEPA_REPO_ROOT}/.venv"
+fi
+# The lock's torch and torchvision: big local-disk builds that an unlocked install keeps unless told otherwise.
+NEPA_TORCH_SPEC="${NEPA_TORCH_SPEC:-$(grep -E '^(torch|torchvision)==' "$NEPA_LOCK_FILE" | tr '\n' ' ')}"
+NEPA_EXTRA_REQUIREMENTS="${NEPA_EXTRA_REQUIREMENTS:-}"
 NEPA_EXTRAS="${NEPA_EXTRAS:-dev}"
 NEPA_FASHION_MNIST_DIR="/usr/share/datasets/fashion-mnist"
 export NEPA_REPO_ROOT
@@ -71,7 +87,12 @@ _nepa_pip() {
 _nepa_install_hash() {
     {
         cat "${NEPA_REPO_ROOT}/setup.cfg" "${NEPA_REPO_ROOT}/pyproject.toml" 2>/dev/null
-        printf '%s\n%s\n' "$NEPA_TORCH_SPEC" "$NEPA_EXTRAS"
+        if [ "$NEPA_UNLOCKED" = 1 ]; then
+            printf 'unlocked %s\n%s\n' "$NEPA_TORCH_SPEC" "$NEPA_EXTRA_REQUIREMENTS"
+        else
+            cat "$NEPA_LOCK_FILE"
+        fi
+        printf '%s\n' "$NEPA_EXTRAS"
         "${NEPA_VENV}/bin/python" -c 'import sys; print(sys.version)'
     } | sha256sum | cut -d' ' -f1
 }
@@ -110,14 +131,46 @@ _nepa_setup_venv() {
     fi
 
     local t0=$SECONDS
-    # torch first: an unpinned torch resolved by another package pulls GBs of CUDA wheels.
-    _nepa_log "installing ${NEPA_TORCH_SPEC}"
-    # shellcheck disable=SC2086  # word-split on purpose: two pinned requirements
-    _nepa_pip install -q ${NEPA_TORCH_SPEC} || return 1
-    _nepa_log "installing nepa-hf (editable, extras: ${NEPA_EXTRAS}) and its dependencies"
-    (cd "${NEPA_REPO_ROOT}" && _nepa_pip install -q -e ".[${NEPA_EXTRAS}]") || return 1
+    if [ "$NEPA_UNLOCKED" = 1 ]; then
+        # Newest releases, but never an unpinned torch (another torch means gigabytes of downloads).
+        local torch_pins="${NEPA_VENV}/torch-constraints.txt"
+        printf '%s\n' $NEPA_TORCH_SPEC >"$torch_pins"
+        _nepa_log "installing nepa-hf (editable, extras: ${NEPA_EXTRAS}) with the newest releases (UNLOCKED;" \
+            "${NEPA_TORCH_SPEC}${NEPA_EXTRA_REQUIREMENTS:+; }${NEPA_EXTRA_REQUIREMENTS})"
+        # shellcheck disable=SC2086  # word-split on purpose: lists of requirements
+        (cd "${NEPA_REPO_ROOT}" && _nepa_pip install -q --upgrade --upgrade-strategy eager -c "$torch_pins" \
+            ${NEPA_TORCH_SPEC} -e ".[${NEPA_EXTRAS}]" ${NEPA_EXTRA_REQUIREMENTS}) || return 1
+    else
+        [ -f "$NEPA_LOCK_FILE" ] || _nepa_die "missing lock file $NEPA_LOCK_FILE" || return 1
+        _nepa_log "installing nepa-hf (editable, extras: ${NEPA_EXTRAS}) at the versions of requirements/lock.txt"
+        (cd "${NEPA_REPO_ROOT}" && _nepa_pip install -q -c "$NEPA_LOCK_FILE" -e ".[${NEPA_EXTRAS}]") || return 1
+    fi
     printf '%s\n' "$want" >"$stamp"
     _nepa_log "python environment ready in $((SECONDS - t0)) s"
+}
+
+# transformers' common model tests (ModelTesterMixin, ConfigTester, ...) ship only in its source distribution:
+# fetch the tests/ folder of the installed release, once per release, into the venv (outside git).
+_nepa_fetch_transformers_tests() {
+    local version
+    version="$("${NEPA_VENV}/bin/python" -c 'import transformers; print(transformers.__version__)')" || return 1
+    NEPA_TRANSFORMERS_TESTS="${NEPA_VENV}/transformers-tests/${version}/tests"
+    export NEPA_TRANSFORMERS_TESTS
+    [ -f "${NEPA_TRANSFORMERS_TESTS}/test_modeling_common.py" ] && return 0
+    _nepa_log "fetching the tests of transformers ${version} (its source distribution)"
+    local download
+    download="$(mktemp -d)"
+    if ! _nepa_pip download -q --no-binary :all: --no-deps -d "$download" \
+            "transformers==${version}"; then
+        rm -rf "$download"
+        return 1
+    fi
+    mkdir -p "${NEPA_VENV}/transformers-tests/${version}"
+    tar -xzf "$download"/transformers-*.tar.gz -C "${NEPA_VENV}/transformers-tests/${version}" \
+        --strip-components=1 "transformers-${version}/tests"
+    rm -rf "$download"
+    [ -f "${NEPA_TRANSFORMERS_TESTS}/test_modeling_common.py" ] \
+        || _nepa_die "transformers ${version}'s source distribution has no tests/test_modeling_common.py"
 }
 
 _nepa_setup_fashion_mnist() {
@@ -143,6 +196,7 @@ _nepa_setup_fashion_mnist() {
 
 nepa_setup_env() {
     _nepa_setup_venv || return 1
+    _nepa_fetch_transformers_tests || return 1
     _nepa_setup_fashion_mnist
     NEPA_PYTHON="${NEPA_VENV}/bin/python"
     export NEPA_PYTHON

@@ -21,8 +21,14 @@ HUB_REACHABLE = os.environ.get("HF_HUB_OFFLINE", "0") != "1" and _hub_reachable(
 if not HUB_REACHABLE:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# transformers' common tests (test_transformers_common_*.py) include the ones it marks @slow (run nightly there): on
+# NEPA's small testers they take seconds. Read by transformers.testing_utils at import time.
+os.environ.setdefault("RUN_SLOW", "1")
 
 import pytest  # noqa: E402
+
+# Modules that transformers' common test files import (see transformers_common.py), not tests of ours.
+collect_ignore = ["transformers_stand_ins"]
 from PIL import Image  # noqa: E402
 
 try:  # keep CPU tests light on the 2-core CI machines

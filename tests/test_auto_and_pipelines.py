@@ -117,7 +117,11 @@ def test_classifier_from_pretraining_checkpoint_is_bidirectional_with_zero_head(
     )
     assert info["unexpected_keys"] == set() or not info["unexpected_keys"]
     assert not info["mismatched_keys"]
-    assert "classifier" not in caplog.text and "fc_norm" not in caplog.text
+    # The new head is reported, as for ViT: transformers' LOAD REPORT lists its weights as MISSING (and only them:
+    # the QK-norm weights the source lacks are the known non-affine case).
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias", "fc_norm.weight", "fc_norm.bias"}
+    report = caplog.text[caplog.text.index("LOAD REPORT") :]
+    assert "classifier.weight" in report and "MISSING" in report and "q_norm" not in report
 
 
 def test_pretraining_checkpoint_loads_into_every_head(tmp_path):

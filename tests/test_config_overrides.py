@@ -26,7 +26,7 @@ def test_values_are_typed_like_the_fields():
     # As constructor arguments they are checked and what depends on them is derived: the backbone stages follow
     # num_hidden_layers (setting it on a built config would leave the preset's 6-block stages).
     config = NepaConfig.from_preset("nepa-vit-micro", **NepaConfig.overrides_from_string("num_hidden_layers=3"))
-    assert config.out_indices == [0, 1, 2, 3] and config.stage_names[-1] == "stage3"
+    assert config.out_indices == [3] and config.stage_names[-1] == "stage3"
     with pytest.raises(ValueError, match="divisible by num_attention_heads"):
         NepaConfig(**NepaConfig.overrides_from_string("hidden_size=30"))
     # Backbone stages are checked by the constructor against the final layer count (here 24, from the same string).

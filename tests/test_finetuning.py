@@ -154,7 +154,7 @@ def test_layer_decay_groups_also_read_transformers_vit_block_names():
     # the one rule: a learned [1, N, D] table is decayed like the CLS token
     assert by_name["embeddings.position_embeddings"]["weight_decay"] == 0.05
     block = {name.split(".")[0] for name in by_name if "0." in name and "attention" in name}.pop()
-    assert block in ("layers", "encoder")  # transformers 5.23 `layers.N`; earlier releases `encoder.layer.N`
+    assert block in ("layers", "encoder")  # ViT's blocks: `layers.N` in newer transformers, `encoder.layer.N` before
     prefix = "layers" if block == "layers" else "encoder.layer"
     first = [name for name in by_name if name.startswith(f"{prefix}.0.")]
     last = [name for name in by_name if name.startswith(f"{prefix}.2.") and name.endswith("weight")]

@@ -66,7 +66,8 @@ def tiny_config(**overrides) -> NepaConfig:
 
 
 def tiny_upernet_config(**overrides) -> UperNetConfig:
-    backbone = tiny_config(id2label=None, label2id=None)
+    # UperNet reads four stages: named explicitly, as for every transformers backbone (the default is the last block).
+    backbone = tiny_config(id2label=None, label2id=None, out_indices=default_backbone_out_indices(4))
     return UperNetConfig(
         backbone_config=backbone, num_labels=len(LABELS), hidden_size=16, auxiliary_channels=8, **overrides
     )
@@ -81,18 +82,16 @@ def test_default_out_indices_are_four_evenly_spaced_blocks():
     assert default_backbone_out_indices(6) == [2, 3, 4, 6]
     assert default_backbone_out_indices(4) == [1, 2, 3, 4]
     assert default_backbone_out_indices(3) == [0, 1, 2, 3]
+    # The backbone default is the last block, as for every transformers backbone; the segmentation model reads four.
     config = NepaConfig()
-    assert config.out_features == ["stage4", "stage6", "stage8", "stage12"]
-    # Explicit and stored values win over the default.
-    assert NepaConfig(out_indices=[12]).out_features == ["stage12"]
+    assert config.out_features == ["stage12"] and config.out_indices == [12]
+    assert NepaConfig(out_features=None, out_indices=None).out_indices == [12]
     stored = NepaConfig.from_dict({**NepaConfig().to_dict(), "out_indices": [3, 12], "out_features": None})
     assert stored.out_indices == [3, 12]
-    # A config saved by a model that does not read stages, with the last block only (the default before the
-    # four-stage one), gets the four-stage default; one saved by a backbone keeps its choice.
-    last_block_only = {**NepaConfig().to_dict(), "out_indices": [12], "out_features": ["stage12"]}
-    for architecture in ("NepaForPreTraining", "NepaForImageClassification"):
-        assert NepaConfig.from_dict({**last_block_only, "architectures": [architecture]}).out_indices == [4, 6, 8, 12]
-    assert NepaConfig.from_dict({**last_block_only, "architectures": ["NepaBackbone"]}).out_indices == [12]
+    segmenter_config = tiny_config()
+    assert segmenter_config.out_indices == [4]
+    NepaForSemanticSegmentation(segmenter_config)
+    assert segmenter_config.out_indices == [1, 2, 3, 4]  # chosen by the segmenter, written into its config
     reloaded = NepaConfig.from_dict(json.loads(json.dumps(tiny_config(pool_scales=[1, 3]).to_dict())))
     assert reloaded.pool_scales == [1, 3] and reloaded.semantic_loss_ignore_index == 255
     with pytest.raises(ValueError, match="pool_scales"):
@@ -105,7 +104,7 @@ def test_default_out_indices_are_four_evenly_spaced_blocks():
 @pytest.mark.parametrize("height, width", [(20, 28), (36, 12), (4, 4)])
 def test_backbone_feature_maps_for_odd_sizes(height, width):
     torch.manual_seed(0)
-    backbone = NepaBackbone(tiny_config()).eval()
+    backbone = NepaBackbone(tiny_config(out_indices=[1, 2, 3, 4])).eval()
     assert backbone.out_features == ["stage1", "stage2", "stage3", "stage4"] and backbone.channels == [32] * 4
     with torch.no_grad():
         outputs = backbone(torch.randn(2, 3, height, width))
@@ -294,11 +293,11 @@ def test_segmentation_input_errors():
     two_stages = tiny_config(out_indices=[2, 4])
     with pytest.raises(ValueError, match=r"reads four backbone stages.*out_indices=\[1, 2, 3, 4\]"):
         NepaForSemanticSegmentation(two_stages)
-    assert two_stages.out_indices == [2, 4]  # constructors never change the config
-    config = tiny_config()
+    assert two_stages.out_indices == [2, 4]  # a refused config is left as it was
+    config = tiny_config(out_indices=[1, 2, 3, 4])
     saved = config.to_dict()
     NepaForSemanticSegmentation(config), NepaBackbone(config)
-    assert config.to_dict() == saved
+    assert config.to_dict() == saved  # four chosen stages are kept as they are
     model.eval()(pixels[:1])  # a single image is fine for inference
 
 

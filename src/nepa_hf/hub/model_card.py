@@ -461,7 +461,10 @@ def model_card_text(spec: CheckpointSpec, repo_id: str, example_image: str = EXA
             f"{spec.num_labels} classes)"
         )
     elif spec.architecture == "NepaBackbone":
-        what = f"a NEPA {spec.size} backbone (`NepaBackbone`: feature maps of several blocks, for dense tasks)"
+        what = (
+            f"a NEPA {spec.size} backbone (`NepaBackbone`: feature maps of the blocks in `config.out_indices`, for "
+            "dense tasks)"
+        )
     elif spec.architecture == "NepaModel":
         what = f"a NEPA {spec.size} encoder (`NepaModel`, no task head)"
     else:

@@ -200,8 +200,8 @@ _LOAD_BACK = textwrap.dedent(
     image = np.random.default_rng(0).integers(0, 256, (size + 5, size + 3, 3), dtype=np.uint8)
     assert processor(image, return_tensors="pt").pixel_values.shape[-3] == config.num_channels
     if auto_class == "AutoBackbone":
-        # AutoBackbone.from_pretrained(local folder) asks the Hub whether the path is a repo (transformers 5.18 to at
-        # least 5.24) and fails offline; take the class from auto_map, as AutoBackbone does for a Hub repo.
+        # AutoBackbone.from_pretrained(local folder) can ask the Hub whether the path is a repo and fail offline
+        # (README, "Segment"); take the class from auto_map, as AutoBackbone does for a Hub repo.
         model_class = get_class_from_dynamic_module(config.auto_map[auto_class], folder)
     else:
         model_class = getattr(transformers, auto_class)

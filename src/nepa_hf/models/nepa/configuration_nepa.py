@@ -51,7 +51,8 @@ NEPA_PRESETS: dict[str, dict] = {
 
 
 def default_backbone_out_indices(num_hidden_layers: int) -> list[int]:
-    """Four evenly spaced backbone stages: after blocks L/3, L/2, 2L/3 and L (1-based; stage 0 is the embeddings).
+    """The four stages `NepaForSemanticSegmentation` reads unless its config names four: after blocks L/3, L/2, 2L/3
+    and L (1-based; stage 0 is the embeddings).
 
     This is the plain-ViT dense-prediction convention (BEiT/MAE UperNet: blocks 3, 5, 7, 11 of 12, zero-based,
     are stages 4, 6, 8, 12; 7, 11, 15, 23 of 24). Nearby indices are spread so all four differ; with fewer than 4
@@ -67,10 +68,6 @@ def default_backbone_out_indices(num_hidden_layers: int) -> list[int]:
 
 # Models whose attention is `finetuning_is_causal` (the others, NepaModel and NepaForPreTraining, use `is_causal`).
 FINETUNING_ARCHITECTURES = ("NepaForImageClassification", "NepaForSemanticSegmentation", "NepaBackbone")
-
-# Models that read the backbone stages (`out_indices` / `out_features`); the other NEPA models ignore them.
-BACKBONE_STAGE_ARCHITECTURES = ("NepaBackbone", "NepaForSemanticSegmentation")
-
 
 def saved_by_finetuning_model(config) -> bool:
     """Whether `config.architectures` names a fine-tuning model, i.e. the config was saved by one."""
@@ -112,10 +109,9 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
         pretraining_shift: next-position targets (True, the method) or same-position targets (ablation).
         pretraining_stop_gradient: detach the targets (True, the method); False is the collapse ablation.
         apply_layernorm, reshape_hidden_states, out_features, out_indices: backbone options (`NepaBackbone`).
-            `out_indices` count blocks from 1 (0 is the embedding output, "stem"); unset, they default to four
-            evenly spaced blocks, `default_backbone_out_indices(num_hidden_layers)` (4, 6, 8, 12 of 12 blocks), as
-            they are in a config saved by a pretraining or classification model with the last block only (the
-            default before this one, which those models never read).
+            `out_indices` count blocks from 1 (0 is the embedding output, "stem"); unset, the backbone outputs the
+            last block, as every transformers backbone does. `NepaForSemanticSegmentation` reads four stages: unless
+            four are set it takes `default_backbone_out_indices(num_hidden_layers)` (4, 6, 8, 12 of 12 blocks).
         decode_hidden_size: channels of the UperNet decode head of `NepaForSemanticSegmentation`.
         pool_scales: output sizes of the decode head's pyramid pooling module.
         use_auxiliary_head, auxiliary_hidden_size, auxiliary_loss_weight: the FCN auxiliary head on the third
@@ -176,10 +172,9 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
             self.finetuning_is_causal = self.is_causal if saved_by_finetuning_model(self) else False
         self._validate_nepa()
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
-        out_indices, out_features = kwargs.pop("out_indices", None), kwargs.pop("out_features", None)
-        if (out_indices is None and out_features is None) or self._stores_last_block_default(out_indices, out_features):
-            out_indices, out_features = default_backbone_out_indices(self.num_hidden_layers), None
-        self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
         super().__post_init__(**kwargs)
 
     def _validate_nepa(self):
@@ -202,16 +197,6 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}.")
         if not self.pool_scales or any(int(scale) < 1 for scale in self.pool_scales):
             raise ValueError(f"pool_scales must be a non-empty list of positive sizes, got {self.pool_scales!r}.")
-
-    def _stores_last_block_default(self, out_indices, out_features) -> bool:
-        """Whether these are the stages that configs saved before the four-stage default store: the last block only,
-        transformers' backbone default, saved by a model that does not read stages (pretraining, classification).
-        They are no choice, so they get the four-stage default like a new config, which a segmentation model needs."""
-        saved_by = getattr(self, "architectures", None) or []
-        if not saved_by or any(name in BACKBONE_STAGE_ARCHITECTURES for name in saved_by):
-            return False
-        last = self.num_hidden_layers
-        return list(out_indices or [last]) == [last] and list(out_features or [f"stage{last}"]) == [f"stage{last}"]
 
     @property
     def head_dim(self) -> int:
@@ -291,7 +276,6 @@ __all__ = [
     "NepaConfig",
     "NEPA_PRESETS",
     "FINETUNING_ARCHITECTURES",
-    "BACKBONE_STAGE_ARCHITECTURES",
     "default_backbone_out_indices",
     "saved_by_finetuning_model",
 ]

@@ -39,6 +39,11 @@ import PIL.Image
 import PIL.ImageOps
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
+
+try:
+    from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+except ImportError:  # pragma: no cover - releases before it: the same fields, on its base class
+    SemanticSegmentationPostProcessorOutput = BatchFeature
 from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
 from transformers.image_utils import (
     IMAGENET_STANDARD_MEAN,
@@ -366,14 +371,19 @@ class _NepaImageProcessorMixin:
         images = self._prepare_image_like_inputs(
             images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=kwargs.get("device")
         )
+        # Any channel count passes, as in every transformers processor (the model checks it against num_channels),
+        # as long as normalisation has one mean and std per channel.
+        image_mean = kwargs.get("image_mean") if kwargs.get("do_normalize") else None
+        channels = len(image_mean) if isinstance(image_mean, (list, tuple)) else None
         for index, image in enumerate(images):
             if _is_floating(image):  # integer pixels are always finite
                 _check_finite(image, index)
-            if image.shape[0] != 3:
+            if channels is not None and image.shape[0] != channels:
                 raise ValueError(
-                    f"NEPA expects 3-channel RGB images, got an image with {image.shape[0]} channel(s) (shape"
-                    f" {tuple(image.shape)} after moving channels first). Keep `do_convert_rgb=True` to convert"
-                    " grayscale, RGBA, CMYK and palette images."
+                    f"Image {index} has {image.shape[0]} channel(s) (shape {tuple(image.shape)} after moving channels"
+                    f" first), but image_mean and image_std have {channels} entries. Keep `do_convert_rgb=True` to"
+                    " convert grayscale, RGBA, CMYK and palette images to RGB, or pass image_mean and image_std with"
+                    " one entry per channel."
                 )
         if kwargs.get("do_rescale") and any(_looks_rescaled(image) for image in images):
             logger.warning_once(
@@ -426,7 +436,9 @@ class _NepaImageProcessorMixin:
                 output["auto_map"] = {**auto_map, "AutoImageProcessor": both}
         return output
 
-    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> "list[torch.Tensor]":
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes=None, return_segmentation_scores: bool = False
+    ) -> "list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]":
         """
         Convert the logits of a semantic-segmentation model into per-image label maps.
 
@@ -436,9 +448,12 @@ class _NepaImageProcessorMixin:
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape (batch_size, 2), *optional*):
                 (height, width) of each prediction. The logits are bilinearly resized to it before the argmax. If
                 unset, the argmax is taken at the logits' resolution.
+            return_segmentation_scores (`bool`, *optional*, defaults to `False`):
+                Also return the (resized) logits: each item is then a `SemanticSegmentationPostProcessorOutput` with
+                `segmentation` (height, width) and `segmentation_scores` (num_labels, height, width).
 
         Returns:
-            `list[torch.Tensor]`: one `torch.long` tensor of shape (height, width) per image.
+            `list[torch.Tensor]`: one `torch.long` tensor of shape (height, width) per image (or the outputs above).
         """
         logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
         if logits.ndim != 4:
@@ -446,25 +461,30 @@ class _NepaImageProcessorMixin:
                 f"Expected logits of shape (batch_size, num_labels, height, width), got shape {tuple(logits.shape)}."
             )
         if target_sizes is None:
-            return list(logits.argmax(dim=1).unbind(0))
-
-        if len(target_sizes) != logits.shape[0]:
-            raise ValueError(
-                f"Got {len(target_sizes)} target size(s) for a batch of {logits.shape[0]} logits; expected one each."
-            )
-        if _is_torch_tensor(target_sizes):
-            target_sizes = target_sizes.tolist()
-        semantic_segmentation = []
-        for index, target_size in enumerate(target_sizes):
+            scores = list(logits.unbind(0))
+        else:
+            if len(target_sizes) != logits.shape[0]:
+                raise ValueError(
+                    f"Got {len(target_sizes)} target size(s) for a batch of {logits.shape[0]} logits; expected one each."
+                )
+            if _is_torch_tensor(target_sizes):
+                target_sizes = target_sizes.tolist()
             # float32: interpolate is not implemented for every half-precision dtype on CPU.
-            resized_logits = torch.nn.functional.interpolate(
-                logits[index : index + 1].float(),
-                size=(int(target_size[0]), int(target_size[1])),
-                mode="bilinear",
-                align_corners=False,
+            scores = [
+                torch.nn.functional.interpolate(
+                    logits[index : index + 1].float(), size=(int(size[0]), int(size[1])), mode="bilinear",
+                    align_corners=False,
+                )[0]
+                for index, size in enumerate(target_sizes)
+            ]  # fmt: skip
+        if not return_segmentation_scores:
+            return [score.argmax(dim=0) for score in scores]
+        return [
+            SemanticSegmentationPostProcessorOutput(
+                data={"segmentation": score.argmax(dim=0), "segmentation_scores": score}
             )
-            semantic_segmentation.append(resized_logits[0].argmax(dim=0))
-        return semantic_segmentation
+            for score in scores
+        ]
 
 
 class NepaImageProcessorPil(_NepaImageProcessorMixin, PilBackend):

@@ -25,7 +25,8 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 
 from .configuration_nepa import NepaConfig, saved_by_finetuning_model
 
@@ -747,7 +748,7 @@ class NepaModel(NepaPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         bool_masked_pos: torch.Tensor | None = None,
         is_causal: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> NepaModelOutput:
         r"""
         pixel_values: (batch, channels, height, width); height and width multiples of the patch size.
@@ -803,7 +804,7 @@ class NepaForPreTraining(NepaPreTrainedModel):
         bool_masked_pos: torch.Tensor | None = None,
         is_causal: bool | None = None,
         return_loss: bool = True,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> NepaForPreTrainingOutput:
         r"""
         return_loss: compute the loss (on by default; lets `Trainer.evaluate` report `eval_loss` without labels).
@@ -847,8 +848,6 @@ class NepaForImageClassification(NepaPreTrainedModel):
 
     # Trainer: let it average over gradient-accumulation steps (soft targets have no item count).
     accepts_loss_kwargs = False
-    # Expected when starting from a pretraining checkpoint (missing QK-norm weights: see `_finalize_model_loading`).
-    _keys_to_ignore_on_load_missing = [r"fc_norm\.", r"classifier\."]
 
     def __init__(self, config: NepaConfig):
         super().__init__(config)
@@ -869,7 +868,7 @@ class NepaForImageClassification(NepaPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         is_causal: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput:
         r"""
         labels: see the class docstring.

@@ -18,7 +18,8 @@ from torch import nn
 from transformers import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, SemanticSegmenterOutput
 from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
 
 from .configuration_nepa import NepaConfig, default_backbone_out_indices
 from .modeling_nepa import (
@@ -84,9 +85,8 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     `config.reshape_hidden_states` (else (B, N, D)). Attention is `config.finetuning_is_causal`, bidirectional
     unless set, as for every fine-tuning model; `is_causal=` per call overrides it.
 
-    Note: `AutoBackbone.from_pretrained(local_dir)` fails in transformers 5.18 to at least 5.24 before reaching this
-    class (it asks the Hub whether the path is a repo); use `NepaBackbone.from_pretrained(local_dir)` or
-    `AutoBackbone.from_config`.
+    Note: `AutoBackbone.from_pretrained(local_dir)` can fail before reaching this class (it asks the Hub whether the
+    path is a repo); `NepaBackbone.from_pretrained(local_dir)` and `AutoBackbone.from_config` work on local folders.
     """
 
     remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
@@ -113,7 +113,12 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
 
     @can_return_tuple
     @filter_output_hidden_states
-    def forward(self, pixel_values: torch.Tensor | None = None, is_causal: bool | None = None, **kwargs) -> BackboneOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        is_causal: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BackboneOutput:
         r"""
         pixel_values: (batch, channels, height, width); height and width multiples of the patch size.
         is_causal: attention of this call; default `config.finetuning_is_causal`.
@@ -211,7 +216,8 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     Built from any NEPA checkpoint (`NepaForSemanticSegmentation.from_pretrained(dir, id2label=..., label2id=...)`):
     the backbone weights load into `nepa`, the neck and heads start from scratch. Attention is
     `config.finetuning_is_causal`, bidirectional unless set, as for every fine-tuning model.
-    The backbone feeds four blocks (`config.out_indices`, four evenly spaced ones unless set).
+    The backbone feeds four stages: `config.out_indices` when it names four, else four evenly spaced blocks
+    (`default_backbone_out_indices`), which the model writes into its config.
 
     `logits` are (batch, num_labels, 4 * H/p, 4 * W/p), i.e. at stride p/4; the loss and
     `post_process_semantic_segmentation` upsample them bilinearly. `labels` are (batch, H, W) int64 class indices;
@@ -222,22 +228,22 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     is_finetuning_model = True
     # The Trainer counts every label != -100 as an item, including 255 "ignore" pixels: let the loss take its mean.
     accepts_loss_kwargs = False
-    # Expected when starting from a pretraining or classification checkpoint.
-    _keys_to_ignore_on_load_missing = [r"^neck\.", r"^decode_head\.", r"^auxiliary_head\."]
     _keys_to_ignore_on_load_unexpected = [r"^fc_norm\.", r"^classifier\."]
 
     def __init__(self, config: NepaConfig):
-        if len(config.out_indices) != 4:
-            default = default_backbone_out_indices(config.num_hidden_layers)
-            if len(default) != 4:
-                raise ValueError(
-                    f"NepaForSemanticSegmentation needs four feature maps, but a {config.num_hidden_layers}-block NEPA "
-                    "has fewer than four stages. Use num_hidden_layers >= 3."
-                )
+        four_stages = default_backbone_out_indices(config.num_hidden_layers)
+        if len(four_stages) != 4:
+            raise ValueError(
+                f"NepaForSemanticSegmentation needs four feature maps, but a {config.num_hidden_layers}-block NEPA "
+                "has fewer than four stages. Use num_hidden_layers >= 3."
+            )
+        if config.out_indices == [config.num_hidden_layers]:  # the backbone default (last block): no stages chosen
+            config.set_output_features_output_indices(out_indices=four_stages, out_features=None)
+        elif len(config.out_indices) != 4:
             raise ValueError(
                 f"NepaForSemanticSegmentation reads four backbone stages, but config.out_indices={config.out_indices} "
-                f"selects {len(config.out_indices)}. Set out_indices={default} (four evenly spaced blocks), e.g. "
-                f"NepaForSemanticSegmentation.from_pretrained(..., out_indices={default})."
+                f"selects {len(config.out_indices)}. Set out_indices={four_stages} (four evenly spaced blocks), e.g. "
+                f"NepaForSemanticSegmentation.from_pretrained(..., out_indices={four_stages})."
             )
         super().__init__(config)
         self.nepa = NepaBackbone(config)
@@ -280,7 +286,7 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         is_causal: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SemanticSegmenterOutput:
         r"""
         labels: (batch, height, width) int64 class indices; `config.semantic_loss_ignore_index` is ignored.
