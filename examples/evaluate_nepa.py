@@ -36,6 +36,8 @@ from nepa_hf.data.classification import (
     check_labels,
     collate_image_batch,
     encode_labels,
+    model_class_order,
+    remap_labels,
     train_validation_split,
     with_image_transform,
 )
@@ -216,9 +218,11 @@ def main(argv=None):
     unreadable = {}
     if "accuracy" in tasks:
         model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path).to(args.device)
-        if model.config.num_labels != len(names):
-            raise ValueError(f"The classifier has {model.config.num_labels} labels, the dataset {len(names)}.")
-        data, skipped = batches(eval_set, image_column, label_column, transform, args, "accuracy")
+        # Classes are matched by name: the same classes in another order (e.g. a folder's alphabetical ones) are
+        # remapped to the model's ids, other classes refused.
+        model_order = model_class_order(names, model.config.id2label, args.model_name_or_path)
+        scored = eval_set if model_order is None else remap_labels(eval_set, label_column, names, model_order)
+        data, skipped = batches(scored, image_column, label_column, transform, args, "accuracy")
         results.update({f"eval_{k}": v for k, v in classification_accuracy(model, data).items()})
         unreadable["eval"] = skipped.count()
 

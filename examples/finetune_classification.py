@@ -42,6 +42,8 @@ from nepa_hf.data.classification import (
     LABEL_COLUMN_CANDIDATES,
     check_labels,
     encode_labels,
+    model_class_order,
+    remap_labels,
     stratified_subset,
     train_validation_split,
     with_image_transform,
@@ -139,6 +141,19 @@ def subsample(dataset, max_samples: int | None, seed: int):
     return dataset
 
 
+def classifier_to_continue(model_args: ModelArguments) -> dict | None:
+    """The `id2label` of a fine-tuned NEPA classifier whose head training continues (its classes must then be the
+    dataset's), None for a pretrained or preset source, or with --ignore_mismatched_sizes (a new head)."""
+    source = model_args.model_name_or_path
+    if source is None or model_args.ignore_mismatched_sizes or (source in NEPA_PRESETS and not os.path.isdir(source)):
+        return None
+    config = AutoConfig.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                        token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+    if not any(name.endswith("ForImageClassification") for name in (config.architectures or [])):
+        return None
+    return config.id2label
+
+
 def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
     """(model, image processor of the source or None, started from pretrained weights?)."""
     if model_args.model_name_or_path in NEPA_PRESETS and not os.path.isdir(model_args.model_name_or_path):
@@ -170,12 +185,6 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
     if config.model_type != NepaConfig.model_type:
         raise ValueError(f"{model_args.model_name_or_path} is a {config.model_type!r} checkpoint, not a NEPA one "
                          "(convert reference `vit_nepa` checkpoints first).")
-    fine_tuned = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
-    if fine_tuned and config.num_labels != len(id2label) and not model_args.ignore_mismatched_sizes:
-        raise ValueError(
-            f"{model_args.model_name_or_path} is a classifier with {config.num_labels} labels but the dataset has "
-            f"{len(id2label)}. Pass --ignore_mismatched_sizes to replace its head with a new {len(id2label)}-way one."
-        )
     if model_args.is_causal is not None:
         overrides["finetuning_is_causal"] = model_args.is_causal  # the head's attention (NepaConfig docstring)
     model = NepaForImageClassification.from_pretrained(
@@ -261,6 +270,19 @@ def main(argv: list[str] | None = None):
         predict_dataset, _ = encode_labels(predict_dataset, label_column, class_names)
         predict_dataset = subsample(predict_dataset, data_args.max_predict_samples, training_args.seed)
         check_labels(predict_dataset, label_column, len(class_names), "test")
+
+    # A classifier trained further keeps its head: its classes are matched to the dataset's by name (the same ones
+    # in another order are remapped to the model's ids; other classes are refused).
+    continued_labels = classifier_to_continue(model_args)
+    model_order = None
+    if continued_labels is not None:
+        model_order = model_class_order(class_names, continued_labels, model_args.model_name_or_path)
+    if model_order is not None:
+        train_dataset, eval_dataset, predict_dataset = (
+            None if dataset is None else remap_labels(dataset, label_column, class_names, model_order)
+            for dataset in (train_dataset, eval_dataset, predict_dataset)
+        )
+        class_names = model_order
 
     # ---- model ----
     id2label = dict(enumerate(class_names))

@@ -254,3 +254,42 @@ def test_mixable_marker_survives_the_trainers_column_removal():
                                  mixable=True)
     collator = RemoveColumnsCollator(AugmentationArguments().collator(10, 0.1), ["pixel_values", "labels"])
     assert collator([train[i] for i in range(4)])["labels"].shape == (4, 10)  # soft targets: mixed
+
+
+def test_default_training_transform_runs_many_times_on_valid_images_of_supported_sizes(photo):
+    """Issue 25 item 2: with timm's RandAugment at its top magnitude, posterize asks Pillow for 0 bits, which Pillow 13
+    refuses (a few calls in a thousand raised); the lock and setup.cfg keep Pillow below 13. Every call must succeed."""
+    transform = AugmentationArguments().train_transform(28, MEAN, STD)
+    gray = Image.fromarray((np.arange(28 * 28) % 256).reshape(28, 28).astype(np.uint8))
+    crops = [photo.resize((28, 28)), gray, photo.resize((64, 48)), photo.resize((224, 224))]
+    for seed in range(1200):
+        with seeded(seed):
+            assert transform(crops[seed % len(crops)]).shape == (3, 28, 28)
+
+
+def test_a_transform_error_is_raised_naming_the_image_and_not_counted_as_unreadable(tmp_path, caplog):
+    """Issue 25 item 2: only reading/decoding errors make an image 'unreadable'; a transform that fails on a good
+    image is a bug, raised with the image and the transform named, in fine-tuning and in pretraining data."""
+    import datasets
+
+    from nepa_hf.data.classification import with_image_transform
+    from nepa_hf.data.pretraining import PretrainingImageDataset
+
+    def posterize_zero_bits(image):
+        raise ValueError("bits must be between or equal to 1 and 8")
+
+    Image.new("RGB", (20, 16), (10, 200, 30)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = datasets.Dataset.from_dict({"image": [str(tmp_path / "good.png"), str(tmp_path / "broken.png")],
+                                       "label": [0, 1]})
+    images = with_image_transform(rows, posterize_zero_bits, "image", "label")
+    with pytest.raises(RuntimeError, match=r"transform failed on image #0 \(.*good.png\) \(RGB, 20x16\).*bits must") as e:
+        images[0]
+    assert "posterize_zero_bits" in str(e.value) and isinstance(e.value.__cause__, ValueError)
+    with caplog.at_level("WARNING"):
+        assert images[1]["pixel_values"] is None  # the broken file is the unreadable one
+    assert images.unreadable.count() == 1 and "broken.png" in caplog.text
+    pretraining = PretrainingImageDataset(rows, "image", posterize_zero_bits)
+    with pytest.raises(RuntimeError, match=r"transform failed on image #0 \(.*good.png\).*posterize_zero_bits"):
+        pretraining[0]
+    assert pretraining[1] == {"unreadable": 1}

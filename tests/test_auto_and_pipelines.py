@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from PIL import Image
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -122,6 +123,20 @@ def test_classifier_from_pretraining_checkpoint_is_bidirectional_with_zero_head(
     assert info["missing_keys"] == {"classifier.weight", "classifier.bias", "fc_norm.weight", "fc_norm.bias"}
     report = caplog.text[caplog.text.index("LOAD REPORT") :]
     assert "classifier.weight" in report and "MISSING" in report and "q_norm" not in report
+
+
+def test_pipeline_on_a_pretraining_folder_says_its_head_is_untrained(tmp_path, caplog):
+    """Issue 25 item 5: the README's untrained-head case. The pipeline works on a pretraining folder, and transformers'
+    LOAD REPORT, printed while the pipeline loads it, names the new head's weights as MISSING."""
+    NepaForPreTraining(small_config()).save_pretrained(tmp_path)
+    NepaImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        classify = pipeline("image-classification", model=str(tmp_path))
+    report = caplog.text[caplog.text.index("NepaForImageClassification LOAD REPORT") :]
+    assert all(f"{key} | MISSING" in " ".join(report.split()) for key in ("classifier.weight", "fc_norm.weight"))
+    assert "newly initialized" in report
+    scores = classify(Image.new("RGB", (40, 30), (200, 10, 10)), top_k=2)
+    assert [round(score["score"], 6) for score in scores] == [0.5, 0.5]  # the zero head, as the README says
 
 
 def test_pretraining_checkpoint_loads_into_every_head(tmp_path):

@@ -102,6 +102,75 @@ def test_evaluate_script_reports_accuracy_knn_and_linear_probe(finetuned_dir, tm
     assert results["num_train"] == 600 and results["num_eval"] == 300
 
 
+def write_fashion_folder(folder, classes, per_class=10):
+    """A train/test image folder of bundled Fashion-MNIST test items labelled by class name (metadata.csv; the names
+    hold a "/"), which the scripts number alphabetically, not in Fashion-MNIST's order."""
+    images, labels = load_fashion_mnist("test", source="bundled")
+    for split, start in (("train", 0), ("test", per_class)):
+        (folder / split).mkdir(parents=True)
+        rows = ["file_name,label"]
+        for name in classes:
+            for i in np.flatnonzero(labels == FASHION_MNIST_CLASSES.index(name))[start : start + per_class]:
+                Image.fromarray(images[i]).save(folder / split / f"{i}.png")
+                rows.append(f"{i}.png,{name}")
+        (folder / split / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_evaluate_matches_classes_by_name_as_the_pipeline_does(finetuned_dir, tmp_path, single_thread, caplog):
+    """Issue 25 item 1: a folder with the model's classes in alphabetical order is scored by class name (the
+    pipeline's accuracy, not one computed against shuffled ids); other classes are refused with both lists."""
+    evaluate_script = load_example("evaluate_nepa")
+    folder = write_fashion_folder(tmp_path / "folder", FASHION_MNIST_CLASSES)
+    with caplog.at_level("WARNING"):
+        results = evaluate_script.main(["--model_name_or_path", str(finetuned_dir), "--dataset_name", str(folder),
+                                        "--task", "accuracy", "--batch_size", "50"])
+    assert "classes in another order: its labels are mapped to the model's ids by name" in caplog.text
+    classify = pipeline("image-classification", model=str(finetuned_dir))
+    names = dict(row.split(",") for row in (folder / "test" / "metadata.csv").read_text().splitlines()[1:])
+    predictions = classify([str(folder / "test" / file) for file in names], top_k=1)
+    by_name = np.mean([p[0]["label"] == name for p, name in zip(predictions, names.values())])
+    assert results["num_eval"] == 100 and results["eval_accuracy"] == pytest.approx(by_name, abs=0.011)
+    assert by_name > 0.3  # a trained model (chance: 0.1), so a wrong mapping would show
+    other = write_fashion_folder(tmp_path / "other", FASHION_MNIST_CLASSES[:9], per_class=2)
+    for split in ("train", "test"):
+        metadata = other / split / "metadata.csv"
+        metadata.write_text(metadata.read_text().replace(",Coat", ",Raincoat"))
+    with pytest.raises(ValueError, match=r"not .*'s\. Model \(10\): \['T-shirt/top'.*Only in the dataset: \['Raincoat'\]"):
+        evaluate_script.main(["--model_name_or_path", str(finetuned_dir), "--dataset_name", str(other),
+                              "--task", "accuracy"])
+
+
+def test_class_matching_rule():
+    from nepa_hf.data.classification import model_class_order
+
+    model = {0: "cat", 1: "dog", 2: "fox"}
+    assert model_class_order(["cat", "dog", "fox"], model, "m") is None
+    assert model_class_order(["dog", "fox", "cat"], model, "m") == ["cat", "dog", "fox"]
+    with pytest.raises(ValueError, match=r"Only in the dataset: \['owl'\]; only in the model: \['fox'\]"):
+        model_class_order(["cat", "dog", "owl"], model, "m")
+    # No names on one side: matched by id, with a warning; a different count is refused.
+    assert model_class_order(["0", "1", "2"], model, "m") is None
+    assert model_class_order(["dog", "fox", "cat"], {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, "m") is None
+    with pytest.raises(ValueError, match="m has 3 classes, the dataset 2"):
+        model_class_order(["0", "1"], model, "m")
+
+
+def test_continued_fine_tuning_keeps_the_heads_classes_by_name(finetuned_dir, tmp_path, finetune_script,
+                                                               single_thread):
+    """Issue 25 item 1: training a fine-tuned classifier further on a folder that numbers its classes otherwise maps
+    the folder's labels to the head's classes by name; the head's id2label is kept."""
+    folder = write_fashion_folder(tmp_path / "folder", FASHION_MNIST_CLASSES, per_class=4)
+    output_dir = tmp_path / "continued"
+    finetune_script.main(["--model_name_or_path", str(finetuned_dir), "--dataset_name", str(folder),
+                          "--output_dir", str(output_dir), "--do_train", "--do_eval", "--eval_split", "test",
+                          "--max_steps", "1", *FOLDER_ARGS[2:]])
+    config = NepaConfig.from_pretrained(output_dir)
+    assert [config.id2label[i] for i in range(10)] == list(FASHION_MNIST_CLASSES)
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_accuracy"] > 0.3  # the trained head still scores by name (alphabetical ids: ~chance)
+
+
 def test_finetune_from_pretraining_checkpoint_uses_the_recipe(tmp_path, finetune_script, single_thread):
     torch.manual_seed(0)
     source = tmp_path / "pretrained"
@@ -154,7 +223,7 @@ def test_bad_inputs_fail_before_training(tmp_path, finetune_script, monkeypatch)
         (folder / name).mkdir(parents=True)
         for i in range(4):
             Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(folder / name / f"{i}.png")
-    with pytest.raises(ValueError, match="10 labels but the dataset has 2.*--ignore_mismatched_sizes"):
+    with pytest.raises(ValueError, match="has 10 classes, the dataset 2. Pass --ignore_mismatched_sizes"):
         finetune_script.main(["--model_name_or_path", str(classifier), "--dataset_name", str(folder),
                               "--output_dir", str(tmp_path / "c"), "--do_train", "--report_to", "none"])
 

@@ -98,7 +98,8 @@ def test_default_attributes(processor):
     assert list(processor.image_mean) == [0.5, 0.5, 0.5]
     assert list(processor.image_std) == [0.5, 0.5, 0.5]
     assert processor.do_center_crop is False
-    assert dict(processor.crop_size) == {"height": 224, "width": 224}
+    assert processor.crop_size is None  # nothing unused is saved (issue 25 item 6), as for ViT
+    assert "crop_size" not in type(processor)(size={"height": 28, "width": 28}).to_dict()
     assert processor.do_reduce_labels is False
     assert processor.model_input_names == ["pixel_values"]
 
@@ -146,6 +147,7 @@ def test_reference_eval_protocol_large_resize_then_crop(processor):
         size={"height": 235, "width": 235},
         resample=PIL.Image.Resampling.BICUBIC,
         do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
     )
     resized = np.asarray(image.resize((235, 235), PIL.Image.Resampling.BICUBIC))
     expected = _normalise(resized[5:229, 5:229])
@@ -398,8 +400,9 @@ def test_segmentation_maps_nearest_default_geometry(processor):
     "kwargs",
     [
         {},
-        {"size": {"shortest_edge": 256}, "do_center_crop": True, "resample": PIL.Image.Resampling.BICUBIC},
-        {"size": {"height": 235, "width": 235}, "do_center_crop": True},
+        {"size": {"shortest_edge": 256}, "do_center_crop": True, "resample": PIL.Image.Resampling.BICUBIC,
+         "crop_size": {"height": 224, "width": 224}},
+        {"size": {"height": 235, "width": 235}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}},
         {"size": {"height": 100, "width": 60}, "do_center_crop": True, "crop_size": {"height": 50, "width": 50}},
     ],
     ids=["default", "shortest-edge-crop", "235-crop", "odd-crop"],
@@ -530,7 +533,8 @@ EXPECTED_AUTO_CLASS = "NepaImageProcessor" if is_torchvision_available() else "N
 
 def test_save_and_load_round_trip(tmp_path, processor_class):
     original = processor_class(
-        size={"shortest_edge": 256}, do_center_crop=True, resample=PIL.Image.Resampling.BICUBIC, do_reduce_labels=True
+        size={"shortest_edge": 256}, do_center_crop=True, crop_size={"height": 224, "width": 224},
+        resample=PIL.Image.Resampling.BICUBIC, do_reduce_labels=True,
     )
     original.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
@@ -687,8 +691,9 @@ def test_torchvision_class_follows_availability():
     if not is_torchvision_available():
         assert ipn.NepaImageProcessor is None
         return
-    tv = ipn.NepaImageProcessor(size={"shortest_edge": 256}, do_center_crop=True, do_reduce_labels=True)
-    pil = NepaImageProcessorPil(size={"shortest_edge": 256}, do_center_crop=True, do_reduce_labels=True)
+    crop = {"height": 224, "width": 224}
+    tv = ipn.NepaImageProcessor(size={"shortest_edge": 256}, do_center_crop=True, crop_size=crop, do_reduce_labels=True)
+    pil = NepaImageProcessorPil(size={"shortest_edge": 256}, do_center_crop=True, crop_size=crop, do_reduce_labels=True)
     assert tv.to_dict() == pil.to_dict()
     label_map = _label_map()
     images = [PIL.Image.fromarray(SMALL), PIL.Image.fromarray(SMALL).convert("RGBA"), SMALL[..., 0].copy()]

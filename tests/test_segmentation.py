@@ -98,6 +98,18 @@ def test_default_out_indices_are_four_evenly_spaced_blocks():
         tiny_config(pool_scales=[])
 
 
+def test_segmentation_heads_scale_with_the_backbone():
+    """Issue 25 item 4: the decode and auxiliary channels follow hidden_size (BEiT's UperNet sizing: hidden_size and
+    hidden_size // 3, 768 / 256 for ViT-B), so a micro backbone gets a micro head; explicit values win and are saved."""
+    sizes = {name: NepaConfig.from_preset(name) for name in ("nepa-vit-micro", "nepa-vit-tiny", "nepa-vit-b")}
+    assert [(c.decode_hidden_size, c.auxiliary_hidden_size) for c in sizes.values()] == [(128, 42), (192, 64), (768, 256)]
+    micro = NepaForSemanticSegmentation(NepaConfig.from_preset("nepa-vit-micro", num_labels=10))
+    backbone = sum(p.numel() for p in micro.nepa.parameters())
+    assert sum(p.numel() for p in micro.parameters()) < 4 * backbone  # was 24x with the fixed 512/256 heads
+    explicit = NepaConfig.from_preset("nepa-vit-micro", decode_hidden_size=512)
+    assert NepaConfig.from_dict(explicit.to_dict()).decode_hidden_size == 512
+
+
 # ------------------------------------------------------------------------------------------------ backbone
 
 

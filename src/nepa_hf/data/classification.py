@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .images import decode_image, describe_image_source, without_image_decoding
+from .images import decode_image, describe_image_source, transform_image, without_image_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,62 @@ def _with_class_label(features, column: str, names: Sequence[str]):
     features = features.copy()
     features[column] = datasets.ClassLabel(names=list(names))
     return features
+
+
+def _unnamed(names: Sequence[str], kind: str) -> bool:
+    """Names that only number the classes: transformers' default `LABEL_i` of a model, or the ids of a dataset with
+    plain integer labels (`encode_labels` names those "0", "1", ...)."""
+    placeholder = "LABEL_{}" if kind == "model" else "{}"
+    return [str(name) for name in names] == [placeholder.format(i) for i in range(len(names))]
+
+
+def model_class_order(class_names: Sequence[str], id2label: dict, model_name: str) -> list[str] | None:
+    """How a dataset's classes (`class_names`, by id) meet a fine-tuned classifier's (`id2label`): matched by name.
+
+    Returns the model's class names when the two are the same set in another order (the dataset's ids must then be
+    remapped to the model's: `remap_labels`), None when the ids already mean the same classes (same names in the same
+    order, or either side has no names and the counts agree: matched by id, with a warning). Raises a ValueError
+    listing both when the class sets differ.
+    """
+    model_names = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    names = [str(name) for name in class_names]
+    if names == model_names:
+        return None
+    if _unnamed(model_names, "model") or _unnamed(names, "dataset"):
+        if len(names) != len(model_names):
+            raise ValueError(
+                f"{model_name} has {len(model_names)} classes, the dataset {len(names)}. Pass "
+                "--ignore_mismatched_sizes to replace its head with a new one (fine-tuning)."
+            )
+        side = "the model" if _unnamed(model_names, "model") else "the dataset"
+        logger.warning(
+            f"{side.capitalize()} has no class names, so the dataset's label ids are taken to be {model_name}'s ids "
+            f"(model: {model_names[:10]}, dataset: {names[:10]}). Name the classes on both sides to have them "
+            "matched by name."
+        )
+        return None
+    if sorted(names) == sorted(model_names):
+        logger.warning(
+            f"The dataset has {model_name}'s classes in another order: its labels are mapped to the model's ids by "
+            f"name (model: {model_names[:10]}; dataset: {names[:10]})."
+        )
+        return model_names
+    raise ValueError(
+        f"The dataset's classes are not {model_name}'s. Model ({len(model_names)}): {model_names}. Dataset "
+        f"({len(names)}): {names}. Only in the dataset: {sorted(set(names) - set(model_names))}; only in the model: "
+        f"{sorted(set(model_names) - set(names))}. Evaluate on data with the model's classes, or fine-tune a new head "
+        "(--ignore_mismatched_sizes)."
+    )
+
+
+def remap_labels(dataset, label_column: str, class_names: Sequence[str], new_class_names: Sequence[str]):
+    """The dataset with label ids into `class_names` turned into ids into `new_class_names` (the same names)."""
+    position = {str(name): i for i, name in enumerate(new_class_names)}
+    new_ids = [position[str(name)] for name in class_names]
+    return dataset.map(
+        lambda labels: {label_column: [new_ids[label] for label in labels]}, input_columns=label_column, batched=True,
+        features=_with_class_label(dataset.features, label_column, [str(name) for name in new_class_names]),
+    )
 
 
 def check_labels(dataset, label_column: str, num_labels: int, split: str = "train") -> None:
@@ -233,11 +289,12 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     """A `datasets.Dataset` of images and labels as model inputs: per index, the image is decoded here and run through
     `transform` into normalised float `pixel_values` (C, H, W), with its integer `labels`.
 
-    An image that cannot be decoded or transformed (truncated or corrupt file, missing path, ...) does not stop
-    training: the example comes back with `pixel_values=None` (the collators drop it), a warning names the file (the
-    first few per worker) and `unreadable` records the row, so the run can report how many distinct files were
-    skipped. Decoding happens here rather than in `datasets` (the image column is read with `decode=False`), since
-    a decoding error inside `datasets` would end the DataLoader.
+    An image that cannot be read (truncated or corrupt file, missing path, ...) does not stop training: the example
+    comes back with `pixel_values=None` (the collators drop it), a warning names the file (the first few per worker)
+    and `unreadable` records the row, so the run can report how many distinct files were skipped. Decoding happens
+    here rather than in `datasets` (the image column is read with `decode=False`), since a decoding error inside
+    `datasets` would end the DataLoader. An error of the transform on an image that decoded is a bug, not a bad
+    file: it is raised, naming the image and the transform (`transform_image`).
     """
 
     max_warnings = 10
@@ -259,12 +316,12 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> ImageExample:
-        row, value = {}, None
+        row, value, image = {}, None, None
         try:
             row = self.dataset[index]
             value = row[self.image_column]
-            pixel_values = self.transform(decode_image(value))
-        except Exception as error:  # any decoder/transform failure: skip this image, never stop the run
+            image = decode_image(value)
+        except Exception as error:  # any reading/decoding failure: skip this image, never stop the run
             self.unreadable.mark(index)
             self._num_warnings += 1
             if self._num_warnings <= self.max_warnings:
@@ -273,7 +330,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                     type(error).__name__, error,
                     " (further ones in this worker are only counted)" if self._num_warnings == self.max_warnings else "",
                 )
-            pixel_values = None
+        pixel_values = None
+        if image is not None:
+            pixel_values = transform_image(self.transform, image, describe_image_source(value, f"#{index}"))
         example = {"pixel_values": pixel_values}
         if self.label_column is not None:
             example["labels"] = row.get(self.label_column)
@@ -346,6 +405,8 @@ __all__ = [
     "drop_unreadable",
     "encode_labels",
     "label_values",
+    "model_class_order",
+    "remap_labels",
     "stratified_indices",
     "stratified_subset",
     "train_validation_split",

@@ -34,6 +34,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "decode_image",
     "describe_image_source",
+    "transform_image",
     "without_image_decoding",
 ]
 
@@ -456,6 +457,19 @@ def describe_image_source(value, where) -> str:
     """``where`` (e.g. a row index) plus the file path behind a dataset value when it has one, for warnings."""
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
     return f"{where}" + (f" ({path})" if path else "")
+
+
+def transform_image(transform, image, source: str):
+    """`transform(image)` for an image that decoded. A failure here is a bug in the transform or the libraries under
+    it, not a bad file: it is raised (never skipped as unreadable), naming the image and the transform."""
+    try:
+        return transform(image)
+    except Exception as error:
+        raise RuntimeError(
+            f"The transform failed on image {source} ({image.mode}, {image.width}x{image.height}), which decoded "
+            f"fine: {type(error).__name__}: {error}. This is an error in the transform or a library it uses, not in "
+            f"the file. Transform: {transform!r}"
+        ) from error
 
 
 def without_image_decoding(dataset, image_column: str):

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from .images import decode_image, describe_image_source, without_image_decoding
+from .images import decode_image, describe_image_source, transform_image, without_image_decoding
 from .transforms import seeded, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,7 @@ class _SampleProcessor:
             image = to_rgb(decode_image(value))  # 16-bit/float sources are rescaled, not clipped
             if self.num_channels == 1:
                 image = image.convert("L")
-            with seeded(seed):
-                pixels = self.transform(image)
-                mask = random_patch_mask(1, self.num_patches, self.mask_ratio)[0] if self.mask_ratio else None
-        except Exception as error:  # any decoder failure: skip the sample, never stop a long run
+        except Exception as error:  # any reading/decoding failure: skip the sample, never stop a long run
             self.num_failures += 1
             if self.num_failures <= self.max_warnings:
                 logger.warning(
@@ -105,6 +102,9 @@ class _SampleProcessor:
                     else "",
                 )
             return {UNREADABLE_KEY: key}
+        with seeded(seed):  # a transform error is a bug, not a bad file: raised, naming the image (transform_image)
+            pixels = transform_image(self.transform, image, describe_image_source(value, where))
+            mask = random_patch_mask(1, self.num_patches, self.mask_ratio)[0] if self.mask_ratio else None
         sample = {"pixel_values": pixels}
         if mask is not None:
             sample["bool_masked_pos"] = mask

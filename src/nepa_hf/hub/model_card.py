@@ -547,6 +547,10 @@ The model code ships with the weights, so transformers alone is enough (`trust_r
 
 With `pip install nepa-hf` and `import nepa_hf`, the same calls work without `trust_remote_code`.
 {fine_tune}
+For LoRA with PEFT, NEPA's attention projections are `q_proj`, `k_proj`, `v_proj` and `o_proj` (not ViT's `query` /
+`value`) and its MLP's `up_proj` / `down_proj`: `LoraConfig(target_modules=["q_proj", "v_proj"], ...)`; a
+classification head trains in full with `modules_to_save=["classifier", "fc_norm"]`.
+
 ## Preprocessing
 
 `AutoImageProcessor` returns `NepaImageProcessor` (torchvision backend) where torchvision is installed and

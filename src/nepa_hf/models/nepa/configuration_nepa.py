@@ -112,10 +112,12 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
             `out_indices` count blocks from 1 (0 is the embedding output, "stem"); unset, the backbone outputs the
             last block, as every transformers backbone does. `NepaForSemanticSegmentation` reads four stages: unless
             four are set it takes `default_backbone_out_indices(num_hidden_layers)` (4, 6, 8, 12 of 12 blocks).
-        decode_hidden_size: channels of the UperNet decode head of `NepaForSemanticSegmentation`.
+        decode_hidden_size: channels of the UperNet decode head of `NepaForSemanticSegmentation`; unset, the
+            backbone's `hidden_size` (as BEiT's UperNet head in transformers: 768 for ViT-B).
         pool_scales: output sizes of the decode head's pyramid pooling module.
         use_auxiliary_head, auxiliary_hidden_size, auxiliary_loss_weight: the FCN auxiliary head on the third
-            pyramid level, used only for the training loss (`loss = decode + weight * auxiliary`).
+            pyramid level, used only for the training loss (`loss = decode + weight * auxiliary`); unset,
+            `auxiliary_hidden_size` is `hidden_size // 3` (BEiT's 256 for ViT-B). Both heads so scale with the backbone.
         semantic_loss_ignore_index: label value that the segmentation loss ignores (255, the ADE20K convention
             that `do_reduce_labels` produces).
     """
@@ -155,10 +157,10 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
     reshape_hidden_states: bool = True
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
-    decode_hidden_size: int = 512
+    decode_hidden_size: int | None = None
     pool_scales: list[int] | tuple[int, ...] = (1, 2, 3, 6)
     use_auxiliary_head: bool = True
-    auxiliary_hidden_size: int = 256
+    auxiliary_hidden_size: int | None = None
     auxiliary_loss_weight: float | int = 0.4
     semantic_loss_ignore_index: int = 255
 
@@ -168,6 +170,10 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
             self.drop_path_rate = kwargs.pop("drop_path_prob")
         if "add_pooling_layer" in kwargs:
             self.pooling = "mean" if kwargs.pop("add_pooling_layer") else "last"
+        if self.decode_hidden_size is None:
+            self.decode_hidden_size = self.hidden_size
+        if self.auxiliary_hidden_size is None:
+            self.auxiliary_hidden_size = max(self.hidden_size // 3, 1)
         if self.finetuning_is_causal is None:
             self.finetuning_is_causal = self.is_causal if saved_by_finetuning_model(self) else False
         self._validate_nepa()

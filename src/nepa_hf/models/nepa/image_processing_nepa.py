@@ -239,7 +239,7 @@ class _NepaImageProcessorMixin:
     size = {"height": 224, "width": 224}
     resample = PILImageResampling.BILINEAR
     do_center_crop = False
-    crop_size = {"height": 224, "width": 224}
+    crop_size = None  # as ViT's: set with do_center_crop (the evaluation protocol sets both)
     do_rescale = True
     rescale_factor = 1 / 255
     do_normalize = True
@@ -494,7 +494,8 @@ class NepaImageProcessorPil(_NepaImageProcessorMixin, PilBackend):
     The defaults reproduce the preprocessing of the released NEPA checkpoints: resize straight to 224x224 with
     bilinear resampling (no crop), rescale by 1/255, then normalise with mean = std = (0.5, 0.5, 0.5). The reference
     evaluation protocol (short side 256, bicubic, centre crop 224) is
-    `size={"shortest_edge": 256}, resample=PILImageResampling.BICUBIC, do_center_crop=True`.
+    `size={"shortest_edge": 256}, resample=PILImageResampling.BICUBIC, do_center_crop=True,
+    crop_size={"height": 224, "width": 224}`.
 
     Semantic segmentation maps go through the same resize and crop with nearest-neighbour sampling and come back as
     int64 `labels`; see `preprocess` and `post_process_semantic_segmentation`.
