@@ -7,22 +7,25 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export NEPA_UNLOCKED=1 NEPA_FORCE_INSTALL=1 NEPA_EXTRA_REQUIREMENTS="$*"
-for requirement in "$@"; do
-    case "$requirement" in
-        torch[=\<\>~!]* | torchvision[=\<\>~!]*) NEPA_TORCH_SPEC="${NEPA_TORCH_SPEC:-} $requirement" ;;
-    esac
-done
-[ -n "${NEPA_TORCH_SPEC:-}" ] && export NEPA_TORCH_SPEC
 rm -rf "${repo}/.venv-latest"  # a fresh environment: the lock lists exactly what the install pulls in
 # shellcheck source=scripts/setup_env.sh
-source "${repo}/scripts/setup_env.sh"
+source "${repo}/scripts/setup_env.sh"  # NEPA_TORCH_SPEC: the lock's torch and torchvision pins
+# ... each replaced by a requirement given here for that package.
+for requirement in "$@"; do
+    name="${requirement%%[=<>~!]*}"
+    case "$name" in
+        torch | torchvision)
+            NEPA_TORCH_SPEC="$(printf '%s\n' $NEPA_TORCH_SPEC | { grep -v "^${name}[=<>~!]" || true; } | tr '\n' ' ')"
+            NEPA_TORCH_SPEC="${NEPA_TORCH_SPEC}${requirement}" ;;
+    esac
+done
 nepa_setup_env
 
 export NEPA_REQUIRE_TRANSFORMERS_TESTS=1
 echo "[nepa-hf] the suite on the newest releases: python -m pytest tests -q" >&2
 "$NEPA_PYTHON" -m pytest tests -q
 
-lock="${repo}/requirements/lock.txt"
+lock="$NEPA_LOCK_FILE"
 {
     sed -n '/^#/p' "$lock"  # the header
     "$NEPA_PYTHON" -m pip freeze --exclude-editable --disable-pip-version-check | LC_ALL=C sort -f
