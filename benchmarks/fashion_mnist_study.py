@@ -305,7 +305,7 @@ def build_classifier(init: str, seed: int, output_root: Path) -> nn.Module:
         model = ViTMeanPoolClassifier()
         model.load_mae_encoder(pretrained_dir(output_root, "mae"))
         return model
-    # NEPA checkpoints load into the classifier bidirectional (finetuning_is_causal=False), with a zero-initialised
+    # NEPA checkpoints load into the classifier bidirectional (the head sets is_causal=False), with a zero-initialised
     # head: the authors' fine-tuning setup.
     return NepaForImageClassification.from_pretrained(pretrained_dir(output_root, init), num_labels=10,
                                                       drop_path_rate=0.0)

@@ -49,6 +49,7 @@ from nepa_hf.evaluation.features import (
     knn_accuracy,
     linear_probe_accuracy,
 )
+from nepa_hf.hub.loading import load_pretrained
 from nepa_hf.data.transforms import INTERPOLATIONS, ImageProcessorTransform, evaluation_image_processor
 from nepa_hf.data.workers import default_num_workers
 
@@ -217,7 +218,7 @@ def main(argv=None):
 
     unreadable = {}
     if "accuracy" in tasks:
-        model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path).to(args.device)
+        model = load_pretrained(AutoModelForImageClassification, args.model_name_or_path).to(args.device)
         # Classes are matched by name: the same classes in another order (e.g. a folder's alphabetical ones) are
         # remapped to the model's ids, other classes refused.
         model_order = model_class_order(names, model.config.id2label, args.model_name_or_path)
@@ -227,7 +228,7 @@ def main(argv=None):
         unreadable["eval"] = skipped.count()
 
     if tasks & {"knn", "linear_probe"}:
-        backbone = AutoModel.from_pretrained(args.model_name_or_path).to(args.device)
+        backbone = load_pretrained(AutoModel, args.model_name_or_path).to(args.device)
         is_causal = None if args.is_causal == "config" else args.is_causal == "true"
         train_set, train_image_column, train_label_column = prepare(train_set, args, names, args.max_train_samples,
                                                                     args.train_split)
@@ -239,7 +240,7 @@ def main(argv=None):
         eval_features, eval_labels = extract_features(backbone, eval_data, **feature_kwargs)
         unreadable.update(train=train_skipped.count(), eval=eval_skipped.count())
         results.update({"num_train": len(train_features), "pooling": args.pooling, "layer": args.layer,
-                        "is_causal": backbone.config.is_causal if is_causal is None else is_causal})
+                        "is_causal": backbone.config.resolved_is_causal if is_causal is None else is_causal})
         if "knn" in tasks:
             knn = knn_accuracy(train_features, train_labels, eval_features, eval_labels, k=args.k,
                                temperature=args.temperature, num_classes=len(names))

@@ -48,8 +48,10 @@ from nepa_hf.data.classification import (
     train_validation_split,
     with_image_transform,
 )
-from nepa_hf.data.images import load_image_dataset, resolve_column, split_names
+from nepa_hf.data.images import load_image_dataset, patch_aligned_size, resolve_column, split_names
 from nepa_hf.evaluation.features import classification_metrics
+from nepa_hf.hub.loading import load_pretrained
+from nepa_hf.training.config_overrides import parse_config_overrides
 from nepa_hf.training.finetuning import NepaTrainer, NepaTrainingArguments
 from nepa_hf.data.transforms import ImageProcessorTransform
 
@@ -164,15 +166,15 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
     overrides = {"id2label": id2label, "label2id": label2id}
     if model_args.drop_path_rate is not None:
         overrides["drop_path_rate"] = model_args.drop_path_rate
+    if model_args.is_causal is not None:  # else the head's default: bidirectional (NepaConfig.is_causal)
+        overrides["is_causal"] = model_args.is_causal
     if model_args.preset is not None:
         if model_args.model_name_or_path is not None:
             raise ValueError("Pass either --model_name_or_path or --preset, not both.")
         if model_args.image_size is not None:
             overrides["image_size"] = model_args.image_size
-        overrides.update(NepaConfig.overrides_from_string(model_args.config_overrides))
-        # From scratch there is no pretraining attention: the trunk attends as the head does.
-        causal = bool(model_args.is_causal)
-        config = NepaConfig.from_preset(model_args.preset, is_causal=causal, finetuning_is_causal=causal, **overrides)
+        overrides.update(parse_config_overrides(model_args.config_overrides))
+        config = NepaConfig.from_preset(model_args.preset, **overrides)
         return NepaForImageClassification(config), None, False
     if model_args.config_overrides:
         raise ValueError("--config_overrides only applies to --preset (training from scratch).")
@@ -185,11 +187,9 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
     if config.model_type != NepaConfig.model_type:
         raise ValueError(f"{model_args.model_name_or_path} is a {config.model_type!r} checkpoint, not a NEPA one "
                          "(convert reference `vit_nepa` checkpoints first).")
-    if model_args.is_causal is not None:
-        overrides["finetuning_is_causal"] = model_args.is_causal  # the head's attention (NepaConfig docstring)
-    model = NepaForImageClassification.from_pretrained(
-        model_args.model_name_or_path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, dtype=torch.float32,
-        **overrides, **hub_kwargs,
+    model = load_pretrained(
+        NepaForImageClassification, model_args.model_name_or_path, dtype=torch.float32,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **overrides, **hub_kwargs,
     )
     try:
         processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or model_args.model_name_or_path,
@@ -290,9 +290,7 @@ def main(argv: list[str] | None = None):
     model, source_processor, pretrained = load_model(model_args, id2label, label2id)
     if training_args.freeze_patch_embeddings is None:  # reference: frozen when fine-tuning pretrained weights
         training_args.freeze_patch_embeddings = pretrained
-    size = model_args.image_size or model.config.image_size
-    if size % model.config.patch_size:
-        raise ValueError(f"--image_size {size} is not a multiple of the patch size {model.config.patch_size}.")
+    size = patch_aligned_size(model_args.image_size or model.config.image_size, model.config.patch_size)
     # The evaluation preprocessing, saved with the model, with the source checkpoint's normalisation.
     mean = list(getattr(source_processor, "image_mean", None) or [0.5, 0.5, 0.5])
     std = list(getattr(source_processor, "image_std", None) or [0.5, 0.5, 0.5])

@@ -42,14 +42,18 @@ from transformers import AutoImageProcessor, HfArgumentParser, Trainer, set_seed
 
 from nepa_hf import NepaConfig, NepaForSemanticSegmentation, NepaImageProcessor
 from nepa_hf.evaluation.features import local_metric_path
+from nepa_hf.hub.loading import load_pretrained
+from nepa_hf.training.config_overrides import parse_config_overrides
 from nepa_hf.training.finetuning import AutoWorkersTrainingArguments, layer_decay_parameter_groups
 from nepa_hf.evaluation.segmentation import sliding_window_inference, whole_inference
 from nepa_hf.data.segmentation import (
     FASHION_SCENES_LABELS,
+    check_label_maps,
     fashion_scenes_dataset,
     random_scale_crop_flip,
     segmentation_folder_dataset,
 )
+from nepa_hf.data.images import patch_aligned_size
 from nepa_hf.data.transforms import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -198,26 +202,24 @@ def main():
     num_labels = len(id2label)
 
     # ---------------------------------------------------------------------------------------------- model
-    overrides = NepaConfig.overrides_from_string(model_args.config_overrides)
+    overrides = parse_config_overrides(model_args.config_overrides)
     label_kwargs = dict(id2label=id2label, label2id=label2id)
     if model_args.model_name_or_path:
         config = NepaConfig.from_pretrained(model_args.model_name_or_path, **label_kwargs, **overrides)
     else:
         config = NepaConfig.from_preset(model_args.config_preset, **label_kwargs, **overrides)
     if model_args.model_name_or_path:
-        model = NepaForSemanticSegmentation.from_pretrained(
-            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True, dtype=torch.float32
+        model = load_pretrained(
+            NepaForSemanticSegmentation, model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True,
+            dtype=torch.float32,
         )
     else:
         model = NepaForSemanticSegmentation(config)
     if model_args.freeze_backbone:
         model.nepa.requires_grad_(False)
-    if data_args.crop_size % config.patch_size:
-        if data_args.crop_size_given:
-            raise ValueError(f"--crop_size {data_args.crop_size} must be a multiple of the patch size {config.patch_size}.")
-        # The default follows the data (e.g. 64-px scenes); fit it to the model's patches (a patch-7 model: 63).
-        data_args.crop_size -= data_args.crop_size % config.patch_size
-        logger.info(f"Crop size {data_args.crop_size}: the largest multiple of the patch size {config.patch_size} that fits.")
+    # The default follows the data (e.g. 64-px scenes): fitted to the model's patches (a patch-7 model: 63).
+    data_args.crop_size = patch_aligned_size(data_args.crop_size, config.patch_size, "--crop_size",
+                                             round_down=not data_args.crop_size_given)
     crop = (data_args.crop_size, data_args.crop_size)
     base_size = data_args.base_size or data_args.crop_size
 
@@ -250,7 +252,9 @@ def main():
     def collate_fn(examples):
         return {
             "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-            "labels": torch.stack([example["labels"] for example in examples]),
+            "labels": check_label_maps(
+                torch.stack([example["labels"] for example in examples]), num_labels, config.semantic_loss_ignore_index
+            ),
         }
 
     train_inputs = train_dataset.with_transform(train_transform)

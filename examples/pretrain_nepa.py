@@ -21,8 +21,6 @@ the readable images of the global batch, so any number of processes trains the s
 import argparse
 import logging
 import math
-import os
-import time
 from pathlib import Path
 
 import datasets
@@ -35,28 +33,26 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForPreTraining, get_cosine_schedule_with_warmup
 
 from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForPreTraining, NepaImageProcessor
-from nepa_hf.data.images import BUILTIN_DATASETS, load_image_dataset, resolve_column
-from nepa_hf.data.pretraining import UnreadableFileCounter, pretraining_dataloader, select_readable
+from nepa_hf.data.images import BUILTIN_DATASETS, load_image_dataset, patch_aligned_size
+from nepa_hf.data.pretraining import pretraining_dataloader, pretraining_images, select_readable
 from nepa_hf.data.transforms import INTERPOLATIONS, pretraining_transform
 from nepa_hf.data.workers import default_num_workers
+from nepa_hf.hub.loading import load_pretrained
 from nepa_hf.training.checkpointing import CHECKPOINTS_DIR, checkpoint_to_resume, read_checkpoint_meta, save_checkpoint
+from nepa_hf.training.config_overrides import parse_config_overrides
 from nepa_hf.training.ema import create_ema, save_ema
-from nepa_hf.training.monitoring import CollapseMonitor, JsonlTracker, cpu_oversubscription_note, grad_norm_tensor
+from nepa_hf.training.monitoring import CollapseMonitor, JsonlTracker, cpu_oversubscription_note
 from nepa_hf.training.objective import NepaPretrainingObjective, readable_loss_weight
 from nepa_hf.training.optimization import create_pretraining_optimizer, scaled_learning_rate, warmup_steps_for
+from nepa_hf.training.precision import resolve_mixed_precision
+from nepa_hf.training.pretraining_metrics import PretrainingMetrics
 
 # `--demo`: a micro NEPA on the bundled Fashion-MNIST subset; 200 steps of 32 images took 2m49s on two shared CPU
 # cores (one thread) with the loss going from -0.60 to -0.79. The short run uses a higher peak lr than the
 # linear-scaling rule gives at batch 32 (3.75e-5), which would barely move in 200 steps.
-DEMO_DEFAULTS = dict(
-    model="nepa-vit-micro", dataset="bundled", output_dir="outputs/pretrain-demo", max_steps=200,
-    per_device_batch_size=32, learning_rate=1e-3, warmup_ratio=0.05, logging_steps=25, checkpointing_steps=100,
-    mixed_precision="no", dataloader_num_workers=0,
-)
-IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "jpg", "png", "webp")
-# Running sums of a logging window over micro-batches (and processes, when logged): the losses weighted by the number
-# of readable images, the readable images, seconds spent waiting for data, gradient norms, optimizer updates.
-RUNNING_SUMS = ("loss", "embedding_loss", "pixel_loss", "images", "data_wait_s", "grad_norm", "updates")
+DEMO_DEFAULTS = dict(model="nepa-vit-micro", dataset="bundled", output_dir="outputs/pretrain-demo", max_steps=200,
+                     per_device_batch_size=32, learning_rate=1e-3, warmup_ratio=0.05, logging_steps=25,
+                     checkpointing_steps=100, mixed_precision="no", dataloader_num_workers=0)
 
 
 def parse_args(argv=None):
@@ -65,25 +61,23 @@ def parse_args(argv=None):
     add("--demo", action="store_true", help=f"Preset: {DEMO_DEFAULTS} (flags still win).")
     # Model
     add("--model", help=f"A preset ({', '.join(sorted(NEPA_PRESETS))}), a config JSON file or a NEPA checkpoint.")
-    add("--config_overrides",
-        help="Comma-separated config fields for a new model, e.g. 'hidden_size=64,num_hidden_layers=4'.")
+    add("--config_overrides", help="Config fields of a new model, e.g. 'hidden_size=64,num_hidden_layers=4'.")
     add("--image_size", type=int, help="Training resolution (crop size); default: the config's.")
     add("--num_channels", type=int, choices=(1, 3), help="3 (default): grayscale becomes RGB; 1: a grayscale model.")
     add("--attn_implementation", help="sdpa (default), eager, flex_attention, ...")
-    add("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
+    add("--gradient_checkpointing", action="store_true")
     # Data
     add("--dataset", help=f"Built-in ({', '.join(BUILTIN_DATASETS)}), a local image folder or a Hub dataset id.")
-    add("--dataset_config_name", help="Hub dataset configuration name.")
+    add("--dataset_config_name")
     add("--train_split", default="train")
     add("--streaming", action="store_true", help="Stream a Hub dataset instead of downloading it.")
-    add("--shuffle_buffer_size", type=int, default=10_000, help="Shuffle buffer when streaming.")
-    add("--image_column", help="Column with the images (default: detected).")
-    add("--max_train_samples", type=int, help="Use only this many images.")
-    add("--dataloader_num_workers", type=int,
-        help="Per process (default: 0 on CPU, min(12, cores per process) on GPU).")
+    add("--shuffle_buffer_size", type=int, default=10_000)
+    add("--image_column", help="default: detected")
+    add("--max_train_samples", type=int)
+    add("--dataloader_num_workers", type=int, help="Per process (default: 0 on CPU, min(12, cores) on GPU).")
     add("--crop_min_scale", type=float, default=0.08, help="RandomResizedCrop minimum area scale.")
     add("--hflip_prob", type=float, default=0.5)
-    add("--interpolation", default="bilinear", choices=INTERPOLATIONS, help="RandomResizedCrop resampling.")
+    add("--interpolation", default="bilinear", choices=INTERPOLATIONS)
     # Recipe
     add("--output_dir")
     add("--overwrite_output_dir", action="store_true", help="Start afresh, deleting an earlier run's checkpoints.")
@@ -99,18 +93,15 @@ def parse_args(argv=None):
     add("--warmup_ratio", type=float, default=0.025)
     add("--max_grad_norm", type=float, default=1.0, help="0: no clipping (the norm is still logged).")
     add("--mixed_precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
-        help="auto: bf16 on GPUs and on CPUs that run it natively (AMX; from hidden size 384 up), fp16 on older "
-             "GPUs, else fp32.")
+        help="auto: bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32 (training.precision).")
     add("--ema_decay", type=float, help="Keep an EMA of the weights (authors: 0.9999).")
     add("--seed", type=int, default=0)
     # Ablations (the paper's; the pixel loss is timm's NEPA task's)
     add("--no-shift", dest="no_shift", action="store_true", help="Each output predicts its own input embedding.")
-    add("--bidirectional", action="store_true", help="No causal mask.")
+    add("--bidirectional", action="store_true", help="No causal mask (is_causal=False).")
     add("--no-stop-grad", dest="no_stop_grad", action="store_true", help="Gradients flow into the targets (collapses).")
-    add("--mask-ratio", dest="mask_ratio", type=float, default=0.0,
-        help="Replace this fraction of the input patches with a learned mask token (the targets stay clean).")
-    add("--pixel-loss-weight", dest="pixel_loss_weight", type=float, default=0.0, help="Weight of a next-patch "
-        "pixel loss (through a small MLP pixel decoder).")
+    add("--mask-ratio", dest="mask_ratio", type=float, default=0.0, help="Input patches given the mask token.")
+    add("--pixel-loss-weight", dest="pixel_loss_weight", type=float, default=0.0, help="Next-patch pixel loss.")
     add("--pixel-loss", dest="pixel_loss", default="mse", choices=("mse", "l1"))
     add("--pixel_decoder_hidden_size", type=int)
     # Logging and checkpoints
@@ -139,91 +130,62 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    """NepaForPreTraining from a preset, a config JSON or a checkpoint, with the ablation switches applied."""
-    overrides = NepaConfig.overrides_from_string(args.config_overrides)
-    if args.no_shift:
-        overrides["pretraining_shift"] = False
-    if args.no_stop_grad:
-        overrides["pretraining_stop_gradient"] = False
-    if args.bidirectional:
-        overrides["is_causal"] = False
+    """NepaForPreTraining (fp32 master weights) and its image processor, from a preset, a config JSON or a checkpoint
+    (without weights: its config), with the ablation switches applied."""
+    overrides = parse_config_overrides(args.config_overrides)
+    # A switch left off keeps the config's value (unset is_causal: causal pretraining, NepaConfig.is_causal).
+    switched_off = {"pretraining_shift": args.no_shift, "pretraining_stop_gradient": args.no_stop_grad,
+                    "is_causal": args.bidirectional}
+    overrides.update({field: False for field, off in switched_off.items() if off})
     if args.mask_ratio > 0:
         overrides["use_mask_token"] = True
-    if args.image_size is not None:
-        overrides["image_size"] = args.image_size
     if args.num_channels is not None:
         overrides["num_channels"] = args.num_channels
-    attn = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    processor = NepaImageProcessor()
+    path, has_weights = Path(args.model), False
     if args.model in NEPA_PRESETS:
-        model = AutoModelForPreTraining.from_config(NepaConfig.from_preset(args.model, **overrides), **attn)
-    elif args.model.endswith(".json") and os.path.isfile(args.model):
+        config = NepaConfig.from_preset(args.model, **overrides)
+    elif path.suffix == ".json" and path.is_file():
         # The saved backbone stages follow the saved layer count: let the constructor derive them again.
-        saved = {k: v for k, v in NepaConfig.from_json_file(args.model).to_dict().items()
+        saved = {k: v for k, v in NepaConfig.from_json_file(path).to_dict().items()
                  if k not in ("out_indices", "out_features", "stage_names")}
-        config_dict = {**saved, **overrides}
-        model = AutoModelForPreTraining.from_config(NepaConfig(**config_dict), **attn)
-    elif os.path.isdir(args.model) or "/" in args.model:
-        folder = Path(args.model)
-        if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            model = AutoModelForPreTraining.from_config(NepaConfig.from_pretrained(args.model, **overrides), **attn)
-        else:
-            # fp32 master weights whatever the checkpoint dtype (Accelerate handles mixed precision).
-            model = NepaForPreTraining.from_pretrained(args.model, dtype=torch.float32, **overrides, **attn)
-        if os.path.isfile(os.path.join(args.model, "preprocessor_config.json")):
-            processor = AutoImageProcessor.from_pretrained(args.model)
+        config = NepaConfig(**{**saved, **overrides})
+    elif path.is_dir() or "/" in args.model:
+        config = NepaConfig.from_pretrained(args.model, **overrides)
+        has_weights = not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     else:
-        raise ValueError(
-            f"--model {args.model!r} is neither a preset ({', '.join(sorted(NEPA_PRESETS))}), a config .json file, "
-            "nor a checkpoint folder."
-        )
-    return model, processor
+        raise ValueError(f"--model {args.model!r} is neither a preset ({', '.join(sorted(NEPA_PRESETS))}), a config "
+                         ".json file, nor a checkpoint folder.")
+    if args.image_size is not None:
+        config.image_size = patch_aligned_size(args.image_size, config.patch_size)
+    attn = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    if has_weights:  # fp32 master weights whatever the checkpoint dtype (Accelerate handles mixed precision)
+        model = load_pretrained(NepaForPreTraining, args.model, config=config, dtype=torch.float32, **attn)
+    else:
+        model = AutoModelForPreTraining.from_config(config, **attn)
+    has_processor = (path / "preprocessor_config.json").is_file()
+    return model, AutoImageProcessor.from_pretrained(args.model) if has_processor else NepaImageProcessor()
 
 
-def build_train_dataloader(args, config, image_size, mean, std, accelerator):
+def build_train_dataloader(args, config, mean, std, accelerator):
     """Per-sample decode/crop/flip/normalise (+ mask) in DataLoader workers -> float batches with a `valid` flag."""
     load_kwargs = {"name": args.dataset_config_name} if args.dataset_config_name else {}
     with accelerator.main_process_first():  # one process prepares/caches the dataset, the others reuse it
         dataset = load_image_dataset(args.dataset, split=args.train_split, streaming=args.streaming,
                                      max_samples=args.max_train_samples, seed=args.seed, **load_kwargs)
-    if getattr(dataset, "column_names", None) is None:  # a streamed dataset whose columns are unknown up front
-        image_column = args.image_column or "image"
-    else:
-        image_column = resolve_column(dataset, args.image_column, IMAGE_COLUMN_CANDIDATES, "image")
-    num_workers = args.dataloader_num_workers
-    if num_workers is None:  # decoding workers on GPU machines, the training process itself on CPUs
-        num_workers = default_num_workers(accelerator.device, accelerator.num_processes)
-    if args.streaming:
-        if isinstance(dataset, datasets.Dataset):  # built-in or local data: stream it too, e.g. to try the path
-            dataset = dataset.to_iterable_dataset(num_shards=max(1, num_workers))
-        dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
-    elif len(dataset) < args.per_device_batch_size * accelerator.num_processes:
+    num_workers = (default_num_workers(accelerator.device, accelerator.num_processes)  # 0 on CPUs: decode in-process
+                   if args.dataloader_num_workers is None else args.dataloader_num_workers)
+    dataset, image_column = pretraining_images(dataset, args.image_column, streaming=args.streaming, seed=args.seed,
+                                               shuffle_buffer_size=args.shuffle_buffer_size, num_shards=num_workers)
+    if not args.streaming and len(dataset) < args.per_device_batch_size * accelerator.num_processes:
         raise ValueError(f"The dataset has {len(dataset)} images, fewer than one global batch "
                          f"({args.per_device_batch_size * accelerator.num_processes}): lower --per_device_batch_size.")
-    transform = pretraining_transform(image_size, mean, std, scale=(args.crop_min_scale, 1.0),
+    transform = pretraining_transform(config.image_size, mean, std, scale=(args.crop_min_scale, 1.0),
                                       interpolation=args.interpolation, hflip_prob=args.hflip_prob)
     return pretraining_dataloader(
-        dataset, image_column, transform, batch_size=args.per_device_batch_size, image_size=image_size,
+        dataset, image_column, transform, batch_size=args.per_device_batch_size, image_size=config.image_size,
         num_channels=config.num_channels, seed=args.seed, mask_ratio=args.mask_ratio, patch_size=config.patch_size,
         num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
     ), None if args.streaming else len(dataset)
-
-
-# On CPUs, bf16 autocast pays off only when the matmuls are big enough for AMX to beat the casts around them.
-CPU_BF16_MIN_HIDDEN_SIZE = 384
-
-
-def resolve_mixed_precision(choice, hidden_size: int):
-    """auto: bf16 where the hardware runs it natively (the authors train in bf16), else fp16 on older GPUs and fp32
-    on CPUs without AMX. On AMX CPUs only from ViT-S width up. Measured on a shared 2-core AMX Xeon with one thread:
-    ViT-B/14 at 224 trains 2.9x faster in bf16 (1.5x with two threads), ViT-Ti/14 on par, and the D-128 micro model
-    (patch 7 at 28x28, batch 128) 1.7x slower."""
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # no public API yet
-    return "bf16" if amx and hidden_size >= CPU_BF16_MIN_HIDDEN_SIZE else "no"
 
 
 def main(argv=None):
@@ -234,18 +196,17 @@ def main(argv=None):
     resume_dir = checkpoint_to_resume(output_dir / CHECKPOINTS_DIR, args.resume_from_checkpoint,
                                       args.overwrite_output_dir)
     resume = read_checkpoint_meta(resume_dir) if resume_dir is not None else None
-    trackers = [JsonlTracker(output_dir / "metrics.jsonl", resume_step=resume["step"] if resume else None)]
-    for name in filter(lambda n: n and n != "none", (n.strip() for n in args.report_to.split(","))):
-        if name not in get_available_trackers():
-            raise ValueError(f"--report_to {name}: the {name} package is not installed (pip install {name}).")
-        trackers.append(name)
+    report_to = [name for name in map(str.strip, args.report_to.split(",")) if name not in ("", "none")]
+    if missing := sorted(set(report_to) - set(get_available_trackers())):
+        raise ValueError(f"--report_to {','.join(missing)}: not installed (pip install {' '.join(missing)}).")
+    trackers = [JsonlTracker(output_dir / "metrics.jsonl", resume_step=resume["step"] if resume else None), *report_to]
 
     # Model (the same seed, hence the same initial weights, on every process) and Accelerator
     set_seed(args.seed)
     model, processor = load_model(args)
     config = model.config
     unused_mask_token = config.use_mask_token and args.mask_ratio == 0
-    mixed_precision = resolve_mixed_precision(args.mixed_precision, model.config.hidden_size)
+    mixed_precision = resolve_mixed_precision(args.mixed_precision, config.hidden_size)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
         log_with=trackers,
@@ -263,9 +224,6 @@ def main(argv=None):
         accelerator.print("Note: the model has a mask token but --mask-ratio is 0; it stays unused.")
     if note := cpu_oversubscription_note(accelerator.device):
         accelerator.print(note)
-    image_size = args.image_size or config.image_size
-    if image_size % config.patch_size:
-        raise ValueError(f"--image_size {image_size} is not a multiple of the patch size {config.patch_size}.")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     mean, std = list(processor.image_mean)[:config.num_channels], list(processor.image_std)[:config.num_channels]
@@ -273,15 +231,15 @@ def main(argv=None):
 
     # Data, optimizer and schedule (in optimizer updates: stepped by hand once per update, since a prepared scheduler
     # steps once per process, and checkpointed beside the prepared objects)
-    train_dataloader, num_images = build_train_dataloader(args, config, image_size, mean, std, accelerator)
+    train_dataloader, num_images = build_train_dataloader(args, config, mean, std, accelerator)
     global_batch = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate or scaled_learning_rate(args.base_learning_rate, global_batch)
     optimizer = create_pretraining_optimizer(objective, learning_rate, args.weight_decay,
                                              (args.adam_beta1, args.adam_beta2))
     objective, optimizer, train_dataloader = accelerator.prepare(objective, optimizer, train_dataloader)
-    if args.max_steps is None:  # epochs; a streamed dataset has no length (parse_args requires --max_steps there)
-        updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_steps = args.max_steps or max(1, math.ceil(args.num_train_epochs * updates_per_epoch))
+    # --num_train_epochs counts updates in the prepared loader (a streamed dataset needs --max_steps: parse_args)
+    max_steps = args.max_steps or max(1, math.ceil(
+        args.num_train_epochs * math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)))
     warmup_steps = warmup_steps_for(max_steps, args.warmup_ratio)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, max_steps)  # 0 -> peak, cosine to 0
     accelerator.register_for_checkpointing(scheduler)
@@ -290,33 +248,28 @@ def main(argv=None):
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    # Training position and counters. Resuming restores the weights, optimizer, schedule, EMA and RNG states
-    # (Accelerate's state) and, from meta.json, the data position, the counters and the partly filled logging window.
-    global_step = epoch = batch_in_epoch = images_seen = 0
-    skipped = UnreadableFileCounter()
-    sums = {name: torch.zeros((), device=accelerator.device) for name in RUNNING_SUMS}
+    # Training position and metrics. Resuming restores the weights, optimizer, schedule, EMA and RNG states
+    # (Accelerate's state) and, from meta.json, the data position and the metrics bookkeeping.
+    global_step = epoch = batch_in_epoch = 0
+    run_metrics = PretrainingMetrics(accelerator, with_pixel_loss=unwrapped.pixel_decoder is not None)
     if resume is not None:
         accelerator.print(f"Resuming from {resume_dir}")
         accelerator.load_state(str(resume_dir))
-        global_step, epoch, batch_in_epoch, images_seen = (resume[key] for key in (
-            "step", "epoch", "batches_in_epoch", "images_seen"))
-        skipped.load_state_dict(resume)
-        if accelerator.is_main_process:  # summed over processes already
-            for name, value in resume["running_sums"].items():
-                sums[name] += value
+        global_step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batches_in_epoch"]
+        run_metrics.load_state_dict(resume)
         if resume["max_steps"] != max_steps:
             accelerator.print(f"Warning: the checkpoint was made for --max_steps {resume['max_steps']}, this run has "
                               f"{max_steps}: the lr schedule will not match the original run.")
     run_config = {**vars(args), "mixed_precision": mixed_precision, "learning_rate": learning_rate,
                   "global_batch_size": global_batch, "max_steps": max_steps, "warmup_steps": warmup_steps,
                   "num_processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
-                  "image_size": image_size, "num_images": num_images,
+                  "image_size": config.image_size, "num_images": num_images,
                   # ZeRO-3 leaves empty placeholders in the module and keeps the size in ds_numel
                   "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped.model.parameters())}
     accelerator.init_trackers("nepa-pretraining", config=run_config)
     accelerator.print(
         f"NEPA pretraining: {run_config['num_parameters']:,} parameters, {num_images or 'streamed'} images at "
-        f"{image_size}px, {accelerator.num_processes} process(es) x {args.per_device_batch_size} x "
+        f"{config.image_size}px, {accelerator.num_processes} process(es) x {args.per_device_batch_size} x "
         f"{args.gradient_accumulation_steps} accumulation = global batch {global_batch}, {max_steps} steps "
         f"({warmup_steps} warmup), peak lr {learning_rate:.3g}, {mixed_precision} precision, {accelerator.device}.")
 
@@ -324,20 +277,14 @@ def main(argv=None):
     monitor = CollapseMonitor(min_spread=args.collapse_min_spread)
     progress = tqdm(total=max_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="pretraining")
-    window_start = time.perf_counter()
     objective.train()
     while global_step < max_steps:
         train_dataloader.set_epoch(epoch)  # reseeds the shuffle and the per-sample augmentation
         batches = (accelerator.skip_first_batches(train_dataloader, batch_in_epoch) if batch_in_epoch
                    else train_dataloader)
-        wait_start = time.perf_counter()
-        for batch in batches:
-            sums["data_wait_s"] += time.perf_counter() - wait_start
+        for batch in run_metrics.timed(batches):
             batch_in_epoch += 1
-            inputs, num_skipped, all_skipped = select_readable(batch)
-            if num_skipped:  # rare: only then read the keys off the device
-                skipped.add(batch)
-            readable = batch["valid"].sum()
+            inputs, num_skipped = select_readable(batch)
             with accelerator.accumulate(objective):
                 outputs = objective(pixel_values=inputs["pixel_values"], bool_masked_pos=inputs.get("bool_masked_pos"))
                 # The gradient is the mean over the readable images of every process, however they are split across
@@ -347,64 +294,35 @@ def main(argv=None):
                     grad_norm = accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if not all_skipped:  # the logged losses are means over the readable images of the window
-                sums["images"] += readable
-                for name in ("loss", "embedding_loss", "pixel_loss"):
-                    if getattr(outputs, name) is not None:
-                        sums[name] += getattr(outputs, name).detach().float() * readable
+            run_metrics.add_batch(outputs, batch, num_skipped)  # logged: means over the window's readable images
             if accelerator.sync_gradients:
                 scheduler.step()
                 global_step += 1
-                sums["grad_norm"] += grad_norm_tensor(grad_norm, accelerator.device)
-                sums["updates"] += 1
+                run_metrics.add_update(grad_norm)
                 progress.update(1)
                 if ema is not None:
                     ema.update(unwrapped.model)
                 if global_step % args.logging_steps == 0 or global_step == max_steps:
-                    totals = {name: value.item() for name, value in accelerator.reduce(sums, reduction="sum").items()}
-                    elapsed, images = time.perf_counter() - window_start, max(totals["images"], 1.0)
-                    images_seen += int(totals["images"])
-                    metrics = {
-                        "loss": totals["loss"] / images,
-                        "embedding_loss": totals["embedding_loss"] / images,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": totals["grad_norm"] / totals["updates"],
-                        "images_per_s": totals["images"] / elapsed,
-                        "data_wait_fraction": totals["data_wait_s"] / accelerator.num_processes / elapsed,
-                        "epoch": epoch,
-                        "images_seen": images_seen,
-                        "images_skipped": skipped.gather(accelerator),  # distinct files
-                        **monitor(outputs.last_hidden_state),  # embedding_spread, mean_cosine
-                    }
-                    if unwrapped.pixel_decoder is not None:
-                        metrics["pixel_loss"] = totals["pixel_loss"] / images
+                    metrics = {**run_metrics.window_metrics(), "lr": scheduler.get_last_lr()[0], "epoch": epoch,
+                               **monitor(outputs.last_hidden_state)}  # embedding_spread, mean_cosine
                     accelerator.log(metrics, step=global_step)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                          img_s=f"{metrics['images_per_s']:.0f}")
                     if monitor.collapsed:
                         accelerator.print(f"step {global_step}: warning: predicted embeddings are collapsing "
                                           f"(spread {metrics['embedding_spread']:.4f}).")
-                    for value in sums.values():
-                        value.zero_()
-                    window_start = time.perf_counter()
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    # The data position, the counters and the partly filled logging window (less its wall time): a
-                    # resumed run continues the data stream and the metrics exactly.
-                    pending = {name: value.item() for name, value in accelerator.reduce(sums, reduction="sum").items()}
-                    skipped.gather(accelerator)
-                    save_checkpoint(accelerator, global_step, {
-                        "epoch": epoch, "batches_in_epoch": batch_in_epoch, "max_steps": max_steps,
-                        "images_seen": images_seen, "running_sums": {**pending, "data_wait_s": 0.0},
-                        **skipped.state_dict()})
+                    # The data position and the metrics so far: a resumed run continues both exactly.
+                    save_checkpoint(accelerator, global_step, {"epoch": epoch, "batches_in_epoch": batch_in_epoch,
+                                                               "max_steps": max_steps, **run_metrics.state_dict()})
                 if global_step == max_steps:
                     break
-            wait_start = time.perf_counter()
         if global_step < max_steps:  # the epoch ran out
             if batch_in_epoch == 0:
                 raise RuntimeError("The training data loader produced no batch: is the dataset empty?")
             epoch, batch_in_epoch = epoch + 1, 0
     progress.close()
-    images_skipped = skipped.gather(accelerator)
+    images_skipped = run_metrics.skipped.count(accelerator)
 
     # Save the model with its image processor (inference preprocessing at the training resolution and mean/std), the
     # EMA weights and the training-only pixel decoder beside it. Full weights on the main process: FSDP2 gathers them,
@@ -413,7 +331,7 @@ def main(argv=None):
     state_dict = accelerator.get_state_dict(objective)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
-        NepaImageProcessor(size={"height": image_size, "width": image_size}, resample=processor.resample,
+        NepaImageProcessor(size={"height": config.image_size, "width": config.image_size}, resample=processor.resample,
                            image_mean=mean, image_std=std, do_convert_rgb=config.num_channels == 3,
                            ).save_pretrained(output_dir)
         if ema is not None:

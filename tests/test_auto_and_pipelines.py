@@ -91,23 +91,25 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         assert torch.equal(model(pixels).logits, reloaded(pixels).logits)
     assert reloaded.config.id2label == dict(enumerate(LABELS))
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["model_type"] == "nepa" and saved["auto_map"]["AutoModel"] == "modeling_nepa.NepaModel"
+    # transformers' auto_map: the config and the saving class (a Hub folder from nepa_hf.hub.publish names every head)
+    assert saved["model_type"] == "nepa" and saved["auto_map"] == {
+        "AutoConfig": "configuration_nepa.NepaConfig",
+        "AutoModelForImageClassification": "modeling_nepa.NepaForImageClassification",
+    }
     for code_file in ("configuration_nepa.py", "modeling_nepa.py", "image_processing_nepa.py"):
         assert (tmp_path / code_file).exists(), code_file
 
 
 def test_classifier_from_pretraining_checkpoint_is_bidirectional_with_zero_head(tmp_path, caplog):
-    pretrain = NepaForPreTraining(small_config(is_causal=True, qk_norm_affine=False))
+    pretrain = NepaForPreTraining(small_config(qk_norm_affine=False))
     pretrain.save_pretrained(tmp_path)
     with caplog.at_level("WARNING"):
         model = NepaForImageClassification.from_pretrained(
             tmp_path, num_labels=4, qk_norm_affine=True, output_loading_info=False
         )
-    # Attention per the fine-tuning rule; the config keeps the pretraining attention (no constructor changes it).
-    assert model.default_is_causal is False and model.config.finetuning_is_causal is False
-    assert model.config.is_causal is True
+    assert model.config.is_causal is False  # a head decides bidirectional attention for an unset config
     assert torch.all(model.classifier.weight == 0) and torch.all(model.classifier.bias == 0)
-    # Affine QK-norm weights start at 1.0 where the source had none (functionally identical).
+    # Affine QK-norm weights start at 1.0 where the source had none (functionally identical; reported as new).
     assert torch.all(model.nepa.encoder.layers[0].attention.q_norm.weight == 1.0)
     # Backbone weights are the pretrained ones.
     assert torch.equal(
@@ -118,11 +120,12 @@ def test_classifier_from_pretraining_checkpoint_is_bidirectional_with_zero_head(
     )
     assert info["unexpected_keys"] == set() or not info["unexpected_keys"]
     assert not info["mismatched_keys"]
-    # The new head is reported, as for ViT: transformers' LOAD REPORT lists its weights as MISSING (and only them:
-    # the QK-norm weights the source lacks are the known non-affine case).
-    assert info["missing_keys"] == {"classifier.weight", "classifier.bias", "fc_norm.weight", "fc_norm.bias"}
+    # The new head is reported, as for ViT: transformers' LOAD REPORT lists its weights as MISSING, and the affine
+    # QK-norm weights the non-affine source lacks (started at 1.0, the same function).
+    qk_norm = {f"nepa.encoder.layers.{i}.attention.{n}_norm.weight" for i in range(2) for n in "qk"}
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias", "fc_norm.weight", "fc_norm.bias"} | qk_norm
     report = caplog.text[caplog.text.index("LOAD REPORT") :]
-    assert "classifier.weight" in report and "MISSING" in report and "q_norm" not in report
+    assert "classifier.weight" in report and "MISSING" in report and "q_norm" in report
 
 
 def test_pipeline_on_a_pretraining_folder_says_its_head_is_untrained(tmp_path, caplog):
@@ -178,7 +181,10 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_trust_remote_code_loads_without_the_package(tmp_path):
+    from nepa_hf.hub.publish import write_remote_code
+
     model = save_classifier(tmp_path / "ckpt")
+    write_remote_code(tmp_path / "ckpt")  # what a published folder carries: every head's Auto class
     pixels = torch.randn(2, 3, 32, 32)
     torch.save(pixels, tmp_path / "pixels.pt")
     script = tmp_path / "remote.py"
@@ -268,16 +274,20 @@ def test_image_feature_extraction_pipeline_on_real_photos(tmp_path, photo_images
 def test_a_model_sharded_by_fsdp2_saves_its_own_remote_code(tmp_path):
     """FSDP2's `fully_shard` turns the model's class into a dynamic `FSDP<Name>(FSDPModule, Name)` defined in torch
     (as below, minus the sharding). transformers' save would copy torch's FSDP files as the model's remote code and
-    point auto_map at `_fsdp_init.FSDPNepaForImageClassification` (seen with the Trainer under FSDP2); the model saves
-    as its own class instead, and keeps the wrapper class afterwards."""
+    point auto_map at `_fsdp_init.FSDPNepaForImageClassification` (seen with the Trainer under FSDP2); `NepaTrainer`
+    saves it as its own class, and keeps the wrapper class afterwards."""
     from torch.distributed.fsdp import FSDPModule
+
+    from nepa_hf.training.finetuning import NepaTrainer, NepaTrainingArguments
 
     torch.manual_seed(0)
     model = NepaForImageClassification(small_config(id2label=dict(enumerate(LABELS))))
     fsdp_class = type(f"FSDP{type(model).__name__}", (FSDPModule, type(model)),
                       {"__module__": "torch.distributed.fsdp._fully_shard._fsdp_init"})
+    arguments = NepaTrainingArguments(output_dir=str(tmp_path / "run"), ema_decay=0, report_to="none", use_cpu=True)
+    trainer = NepaTrainer(model=model, args=arguments)
     model.__class__ = fsdp_class
-    model.save_pretrained(tmp_path)
+    trainer._save(str(tmp_path))  # what Trainer.save_model calls once it has gathered the full state dict
     assert type(model) is fsdp_class
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_nepa.NepaForImageClassification"

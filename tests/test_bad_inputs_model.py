@@ -1,7 +1,7 @@
-"""Issue 14, model side: bad inputs get clear errors that name the input and the fix.
-
-Items: 1 (integer pixel_values), 9 (truncated weight file), 11 (labels out of range / soft labels of the wrong
-width), 15 (the image-segmentation pipeline accepts NepaForSemanticSegmentation without logging an error).
+"""Bad inputs around the models get clear errors that name the input and the fix, each checked at its boundary
+(issue 26): pixel dtype, channels and size in the model's one cheap check; damaged weight files in the loader the
+scripts use (`nepa_hf.hub.loading`); class indices in the scripts' data code; the image-segmentation pipeline accepts
+NepaForSemanticSegmentation without logging an error.
 """
 
 import json
@@ -20,11 +20,12 @@ from nepa_hf import (
     NepaForSemanticSegmentation,
     NepaModel,
 )
-from nepa_hf.models.nepa.modeling_nepa import check_label_range, safetensors_file_problem
+from nepa_hf.data.segmentation import check_label_maps
+from nepa_hf.hub.loading import damaged_weight_files, load_pretrained
 from small_models import LABELS, save_folder, small_config
 
 
-# ------------------------------------------------------------------------------------------------ item 1
+# ------------------------------------------------------------------------------------------------ pixels
 
 
 @pytest.mark.parametrize("model_class", [NepaModel, NepaForPreTraining, NepaForImageClassification, NepaBackbone,
@@ -33,91 +34,81 @@ from small_models import LABELS, save_folder, small_config
 def test_integer_pixel_values_are_refused_by_every_model(model_class, dtype):
     model = model_class(small_config()).eval()
     pixels = torch.randint(0, 256, (2, 3, 32, 32)).to(dtype)
-    with pytest.raises(ValueError, match=r"not floating point: integer pixels are raw 0-255.*image processor"):
+    with pytest.raises(ValueError, match=r"integer pixels are raw 0-255 values.*image processor"):
         model(pixels)
     with torch.no_grad():  # the same images, normalised, run
         model((pixels.float() / 255 - 0.5) / 0.5)
 
 
-# ------------------------------------------------------------------------------------------------ item 9
+def test_pixel_channels_and_size_are_checked_in_one_place():
+    model = NepaModel(small_config()).eval()
+    with pytest.raises(ValueError, match="pixel_values has 1 channels; the model takes 3"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="Image size 30x32 is not divisible by the patch size 8"):
+        model(torch.randn(1, 3, 30, 32))
 
 
-@pytest.mark.parametrize("load", ["head", "auto", "bare"])
-def test_truncated_weight_file_names_the_file_and_the_fix(tmp_path, load):
+# ------------------------------------------------------------------------------------------------ weight files
+
+
+@pytest.mark.parametrize("loader", [NepaForImageClassification, AutoModelForImageClassification, AutoModel])
+def test_truncated_weight_file_names_the_file_and_the_fix(tmp_path, loader):
     save_folder(tmp_path)
     weights = tmp_path / "model.safetensors"
-    size = weights.stat().st_size
-    weights.write_bytes(weights.read_bytes()[: size // 2])
-    assert "truncated" in safetensors_file_problem(str(weights))
-    loader = {"head": NepaForImageClassification, "auto": AutoModelForImageClassification, "bare": AutoModel}[load]
-    expected = r"model\.safetensors: .* bytes where its header describes .*\(truncated\)"
-    with pytest.raises(OSError, match=expected) as info:
-        loader.from_pretrained(tmp_path)
-    assert str(weights) in str(info.value) and "download it again" in str(info.value)
-    assert type(info.value.__cause__).__name__ == "SafetensorError"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert damaged_weight_files(tmp_path) and str(weights) in damaged_weight_files(tmp_path)[0]
+    with pytest.raises(OSError, match=r"model\.safetensors \([\d,]+ bytes\): .*incomplete or corrupt") as info:
+        load_pretrained(loader, tmp_path)
+    assert "download it again" in str(info.value) and type(info.value.__cause__).__name__ == "SafetensorError"
 
 
 def test_garbage_weight_file_and_other_load_errors(tmp_path):
     save_folder(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\0" * 64)
-    with pytest.raises(OSError, match=r"unreadable safetensors header.*save the model again"):
-        NepaForImageClassification.from_pretrained(tmp_path)
+    with pytest.raises(OSError, match=r"model\.safetensors .*save the model again"):
+        load_pretrained(NepaForImageClassification, tmp_path)
     # Other errors pass through unchanged.
     with pytest.raises(OSError) as info:
-        NepaForImageClassification.from_pretrained(tmp_path / "does-not-exist")
+        load_pretrained(NepaForImageClassification, tmp_path / "does-not-exist")
     assert "safetensors" not in str(info.value)
 
 
 def test_complete_weight_file_has_no_problem(tmp_path):
     model = save_folder(tmp_path)
-    assert safetensors_file_problem(str(tmp_path / "model.safetensors")) is None
-    reloaded = NepaForImageClassification.from_pretrained(tmp_path)
+    assert damaged_weight_files(tmp_path) == []
+    reloaded = load_pretrained(NepaForImageClassification, tmp_path)
     assert torch.equal(reloaded.classifier.bias, model.classifier.bias)
 
 
-# ------------------------------------------------------------------------------------------------ item 11
+# ------------------------------------------------------------------------------------------------ labels
 
 
-def test_classification_labels_are_checked_against_num_labels():
+def test_classification_losses_for_each_label_kind():
+    """Class indices (-100 ignored), soft targets (Mixup/CutMix: soft-target cross-entropy), regression. Index range
+    checks live in the scripts' data code (`check_labels`, test_finetune_scripts.py); a model called directly gets
+    torch's own error."""
     model = NepaForImageClassification(small_config()).eval()
     pixels = torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"outside \[0, 2\] \(num_labels=3\).*found 12.*num_labels=K"):
+    assert torch.isfinite(model(pixels, labels=torch.tensor([-100, 2])).loss)
+    soft = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.1, 0.8]])
+    assert torch.allclose(model(pixels, labels=soft).loss, torch.tensor(3.0).log())  # zero head: uniform logits
+    with pytest.raises(IndexError, match="out of bounds"):
         model(pixels, labels=torch.tensor([0, 12]))
-    with pytest.raises(ValueError, match=r"num_labels=3.*found -1"):
-        model(pixels, labels=torch.tensor([-1, 0]))
-    assert torch.isfinite(model(pixels, labels=torch.tensor([-100, 2])).loss)  # -100 is ignored, as in transformers
-    with pytest.raises(ValueError, match=r"shape \(batch, num_labels\) = \(batch, 3\), got \(2, 10\).*num_labels=3"):
-        model(pixels, labels=torch.full((2, 10), 0.1))
-    with pytest.raises(ValueError, match=r"got \(2,\).*int64 labels of shape \(batch,\)"):
-        model(pixels, labels=torch.tensor([0.0, 2.0]))
-    with pytest.raises(ValueError, match="labels has 3 rows for a batch of 2 images"):
-        model(pixels, labels=torch.tensor([0, 1, 2]))
-    multi = NepaForImageClassification(small_config(problem_type="multi_label_classification"))
-    with pytest.raises(ValueError, match=r"multi-hot targets.*\(batch, 3\), got \(2, 4\)"):
-        multi(pixels, labels=torch.ones(2, 4))
     regression = NepaForImageClassification(small_config(id2label={0: "score"}))
     assert torch.isfinite(regression(pixels, labels=torch.randn(2)).loss)
 
 
-def test_segmentation_labels_are_checked_against_num_labels():
-    model = NepaForSemanticSegmentation(small_config()).train()
-    pixels, labels = torch.randn(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.long)
+def test_segmentation_label_maps_are_checked_in_the_data_pipeline():
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
     labels[0, 0, 0], labels[1, 0, 0] = 7, 255  # 255 is the ignore index
-    message = r"outside \[0, 2\] \(num_labels=3\) other than the ignore index 255: found 7\."
+    message = r"outside \[0, 2\] \(num_labels=3\) other than the ignore index 255: found 7\..*--do_reduce_labels"
     with pytest.raises(ValueError, match=message):
-        model(pixels, labels=labels)
+        check_label_maps(labels, 3, ignore_index=255)
+    labels[0, 0, 0] = 2
+    assert check_label_maps(labels, 3, ignore_index=255) is labels
 
 
-def test_label_range_check_on_devices_and_under_compile_queues_a_device_assert(monkeypatch):
-    """On CUDA and under torch.compile the check is `torch._assert_async` (no host sync); on the CPU that op raises
-    at once, which shows the message it carries."""
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with pytest.raises(RuntimeError, match=r"num_labels=3.*do_reduce_labels"):
-        check_label_range(torch.tensor([0, 5]), 3, ignore_index=255, fix="... do_reduce_labels")
-    check_label_range(torch.tensor([0, 2, 255]), 3, ignore_index=255, fix="")
-
-
-# ------------------------------------------------------------------------------------------------ item 15
+# ------------------------------------------------------------------------------------------------ pipelines
 
 
 def test_segmentation_pipeline_logs_no_unsupported_model_error(tmp_path):

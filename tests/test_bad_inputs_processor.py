@@ -19,7 +19,6 @@ from nepa_hf import (
     NepaImageProcessor,
     NepaImageProcessorPil,
 )
-from nepa_hf.models.nepa.image_processing_nepa import open_image
 from small_models import save_folder
 
 PROCESSOR_CLASSES = [NepaImageProcessorPil] + ([NepaImageProcessor] if is_torchvision_available() else [])
@@ -44,7 +43,7 @@ def damaged_jpeg(tmp_path):
 @pytest.mark.parametrize("processor_class", PROCESSOR_CLASSES)
 def test_processor_refuses_nan_and_infinite_pixels(processor_class):
     processor = processor_class(size={"height": 32, "width": 32})
-    image = np.random.default_rng(0).random((40, 30, 3)).astype(np.float32) * 255
+    image = np.random.default_rng(0).integers(0, 256, (40, 30, 3)).astype(np.float32)
     image[3, 4, 0] = np.nan
     with pytest.raises(ValueError, match=r"Image 0 of the input .* 1 NaN and 0 infinite pixel values.*nan_to_num"):
         processor(image, do_rescale=True)
@@ -74,7 +73,8 @@ def test_classification_pipeline_refuses_nan_pixels_instead_of_scoring_nan(tmp_p
 def test_processor_names_missing_and_damaged_image_files(tmp_path, damaged_jpeg, processor_class):
     processor = processor_class(size={"height": 32, "width": 32})
     missing = tmp_path / "no-such-photo.jpg"
-    with pytest.raises(FileNotFoundError, match=r"No image file at '.*no-such-photo\.jpg'.*Check the path"):
+    # transformers' own error (its PIL loader, which the processor uses for strings that are not files) names it.
+    with pytest.raises(ValueError, match=r"Incorrect image source.*a valid path to an image file.*no-such-photo\.jpg"):
         processor(str(missing))
     with pytest.raises(OSError, match=r"Cannot read the image file '.*damaged\.jpg': .*re-download or re-export"):
         processor(str(damaged_jpeg))
@@ -82,9 +82,18 @@ def test_processor_names_missing_and_damaged_image_files(tmp_path, damaged_jpeg,
     assert processor([str(tmp_path / "good.jpg")], return_tensors="pt").pixel_values.shape == (1, 3, 32, 32)
 
 
-def test_open_image_keeps_the_mode_of_label_maps(tmp_path):
-    PIL.Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4), mode="L").save(tmp_path / "labels.png")
-    assert open_image(str(tmp_path / "labels.png")).mode == "L"
+@pytest.mark.parametrize("processor_class", PROCESSOR_CLASSES)
+def test_image_files_keep_their_mode(tmp_path, processor_class):
+    """transformers' loaders convert files to RGB; the processor keeps a label map's single channel and 16 bits."""
+    processor = processor_class(size={"height": 3, "width": 4}, do_normalize=False)
+    label_map = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    PIL.Image.fromarray(label_map, mode="L").save(tmp_path / "labels.png")
+    sixteen_bit = np.full((3, 4), 128 * 257, dtype=np.uint16)
+    PIL.Image.fromarray(sixteen_bit).save(tmp_path / "photo16.png")
+    outputs = processor(str(tmp_path / "photo16.png"), segmentation_maps=str(tmp_path / "labels.png"),
+                        return_tensors="pt")
+    assert outputs.labels.tolist() == [label_map.tolist()]
+    assert torch.allclose(outputs.pixel_values, torch.tensor(128 / 255))  # not clipped to white
 
 
 @pytest.mark.parametrize("task", ["image-classification", "image-feature-extraction", "image-segmentation"])

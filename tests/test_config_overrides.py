@@ -1,19 +1,21 @@
-"""`--config_overrides` of the example scripts: one parser, transformers' `PreTrainedConfig.update_from_string`, as
-`NepaConfig.update_from_string` / `NepaConfig.overrides_from_string`."""
+"""`--config_overrides` of the example scripts: one parser, `nepa_hf.training.config_overrides.parse_config_overrides`,
+giving constructor arguments typed by NepaConfig's fields."""
 
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from nepa_hf import NepaConfig
+from nepa_hf.training.config_overrides import parse_config_overrides
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_values_are_typed_like_the_fields():
-    overrides = NepaConfig.overrides_from_string(
+    overrides = parse_config_overrides(
         "hidden_size=32, num_hidden_layers=3,use_auxiliary_head=false,drop_path_rate=0.1,rope_theta=10,pooling=last,"
         "pool_scales=1:2,out_indices=0:1:2:3,pos_embed_shift=0.5"
     )
@@ -22,22 +24,19 @@ def test_values_are_typed_like_the_fields():
         "rope_theta": 10.0, "pooling": "last", "pool_scales": [1, 2], "out_indices": [0, 1, 2, 3],
         "pos_embed_shift": 0.5,
     }
-    assert type(overrides["rope_theta"]) is float and NepaConfig.overrides_from_string(None) == {}
+    assert type(overrides["rope_theta"]) is float and parse_config_overrides(None) == {}
     # As constructor arguments they are checked and what depends on them is derived: the backbone stages follow
     # num_hidden_layers (setting it on a built config would leave the preset's 6-block stages).
-    config = NepaConfig.from_preset("nepa-vit-micro", **NepaConfig.overrides_from_string("num_hidden_layers=3"))
+    config = NepaConfig.from_preset("nepa-vit-micro", **parse_config_overrides("num_hidden_layers=3"))
     assert config.out_indices == [3] and config.stage_names[-1] == "stage3"
-    with pytest.raises(ValueError, match="divisible by num_attention_heads"):
-        NepaConfig(**NepaConfig.overrides_from_string("hidden_size=30"))
+    with pytest.raises(StrictDataclassClassValidationError, match="divisible by num_attention_heads"):
+        NepaConfig(**parse_config_overrides("hidden_size=30"))
     # Backbone stages are checked by the constructor against the final layer count (here 24, from the same string).
-    large = NepaConfig(**NepaConfig.overrides_from_string("num_hidden_layers=24,out_indices=8:12:16:24"))
+    large = NepaConfig(**parse_config_overrides("num_hidden_layers=24,out_indices=8:12:16:24"))
     assert large.out_indices == [8, 12, 16, 24] and large.stage_names[-1] == "stage24"
     with pytest.raises(ValueError, match="out_indices"):
-        NepaConfig(**NepaConfig.overrides_from_string("out_indices=8:12:16:24"))  # 12 blocks by default
-    # The same parser on a built config (transformers' run_mlm.py style).
-    config = NepaConfig()
-    config.update_from_string("qk_norm_affine=true,decode_hidden_size=64")
-    assert config.qk_norm_affine is True and config.decode_hidden_size == 64
+        NepaConfig(**parse_config_overrides("out_indices=8:12:16:24"))  # 12 blocks by default
+    assert parse_config_overrides("layerscale_value=none,is_causal=true") == {"layerscale_value": None, "is_causal": True}
 
 
 @pytest.mark.parametrize(
@@ -54,7 +53,7 @@ def test_values_are_typed_like_the_fields():
 )
 def test_a_bad_item_is_named(text, message):
     with pytest.raises(ValueError, match=message):
-        NepaConfig.overrides_from_string(text)
+        parse_config_overrides(text)
 
 
 def load_example(name: str):

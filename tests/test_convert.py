@@ -9,11 +9,13 @@ import argparse
 import json
 import math
 import os
+import re
 import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoImageProcessor,
@@ -26,6 +28,8 @@ import nepa_hf  # noqa: F401  (registers model_type "nepa")
 from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessor, NepaImageProcessorPil
 from reference_checkpoints import reference_config, reference_state_dict, write_reference_folder
 
+from nepa_hf.hub.convert import convert_with_model_card
+from nepa_hf.hub.convert import main as main_with_model_card
 from nepa_hf.models.nepa.convert_nepa import (
     ConversionError,
     convert_reference_checkpoint,
@@ -33,6 +37,7 @@ from nepa_hf.models.nepa.convert_nepa import (
     convert_to_reference,
     convert_to_reference_checkpoint,
     main,
+    reference_config_from_nepa,
 )
 
 AUTO_CLASSES = {
@@ -153,7 +158,7 @@ VARIANTS = {
     "classifier-bidirectional-affine": dict(
         architecture="ViTNepaForImageClassification", qk_norm_affine=True, is_causal=False, drop_path_prob=0.1
     ),
-    # the causal fine-tuning ablation: their classifier attends per `is_causal` (ours: finetuning_is_causal)
+    # the causal fine-tuning ablation: their classifier attends per its one `is_causal`, as ours does
     "classifier-causal-ablation": dict(
         architecture="ViTNepaForImageClassification", qk_norm_affine=True, is_causal=True, drop_path_prob=0.1
     ),
@@ -216,6 +221,27 @@ def test_converted_config_mirrors_the_source():
                        state_dict["vit_nepa.encoder.layer.1.intermediate.gate_proj.weight"])  # fmt: skip
     assert torch.equal(converted["nepa.norm.bias"], state_dict["vit_nepa.layernorm.bias"])
     assert torch.equal(converted["classifier.weight"], state_dict["classifier.weight"])
+
+
+def test_attention_their_pretraining_default_is_left_unset_and_every_other_value_kept(tmp_path):
+    """The authors' pretraining models are causal by definition: converted, `is_causal` stays unset, so a head built
+    from the folder fine-tunes bidirectionally as ours do. Other values (their classifier's, a bidirectional
+    pretraining ablation) are kept; the way back writes what our models compute for an unset one."""
+    config, state_dict = make_variant("pretrain-causal-nonaffine")
+    convert_reference_checkpoint(write_reference_folder(tmp_path / "src", config, state_dict), tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text()).get("is_causal") is None
+    assert AutoModel.from_pretrained(tmp_path / "ours").config.resolved_is_causal is True
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "ours").config.is_causal is False
+    ablation, converted = convert_reference_state_dict(state_dict, {**config, "is_causal": False})
+    assert ablation.is_causal is False and convert_to_reference(converted, ablation)[0]["is_causal"] is False
+    for variant, is_causal in (("classifier-bidirectional-affine", False), ("classifier-causal-ablation", True)):
+        config, state_dict = make_variant(variant)
+        assert convert_reference_state_dict(state_dict, config)[0].is_causal is is_causal
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    for architecture, is_causal in (("NepaModel", True), ("NepaForPreTraining", True),
+                                    ("NepaForImageClassification", False)):  # fmt: skip
+        unset = NepaConfig(**sizes, architectures=[architecture])
+        assert unset.is_causal is None and reference_config_from_nepa(unset)["is_causal"] is is_causal
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,7 +337,7 @@ def test_ema_flag_takes_the_ema_file(tmp_path):
     # EMA helpers often wrap the state dict and prefix "module."
     torch.save({"state_dict": {"module." + k: v for k, v in ema.items()}}, source / "pytorch_model_ema.bin")
     convert_reference_checkpoint(source, tmp_path / "plain")
-    convert_reference_checkpoint(source, tmp_path / "ema", ema=True)
+    convert_with_model_card(source, tmp_path / "ema", ema=True)
     key = "nepa.embeddings.cls_token"
     assert torch.equal(
         load_file(tmp_path / "plain" / "model.safetensors")[key], state_dict["vit_nepa.embeddings.cls_token"]
@@ -343,24 +369,6 @@ def test_non_affine_source_into_affine_target_starts_qk_weights_at_one(tmp_path)
     assert torch.equal(back["vit_nepa.encoder.layer.0.attention.attention.q_norm.weight"], torch.ones(16))
 
 
-def test_converted_non_affine_checkpoint_loads_into_affine_config(tmp_path, caplog):
-    """The authors' base pretraining checkpoint has no QK-norm weights: loading it into an affine config starts them
-    at 1.0, says so in the log and reports nothing missing (the one case where missing QK-norm weights are accepted)."""
-    config, state_dict = make_variant("pretrain-causal-nonaffine")
-    convert_reference_checkpoint(write_reference_folder(tmp_path / "src", config, state_dict), tmp_path / "base")
-    pixels = torch.randn(2, 3, 16, 16)
-    with caplog.at_level("INFO", logger="nepa_hf.models.nepa.modeling_nepa"):
-        model, info = AutoModelForPreTraining.from_pretrained(
-            tmp_path / "base", qk_norm_affine=True, output_loading_info=True
-        )
-    assert not info["missing_keys"] and "non-affine QK-norm" in caplog.text
-    norms = [p for name, p in model.named_parameters() if name.endswith(("q_norm.weight", "k_norm.weight"))]
-    assert len(norms) == 4 and all(torch.equal(p, torch.ones(16)) for p in norms)
-    with torch.no_grad():
-        plain = AutoModelForPreTraining.from_pretrained(tmp_path / "base").eval()(pixels)
-        torch.testing.assert_close(model.eval()(pixels).last_hidden_state, plain.last_hidden_state, atol=0, rtol=0)
-
-
 def test_source_preprocessing_is_reproduced(tmp_path):
     # The authors' processor config (SixAILab/nepa-large-patch14-224, abridged): straight resize, bilinear, 0.5.
     released = {
@@ -388,15 +396,32 @@ def test_source_preprocessing_is_reproduced(tmp_path):
     assert a.shape == (1, 3, 16, 16) and torch.equal(a, b)
 
 
-def test_converted_folder_has_card_and_remote_code(tmp_path):
+def test_converted_folder_has_remote_code_and_the_hub_tool_adds_the_card(tmp_path, capsys, monkeypatch):
     config, state_dict = make_variant("classifier-bidirectional-affine")
     source = write_reference_folder(tmp_path / "src", config, state_dict)
-    output = convert_reference_checkpoint(source, tmp_path / "my-nepa")
+    output = convert_reference_checkpoint(source, tmp_path / "plain")
     names = {p.name for p in output.iterdir()}
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_nepa.py",
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_nepa.py",
             "configuration_nepa.py", "image_processing_nepa.py"} <= names  # fmt: skip
-    card = (output / "README.md").read_text()
+    assert "README.md" not in names  # the bundle's converter imports no card template
+
+    assert main_with_model_card(["--input", str(source), "--output", str(tmp_path / "my-nepa")]) == 0
+    assert "Wrote NepaForImageClassification" in capsys.readouterr().out
+    # the hub tool adds the card and every head's remote code (modeling_nepa_segmentation.py, a full auto_map)
+    assert {p.name for p in (tmp_path / "my-nepa").iterdir()} == names | {"README.md", "modeling_nepa_segmentation.py"}
+    assert "AutoBackbone" in json.loads((tmp_path / "my-nepa" / "config.json").read_text())["auto_map"]
+    card = (tmp_path / "my-nepa" / "README.md").read_text()
     assert f"--input {source} --output my-nepa" in card and 'from_pretrained("my-nepa"' in card
+    with pytest.raises(SystemExit):
+        main_with_model_card(["--help"])
+    assert "python -m nepa_hf.hub.convert" in capsys.readouterr().out
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ModelCard, "save", full_disk)  # the card is written in the same staged step as the weights
+    assert main_with_model_card(["--input", str(source), "--output", str(tmp_path / "full")]) == 2
+    assert "No space left on device" in capsys.readouterr().err and not (tmp_path / "full").exists()
 
 
 def test_hub_ids_download_only_the_needed_files(tmp_path, monkeypatch):
@@ -407,12 +432,12 @@ def test_hub_ids_download_only_the_needed_files(tmp_path, monkeypatch):
     hub_copy = write_reference_folder(tmp_path / "hub", config, state_dict, weights="pytorch_model.bin")
     calls = []
 
-    def snapshot_download(repo_id, revision=None, token=None, allow_patterns=None):
+    def snapshot_download(repo_id, revision=None, token=None, allow_patterns=None, force_download=False):
         calls.append((repo_id, revision, list(allow_patterns)))
         return str(hub_copy)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    convert_reference_checkpoint("SixAILab/nepa-base-patch14-224", tmp_path / "nepa-vit-b", revision="v1")
+    convert_with_model_card("SixAILab/nepa-base-patch14-224", tmp_path / "nepa-vit-b", revision="v1")
     # safetensors first; only when the repo has none, the .bin files (never both)
     assert [c[:2] for c in calls] == [("SixAILab/nepa-base-patch14-224", "v1")] * 2
     assert "model.safetensors" in calls[0][2] and not any(".bin" in p for p in calls[0][2])
@@ -428,7 +453,7 @@ def test_hub_ids_download_only_the_needed_files(tmp_path, monkeypatch):
         raise OfflineModeIsEnabled("offline")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(ConversionError, match="Cannot reach the Hugging Face Hub"):
+    with pytest.raises(ConversionError, match="not a local folder, and the Hub could not provide it: offline"):
         convert_reference_checkpoint("SixAILab/nepa-base-patch14-224", tmp_path / "offline")
 
 
@@ -474,23 +499,27 @@ def test_shape_mismatch_is_reported():
         convert_reference_state_dict(state_dict, config)
 
 
-def test_qk_norm_flavour_mismatches_get_a_hint():
+def refused(listed: str, field: str) -> str:
+    """The error pattern: `listed` among the tensors, then the hint naming the config field to check."""
+    return rf"(?s){listed}.*\nHint: check {re.escape(field)} in the config against the weights\.$"
+
+
+def test_config_and_weights_that_disagree_get_a_hint_naming_the_field():
     config, state_dict = make_variant("pretrain-causal-nonaffine")
-    with pytest.raises(ConversionError, match="qk_norm_affine=true but the checkpoint has no QK-norm weights"):
+    with pytest.raises(ConversionError, match=refused(r"Target tensors not filled \(4\):\n    nepa\.encoder\.layers"
+                                                      r"\.0\.attention\.k_norm\.weight", "qk_norm_affine")):
         convert_reference_state_dict(state_dict, {**config, "qk_norm_affine": True})
     config, state_dict = make_variant("classifier-bidirectional-affine")
-    with pytest.raises(ConversionError, match="has QK-norm weights but config.json says qk_norm_affine=false"):
+    with pytest.raises(ConversionError, match=refused(r"no place in the target \(4\)", "qk_norm_affine")):
         convert_reference_state_dict(state_dict, {**config, "qk_norm_affine": False})
-
-
-def test_layerscale_and_gated_mlp_mismatches_are_refused():
     config, state_dict = make_variant("bare-no-layerscale")
-    with pytest.raises(ConversionError, match="no `layer_scale.lambda1`"):
+    no_layer_scale = refused(r"layer_scale1\.lambda1", "layerscale_value (null: no LayerScale)")
+    with pytest.raises(ConversionError, match=no_layer_scale):
         convert_reference_state_dict(state_dict, {**config, "layerscale_value": 1e-5})
     zero, _ = convert_reference_state_dict(state_dict, {**config, "layerscale_value": 0.0})
     assert zero.layerscale_value is None  # 0 without weights: no LayerScale
     config, state_dict = make_variant("classifier-gated-last-token")
-    with pytest.raises(ConversionError, match="use_gated_mlp=False"):
+    with pytest.raises(ConversionError, match=refused(r"gate_proj\.weight", "use_gated_mlp")):
         convert_reference_state_dict(state_dict, {**config, "use_gated_mlp": False})
 
 
@@ -498,7 +527,7 @@ def test_wrong_architecture_or_model_type_is_refused():
     config, state_dict = make_variant("pretrain-causal-nonaffine")
     with pytest.raises(ConversionError, match="Unknown reference architecture"):
         convert_reference_state_dict(state_dict, {**config, "architectures": ["ViTNepaForSomething"]})
-    with pytest.raises(ConversionError, match="no `classifier.weight`"):
+    with pytest.raises(ConversionError, match=refused(r"not filled \(4\):\n    classifier\.bias", "architectures")):
         convert_reference_state_dict(state_dict, {**config, "architectures": ["ViTNepaForImageClassification"]})
     with pytest.raises(ConversionError, match="already in nepa-hf format"):
         convert_reference_state_dict(state_dict, {**config, "model_type": "nepa"})

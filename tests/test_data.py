@@ -204,3 +204,51 @@ def test_photo_images_fixture(photo_images):
         arr = np.asarray(img)
         assert img.mode == "RGB" and arr.ndim == 3 and arr.shape[2] == 3
         assert arr.std() > 10  # real content
+
+
+# --------------------------------------------------------------------------- the scripts' shared rules
+
+
+def test_unreadable_images_are_counted_once_per_file_from_workers_and_from_batches(tmp_path, caplog):
+    """One skip-and-count rule for fine-tuning/evaluation (rows flagged by the DataLoader workers) and pretraining
+    (keys carried by the batches): each file counts once however often it is read; a value naming no file
+    (UNKNOWN_FILE) counts each time; the count survives a resume."""
+    import datasets
+    import torch
+
+    from nepa_hf.data.classification import collate_image_batch, with_image_transform
+    from nepa_hf.data.transforms import pretraining_transform
+
+    Image.new("RGB", (20, 16), (10, 200, 30)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = datasets.Dataset.from_dict({"image": [str(tmp_path / name) for name in ("good.png", "broken.png") * 3],
+                                       "label": [0, 1] * 3})
+    images = with_image_transform(rows, pretraining_transform(14, [0.5] * 3, [0.5] * 3), "image", "label")
+    loader = torch.utils.data.DataLoader(images, batch_size=2, num_workers=2, collate_fn=collate_image_batch)
+    for _ in range(2):  # two epochs in two workers: the three broken rows are read twice each
+        assert sum(len(batch["labels"]) for batch in loader) == 3
+    assert images.unreadable.indices() == [1, 3, 5] and images.unreadable.count() == 3
+    with caplog.at_level("WARNING", logger="nepa_hf.data.images"):
+        assert images[3]["pixel_values"] is None and images.unreadable.count() == 3
+    assert "Skipping unreadable image #3" in caplog.text and "broken.png" in caplog.text
+
+    counted = nd.UnreadableImages()
+    counted.add([7, 7, nd.UNKNOWN_FILE])
+    assert counted.count() == 2
+    counted.add([7, 9, nd.UNKNOWN_FILE])
+    assert counted.count() == 4  # 7 again adds nothing; 9 and the second unnamed one do
+    resumed = nd.UnreadableImages()
+    resumed.load_state_dict(counted.state_dict())
+    resumed.add([9])
+    assert resumed.count() == 4
+
+
+def test_patch_aligned_size_names_the_nearest_valid_sizes_or_rounds_down(caplog):
+    assert nd.patch_aligned_size(28, 7) == 28
+    with pytest.raises(ValueError, match=r"^--image_size 30 must be a multiple of the patch size 7: use 28 or 35\.$"):
+        nd.patch_aligned_size(30, 7)
+    with pytest.raises(ValueError, match=r"--crop_size 5 must be a multiple of the patch size 7: use 7\."):
+        nd.patch_aligned_size(5, 7, "--crop_size", round_down=True)  # nothing smaller fits
+    with caplog.at_level("WARNING", logger="nepa_hf.data.images"):
+        assert nd.patch_aligned_size(32, 7, "--crop_size", round_down=True) == 28
+    assert "--crop_size 32 is not a multiple of the patch size 7: using 28" in caplog.text

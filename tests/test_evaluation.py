@@ -81,7 +81,7 @@ def test_knn_and_linear_probe_on_real_images(fashion_pixels):
 def test_extract_features_pooling_and_layers():
     torch.manual_seed(0)
     config = NepaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        patch_size=4, image_size=8, layerscale_value=1.0, is_causal=True, num_labels=3)
+                        patch_size=4, image_size=8, layerscale_value=1.0, num_labels=3)
     classifier = NepaForImageClassification(config)
     backbone = classifier.nepa
     pixels, labels = torch.randn(5, 3, 8, 8), torch.arange(5)
@@ -96,7 +96,7 @@ def test_extract_features_pooling_and_layers():
     torch.testing.assert_close(extract_features(backbone, pixels, layer=2)[0], mean, rtol=1e-5, atol=1e-5)
     first_block = extract_features(backbone, pixels, layer=1)[0]
     assert not torch.allclose(first_block, mean)
-    # a classifier's trunk attends as the head does (finetuning_is_causal: bidirectional); causal features differ
+    # a classifier's trunk attends as the head does (is_causal=False: bidirectional); causal features differ
     torch.testing.assert_close(extract_features(backbone, pixels, is_causal=False)[0], mean)
     assert not torch.allclose(extract_features(backbone, pixels, is_causal=True)[0], mean)
     uint8 = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)

@@ -186,7 +186,7 @@ def test_finetune_from_pretraining_checkpoint_uses_the_recipe(tmp_path, finetune
         "--drop_path_rate", "0.1",
     ))
     model = NepaForImageClassification.from_pretrained(output_dir)
-    assert model.config.finetuning_is_causal is False and model.config.drop_path_rate == 0.1
+    assert model.config.is_causal is False and model.config.drop_path_rate == 0.1
     assert model.config.num_labels == 10 and model.config.id2label[9] == "Ankle boot"
     # the reference recipe: patch embedding frozen, Mixup soft targets, EMA evaluated beside the online weights
     torch.testing.assert_close(model.nepa.embeddings.patch_embeddings.projection.weight,

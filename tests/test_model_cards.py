@@ -21,6 +21,7 @@ from nepa_hf import (
     NepaImageProcessorPil,
 )
 from nepa_hf.data.images import bundled_photo_paths
+from nepa_hf.hub.publish import write_remote_code
 from nepa_hf.hub.model_card import (
     HUB_NAMESPACE,
     PUBLISHED_CHECKPOINTS,
@@ -159,6 +160,7 @@ def test_card_usage_code_runs_with_transformers_only(tmp_path):
         config.architectures = [cls.__name__]
         folder = tmp_path / cls.__name__
         cls(config).save_pretrained(folder)
+        write_remote_code(folder)  # as published: every head's Auto class
         NepaImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
         card = make_model_card(spec_from_config(folder.name, config), repo_id=str(folder), example_image=photo)
         card.save(folder / "README.md")

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from huggingface_hub.errors import StrictDataclassClassValidationError
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -207,8 +208,9 @@ def test_flex_attention_matches_sdpa_causal():
     assert (sdpa - flex).abs().max().item() <= 1e-5
 
 
-def test_output_attentions_under_sdpa_returns_maps():
+def test_output_attentions_with_eager_attention_returns_maps():
     model = randomize_(NepaModel(tiny_config())).eval()
+    model.set_attn_implementation("eager")  # as in transformers: sdpa computes no attention maps
     with torch.no_grad():
         out = model(torch.randn(1, 3, 16, 16), output_attentions=True, output_hidden_states=True)
     assert len(out.attentions) == 2 and out.attentions[0].shape == (1, 4, 17, 17)
@@ -249,35 +251,15 @@ def test_any_resolution_divisible_by_patch(size):
     torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 1:].mean(1))
 
 
-@pytest.mark.parametrize(
-    "shape,message",
-    [
-        ((2, 3, 15, 16), "not divisible by the patch size 4"),
-        ((2, 1, 16, 16), "1 channels but the model expects 3"),
-        ((0, 3, 16, 16), "empty batch"),
-        ((3, 16, 16), "must be 4-D"),
-    ],
-)
-def test_bad_inputs_raise_clear_errors(shape, message):
-    model = NepaModel(tiny_config())
-    with pytest.raises(ValueError, match=message):
-        model(torch.randn(*shape))
-
-
 def test_config_validation_errors():
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(StrictDataclassClassValidationError, match="divisible by 4"):
         NepaConfig(hidden_size=60, num_attention_heads=6)
-    with pytest.raises(ValueError, match="divisible by num_attention_heads"):
+    with pytest.raises(StrictDataclassClassValidationError, match="divisible by num_attention_heads"):
         NepaConfig(hidden_size=64, num_attention_heads=5)
-    with pytest.raises(ValueError, match="pooling"):
+    with pytest.raises(StrictDataclassClassValidationError, match="pooling"):
         NepaConfig(pooling="cls")
     with pytest.raises(ValueError, match="Unknown NEPA preset"):
         NepaConfig.from_preset("nepa-vit-xxl")
-
-
-def test_reference_field_names_are_accepted():
-    config = NepaConfig(drop_path_prob=0.1, add_pooling_layer=False)
-    assert config.drop_path_rate == 0.1 and config.pooling == "last"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,8 +330,7 @@ def test_loss_is_shifted_negative_cosine_and_bounded():
 def test_stop_gradient_blocks_the_target_path_only():
     model = randomize_(NepaForPreTraining(tiny_config()))
     out = model(torch.randn(2, 3, 16, 16))
-    assert not out.input_embeddings.requires_grad
-    out.loss.backward()
+    out.loss.backward()  # nepa_loss detaches the targets (the one place stop-gradient is applied)
     # Gradient still reaches the patch embedding through the input path.
     assert model.nepa.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
     grad_with_stop = model.nepa.embeddings.cls_token.grad.clone()
@@ -364,7 +345,6 @@ def test_stop_gradient_blocks_the_target_path_only():
     out_stop.loss.backward()
     torch.manual_seed(2)
     out_free = ablation(pixels)
-    assert out_free.input_embeddings.requires_grad
     out_free.loss.backward()
     torch.testing.assert_close(out_stop.loss, out_free.loss)
     # The CLS embedding is a target of nothing (never a target), but patch embeddings are: gradients differ.
@@ -555,24 +535,19 @@ def _qk_norm_weights(model) -> dict:
 
 
 @pytest.mark.parametrize("source_class", [NepaModel, NepaForPreTraining])
-def test_non_affine_checkpoint_loads_into_affine_config_with_a_log_line(tmp_path, caplog, source_class):
+def test_non_affine_checkpoint_loads_into_affine_config_computing_the_same(tmp_path, source_class):
+    """The authors' base checkpoint is non-affine and their fine-tuning affine: the QK-norm weights are new (reported
+    as MISSING, as transformers reports every new weight) and start at 1.0, which computes the same function."""
     source = randomize_(source_class(tiny_config(qk_norm_affine=False))).eval()
     source.save_pretrained(tmp_path)
-    with caplog.at_level("INFO", logger="nepa_hf.models.nepa.modeling_nepa"):
-        model, info = NepaForPreTraining.from_pretrained(tmp_path, qk_norm_affine=True, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model, info = NepaForPreTraining.from_pretrained(tmp_path, qk_norm_affine=True, output_loading_info=True)
     weights = _qk_norm_weights(model)
+    assert info["missing_keys"] == set(weights) and not info["unexpected_keys"]
     assert len(weights) == 4 and all(torch.equal(w, torch.ones_like(w)) for w in weights.values())
-    assert "non-affine QK-norm (qk_norm_affine=False)" in caplog.text
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = source(pixels).last_hidden_state
         torch.testing.assert_close(model.nepa(pixels).last_hidden_state, expected, atol=0, rtol=0)
-    # The new classifier head is reported as missing (transformers' convention), and only it.
-    _, info = NepaForImageClassification.from_pretrained(
-        tmp_path, num_labels=3, qk_norm_affine=True, output_loading_info=True
-    )
-    assert info["missing_keys"] == {"classifier.weight", "classifier.bias", "fc_norm.weight", "fc_norm.bias"}
 
 
 @pytest.mark.parametrize("deleted", [("q_norm",), ("q_norm", "k_norm")])

@@ -52,15 +52,17 @@ def test_dry_run_assembles_validates_and_lists_every_file(checkpoint, tmp_path, 
     assert "would upload to someone/nepa-tiny-demo:" in out
     files = {p.name: p.stat().st_size for p in staging.iterdir()}
     assert set(files) == {"README.md", "config.json", "model.safetensors", "preprocessor_config.json",
-                          "configuration_nepa.py", "modeling_nepa.py", "image_processing_nepa.py"}  # fmt: skip
+                          "configuration_nepa.py", "modeling_nepa.py", "modeling_nepa_segmentation.py",
+                          "image_processing_nepa.py"}  # fmt: skip
     for name, size in files.items():  # exactly what would be uploaded, with sizes
         assert f"{size:,d} bytes" in next(line for line in out.splitlines() if line.strip().startswith(name))
-    assert f"7 files, {sum(files.values()):,d} bytes in total" in out
+    assert f"8 files, {sum(files.values()):,d} bytes in total" in out
     # Weights unchanged; remote code advertised for every head; processor and card present.
     original, staged = load_file(checkpoint / "model.safetensors"), load_file(staging / "model.safetensors")
     assert sorted(original) == sorted(staged) and all(torch.equal(original[k], staged[k]) for k in original)
     auto_map = json.loads((staging / "config.json").read_text())["auto_map"]
-    assert {"AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification"} <= set(auto_map)
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification",
+                             "AutoModelForSemanticSegmentation", "AutoBackbone"}
     card = ModelCard.load(staging / "README.md")
     assert card.data.pipeline_tag == "image-classification" and card.data.license == "apache-2.0"
     assert card.data.base_model is None and card.data.eval_results is None  # nothing reported for our own model
@@ -92,7 +94,7 @@ def test_upload_uses_hfapi_with_all_options(checkpoint, monkeypatch, capsys):
     assert uploaded["repo_id"] == "someone/x" and uploaded["revision"] == "v1" and uploaded["create_pr"] is True
     assert uploaded["files"] == sorted(
         ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_nepa.py",
-         "modeling_nepa.py", "image_processing_nepa.py"]
+         "modeling_nepa.py", "modeling_nepa_segmentation.py", "image_processing_nepa.py"]
     )  # fmt: skip
     assert "Uploaded: https://huggingface.co/someone/x/discussions/1" in capsys.readouterr().out
 

@@ -31,6 +31,8 @@ def test_maps_follow_the_definitions():
     maps = compute_maps(model, pixels, query=(1, 2), layers=[1], heads=[0])
     assert maps.grid == (4, 6) and maps.attention.shape == (4, 6) and maps.pca_rgb.shape == (4, 6, 3)
     token = 1 + 1 * 6 + 2
+    assert model.config._attn_implementation == "sdpa"  # compute_maps ran eager for the maps and restored it
+    model.set_attn_implementation("eager")
     with torch.no_grad():
         out = model.nepa(pixels, output_attentions=True)
     expected_attention = out.attentions[1][0, 0, token, 1:].reshape(4, 6).numpy()

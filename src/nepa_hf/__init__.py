@@ -56,7 +56,7 @@ NepaConfig.register_for_auto_class()
 NepaModel.register_for_auto_class("AutoModel")
 NepaForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 NepaForImageClassification.register_for_auto_class("AutoModelForImageClassification")
-# Either image processor writes both backends into auto_map; see image_processing_nepa's docstring for the rule.
+# Either image processor saves an auto_map naming both backends (their `to_dict`), so remote code picks the backend.
 NepaImageProcessorPil.register_for_auto_class("AutoImageProcessor")
 if NepaImageProcessor is not None:  # None without torchvision
     NepaImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .images import decode_image, describe_image_source, transform_image, without_image_decoding
+from .images import UnreadableImages, describe_image_source, transform_image, without_image_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -234,24 +234,6 @@ def train_validation_split(dataset, label_column: str, validation_fraction: floa
 MIXABLE_KEY = "mixable"
 
 
-class UnreadableImages:
-    """Which rows of a dataset could not be decoded, shared by the DataLoader workers (a shared-memory flag per row),
-    so `count()` in the main process counts distinct files however often each was read and whichever worker read it.
-    Under several processes, combine the ranks' `indices()` (e.g. `accelerate.utils.gather_object`)."""
-
-    def __init__(self, num_rows: int):
-        self.flags = torch.zeros(num_rows, dtype=torch.uint8).share_memory_()
-
-    def mark(self, index: int) -> None:
-        self.flags[index] = 1
-
-    def indices(self) -> list[int]:
-        return torch.nonzero(self.flags).flatten().tolist()
-
-    def count(self) -> int:
-        return int(self.flags.sum())
-
-
 class ImageExample(Mapping):
     """One transformed example: `pixel_values` (None when the image was unreadable), `labels` and, for training data,
     `mixable`.
@@ -290,14 +272,12 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     `transform` into normalised float `pixel_values` (C, H, W), with its integer `labels`.
 
     An image that cannot be read (truncated or corrupt file, missing path, ...) does not stop training: the example
-    comes back with `pixel_values=None` (the collators drop it), a warning names the file (the first few per worker)
-    and `unreadable` records the row, so the run can report how many distinct files were skipped. Decoding happens
+    comes back with `pixel_values=None` (the collators drop it) and `unreadable` (`UnreadableImages`) warns about it
+    and records its row, so the run can report how many distinct files were skipped. Decoding happens
     here rather than in `datasets` (the image column is read with `decode=False`), since a decoding error inside
     `datasets` would end the DataLoader. An error of the transform on an image that decoded is a bug, not a bad
     file: it is raised, naming the image and the transform (`transform_image`).
     """
-
-    max_warnings = 10
 
     def __init__(self, dataset, transform: Callable, image_column: str, label_column: str | None,
                  mixable: bool = False):
@@ -310,29 +290,21 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self.label_column = label_column
         self.mixable = mixable
         self.unreadable = UnreadableImages(len(self.dataset))
-        self._num_warnings = 0  # per worker copy
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> ImageExample:
-        row, value, image = {}, None, None
+        row, pixel_values = {}, None
         try:
             row = self.dataset[index]
-            value = row[self.image_column]
-            image = decode_image(value)
-        except Exception as error:  # any reading/decoding failure: skip this image, never stop the run
-            self.unreadable.mark(index)
-            self._num_warnings += 1
-            if self._num_warnings <= self.max_warnings:
-                logger.warning(
-                    "Skipping unreadable image %s: %s: %s%s", describe_image_source(value, f"#{index}"),
-                    type(error).__name__, error,
-                    " (further ones in this worker are only counted)" if self._num_warnings == self.max_warnings else "",
-                )
-        pixel_values = None
-        if image is not None:
-            pixel_values = transform_image(self.transform, image, describe_image_source(value, f"#{index}"))
+        except Exception as error:  # a row the dataset itself cannot read
+            self.unreadable.skip(index, f"#{index}", error)
+        else:
+            image = self.unreadable.read(row[self.image_column], f"#{index}", index)
+            if image is not None:
+                source = describe_image_source(row[self.image_column], f"#{index}")
+                pixel_values = transform_image(self.transform, image, source)
         example = {"pixel_values": pixel_values}
         if self.label_column is not None:
             example["labels"] = row.get(self.label_column)
@@ -397,7 +369,6 @@ __all__ = [
     "ImageClassificationDataset",
     "ImageExample",
     "MIXABLE_KEY",
-    "UnreadableImages",
     "IMAGE_COLUMN_CANDIDATES",
     "LABEL_COLUMN_CANDIDATES",
     "check_labels",

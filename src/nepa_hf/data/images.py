@@ -1,14 +1,16 @@
-"""Data helpers: Fashion-MNIST (Debian package or bundled subset) and bundled photos.
+"""Data helpers: Fashion-MNIST (Debian package or bundled subset) and bundled photos; loading image datasets; decoding
+one image, with the scripts' one skip-and-count rule for unreadable images (`UnreadableImages`); the scripts' image
+size check (`patch_aligned_size`).
 
-Only the standard library, numpy and PIL are imported at module level; the
-Hugging Face ``datasets`` library is imported lazily by the functions that
-build :class:`datasets.Dataset` objects.
+Only the standard library and numpy are imported at module level; PIL, torch and the Hugging Face ``datasets``
+library are imported lazily by the functions that need them.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -36,7 +38,12 @@ __all__ = [
     "describe_image_source",
     "transform_image",
     "without_image_decoding",
+    "UNKNOWN_FILE",
+    "UnreadableImages",
+    "patch_aligned_size",
 ]
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_APT_COMMAND = "apt-get update && apt-get install -y dataset-fashion-mnist"
@@ -483,3 +490,96 @@ def without_image_decoding(dataset, image_column: str):
     if isinstance(features[image_column], ImageFeature) and features[image_column].decode:
         dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
     return dataset
+
+
+UNKNOWN_FILE = -1  # key of an unreadable image that names no file: counted each time it is read
+
+
+class UnreadableImages:
+    """The scripts' one rule for images that cannot be read: skipped (never ending a run), warned about naming the
+    file (the first `max_warnings` per DataLoader worker), and counted once per file however often each is read
+    (every epoch) and whichever worker or process reads it.
+
+    An image is known by an integer key: its row in a map-style dataset, or, when streaming, a hash of its path or
+    bytes (`data.pretraining.unreadable_file_key`); `UNKNOWN_FILE` ones cannot be told apart and count each time.
+    The keys reach the count one of two ways:
+
+    - `read` in DataLoader workers flags the rows of a map-style dataset of `num_rows` rows in shared memory
+      (fine-tuning and evaluation, whose collators drop unreadable examples);
+    - `add` records keys that travelled to the training process in the batches (pretraining: streamed keys are hashes,
+      and Accelerate may hand a batch read by one process to another).
+
+    `count(accelerator)` merges what every process recorded (a collective: call it on every process at the same
+    point; without an accelerator, this process alone). `state_dict` / `load_state_dict` carry it across a resume.
+    """
+
+    max_warnings = 10
+
+    def __init__(self, num_rows: int | None = None):
+        import torch
+
+        self.row_flags = torch.zeros(num_rows, dtype=torch.uint8).share_memory_() if num_rows is not None else None
+        self.num_warnings = 0  # per worker copy
+        self.pending: list[int] = []  # keys added in this process since the last count
+        self.files: set[int] = set()
+        self.unnamed = 0
+
+    def read(self, value, where: str, key: int):
+        """`decode_image(value)`, or None for an image that cannot be read (skipped: see `skip`)."""
+        try:
+            return decode_image(value)
+        except Exception as error:  # any reading/decoding failure: skip the image, never stop a long run
+            self.skip(key, describe_image_source(value, where), error)
+            return None
+
+    def skip(self, key: int, source: str, error: Exception) -> None:
+        """Warn about the unreadable image `source` and, for a map-style dataset, flag its row `key`."""
+        if self.row_flags is not None:
+            self.row_flags[key] = 1
+        self.num_warnings += 1
+        if self.num_warnings <= self.max_warnings:
+            logger.warning(
+                "Skipping unreadable image %s: %s: %s%s", source, type(error).__name__, error,
+                " (further ones in this worker are only counted)" if self.num_warnings == self.max_warnings else "",
+            )
+
+    def add(self, keys: list[int]) -> None:
+        self.pending.extend(keys)
+
+    def indices(self) -> list[int]:
+        """The rows this process's DataLoader workers flagged."""
+        return [] if self.row_flags is None else self.row_flags.nonzero().flatten().tolist()
+
+    def count(self, accelerator=None) -> int:
+        keys, self.pending = self.pending + self.indices(), []
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            keys = gather_object(keys)
+        for key in keys:
+            if key == UNKNOWN_FILE:
+                self.unnamed += 1
+            else:
+                self.files.add(key)
+        return len(self.files) + self.unnamed
+
+    def state_dict(self) -> dict:
+        return {"skipped_files": sorted(self.files), "skipped_unnamed": self.unnamed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.files, self.unnamed = set(state["skipped_files"]), state["skipped_unnamed"]
+
+
+def patch_aligned_size(size: int, patch_size: int, name: str = "--image_size", round_down: bool = False) -> int:
+    """`size` (an image side, given as the option `name`) when it is a multiple of the patch size. Otherwise a
+    ValueError naming both and the nearest valid sizes or, with `round_down` (a default that follows the data), the
+    largest multiple that fits, with a warning."""
+    lower = size - size % patch_size
+    if lower == size:
+        return size
+    if round_down and lower > 0:
+        logger.warning(f"{name} {size} is not a multiple of the patch size {patch_size}: using {lower}, the largest "
+                       "multiple that fits.")
+        return lower
+    nearest = f"{lower} or {lower + patch_size}" if lower > 0 else f"{patch_size}"
+    raise ValueError(f"{name} {size} must be a multiple of the patch size {patch_size}: use {nearest}.")

@@ -7,27 +7,27 @@
 - `PretrainingCollator` turns those markers into flagged placeholder rows (`valid == False`, the key in
   `unreadable_keys`), so batches keep their shape (Accelerate can dispatch them) and which files were skipped travels
   with the batch across workers and processes; `select_readable` drops the placeholders on the device and
-  `UnreadableFileCounter` counts each skipped file once however often it is read.
+  `skipped_file_keys` hands their keys to `data.images.UnreadableImages`, which counts each file once however often
+  it is read.
 - Per-sample randomness (crop, flip, input mask) runs under a seed made from (seed, epoch, index), so the augmented
   data do not depend on the number of workers or processes, nor on where a run was resumed; `EpochShuffleSampler`
   draws the order from (seed, epoch) alone. The transform is the authors' (`data.transforms.pretraining_transform`).
-- `pretraining_dataloader` puts these together into the training DataLoader.
+- `pretraining_images` picks the image column and sets up streaming; `pretraining_dataloader` puts the pieces above
+  together into the training DataLoader.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .images import decode_image, describe_image_source, transform_image, without_image_decoding
+from .images import (UNKNOWN_FILE, UnreadableImages, describe_image_source, resolve_column, transform_image,
+                     without_image_decoding)
 from .transforms import seeded, to_rgb
-
-logger = logging.getLogger(__name__)
 
 
 def sample_seed(seed: int, *keys: int) -> int:
@@ -54,7 +54,6 @@ def random_patch_mask(
 
 
 UNREADABLE_KEY = "unreadable"
-UNKNOWN_FILE = -1  # key of an unreadable sample that names no file (counted each time it is read)
 
 
 def unreadable_file_key(value) -> int:
@@ -71,9 +70,8 @@ def unreadable_file_key(value) -> int:
 
 class _SampleProcessor:
     """Shared per-sample logic of the two dataset wrappers: decode -> RGB (or L) -> transform -> (mask), all under
-    the sample's seed; `{"unreadable": key}` when unreadable."""
-
-    max_warnings = 10
+    the sample's seed; `{"unreadable": key}` when unreadable (skipped by `UnreadableImages`' rule; the batches carry
+    the keys to the count)."""
 
     def __init__(self, transform, seed: int, num_channels: int, mask_ratio: float, num_patches: int | None):
         if num_channels not in (1, 3):
@@ -85,23 +83,15 @@ class _SampleProcessor:
         self.num_channels = num_channels
         self.mask_ratio = mask_ratio
         self.num_patches = num_patches
-        self.num_failures = 0  # per worker copy; the batches carry the authoritative count
+        self.unreadable = UnreadableImages()
 
     def __call__(self, value, seed: int, where, key: int) -> dict:
-        try:
-            image = to_rgb(decode_image(value))  # 16-bit/float sources are rescaled, not clipped
-            if self.num_channels == 1:
-                image = image.convert("L")
-        except Exception as error:  # any reading/decoding failure: skip the sample, never stop a long run
-            self.num_failures += 1
-            if self.num_failures <= self.max_warnings:
-                logger.warning(
-                    "Skipping unreadable image %s: %s: %s%s", describe_image_source(value, where), type(error).__name__,
-                    error,
-                    " (further failures in this worker are only counted)" if self.num_failures == self.max_warnings
-                    else "",
-                )
+        image = self.unreadable.read(value, where, key)
+        if image is None:
             return {UNREADABLE_KEY: key}
+        image = to_rgb(image)  # 16-bit/float sources are rescaled, not clipped
+        if self.num_channels == 1:
+            image = image.convert("L")
         with seeded(seed):  # a transform error is a bug, not a bad file: raised, naming the image (transform_image)
             pixels = transform_image(self.transform, image, describe_image_source(value, where))
             mask = random_patch_mask(1, self.num_patches, self.mask_ratio)[0] if self.mask_ratio else None
@@ -146,14 +136,9 @@ class PretrainingImageDataset(torch.utils.data.Dataset):
             row = self.dataset[index]
             value = row[self.image_column] if self.image_column is not None else row
         except Exception as error:  # e.g. a row the dataset itself cannot read
-            return self._fail(index, error)
+            self.processor.unreadable.skip(index, f"#{index}", error)
+            return {UNREADABLE_KEY: index}
         return self.processor(value, sample_seed(self.processor.seed, epoch, index), f"#{index}", index)
-
-    def _fail(self, index, error) -> dict:
-        self.processor.num_failures += 1
-        if self.processor.num_failures <= self.processor.max_warnings:
-            logger.warning("Skipping unreadable sample #%s: %s: %s", index, type(error).__name__, error)
-        return {UNREADABLE_KEY: index}
 
 
 class PretrainingIterableDataset(torch.utils.data.IterableDataset):
@@ -268,27 +253,45 @@ class PretrainingCollator:
 _BOOKKEEPING_KEYS = ("valid", "unreadable_keys")
 
 
-def select_readable(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, bool]:
+def select_readable(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """Drop the placeholder rows of unreadable images from a collated batch.
 
-    Returns (model inputs: the batch without `valid` and `unreadable_keys`, number of skipped rows, whether every
-    row was skipped). When every row was skipped the placeholders are kept so each process still runs a
-    forward/backward (DDP needs all processes to take part); `readable_loss_weight` is then 0 for that process.
+    Returns (model inputs: the batch without `valid` and `unreadable_keys`, number of skipped rows). When every row
+    was skipped the placeholders are kept so each process still runs a forward/backward (DDP needs all processes to
+    take part); `readable_loss_weight` is then 0 for that process.
     """
     valid = batch["valid"]
     inputs = {key: value for key, value in batch.items() if key not in _BOOKKEEPING_KEYS}
     num_skipped = int(valid.numel() - valid.sum().item())
-    if num_skipped == 0:
-        return inputs, 0, False
-    if num_skipped == valid.numel():
-        return inputs, num_skipped, True
-    return {key: value[valid] for key, value in inputs.items()}, num_skipped, False
+    if num_skipped in (0, valid.numel()):
+        return inputs, num_skipped
+    return {key: value[valid] for key, value in inputs.items()}, num_skipped
 
 
 def skipped_file_keys(batch: dict[str, torch.Tensor]) -> list[int]:
     """The file keys of a batch's unreadable rows (`UNKNOWN_FILE` for rows that name no file). Reads the device:
     call it only for a batch known to have skipped rows."""
     return batch["unreadable_keys"][~batch["valid"]].tolist()
+
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "jpg", "png", "webp")
+
+
+def pretraining_images(dataset, image_column: str | None = None, streaming: bool = False, seed: int = 0,
+                       shuffle_buffer_size: int = 10_000, num_shards: int = 1):
+    """(dataset, image column) for `pretraining_dataloader`. The column is `image_column`, else detected among
+    `IMAGE_COLUMN_CANDIDATES` ("image" for a streamed dataset that does not list its columns). With `streaming` the
+    data pass through a shuffle buffer; a `datasets.Dataset` (built-in or local data, e.g. to try the streaming path)
+    is streamed in `num_shards` shards (one per DataLoader worker)."""
+    if getattr(dataset, "column_names", None) is None:
+        image_column = image_column or "image"
+    else:
+        image_column = resolve_column(dataset, image_column, IMAGE_COLUMN_CANDIDATES, "image")
+    if streaming:
+        if hasattr(dataset, "to_iterable_dataset"):
+            dataset = dataset.to_iterable_dataset(num_shards=max(1, num_shards))
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    return dataset, image_column
 
 
 def pretraining_dataloader(dataset, image_column: str | None, transform, *, batch_size: int, image_size: int,
@@ -318,56 +321,15 @@ def pretraining_dataloader(dataset, image_column: str | None, transform, *, batc
     )
 
 
-class UnreadableFileCounter:
-    """Counts the unreadable images of a run once per file, however often each is read (every epoch) and whichever
-    worker or process reads it.
-
-    Call `add(batch)` on each process for a batch with skipped rows, and `gather(accelerator)` on every process at
-    the same point (it is a collective) before reading `count` on the main process. Skips that name no file
-    (`UNKNOWN_FILE`) cannot be told apart and count once each. `state_dict` / `load_state_dict` carry the count
-    across a resume.
-    """
-
-    def __init__(self):
-        self.pending: list[int] = []  # keys seen by this process since the last gather
-        self.files: set[int] = set()
-        self.unnamed = 0
-
-    def add(self, batch: dict[str, torch.Tensor]) -> None:
-        self.pending.extend(skipped_file_keys(batch))
-
-    def gather(self, accelerator) -> int:
-        from accelerate.utils import gather_object
-
-        gathered = gather_object([self.pending]) if accelerator.num_processes > 1 else [self.pending]
-        self.pending = []
-        for key in (key for keys in gathered for key in keys):
-            if key == UNKNOWN_FILE:
-                self.unnamed += 1
-            else:
-                self.files.add(key)
-        return self.count
-
-    @property
-    def count(self) -> int:
-        return len(self.files) + self.unnamed
-
-    def state_dict(self) -> dict:
-        return {"skipped_files": sorted(self.files), "skipped_unnamed": self.unnamed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.files, self.unnamed = set(state["skipped_files"]), state["skipped_unnamed"]
-
-
 __all__ = [
     "EpochShuffleSampler",
+    "IMAGE_COLUMN_CANDIDATES",
     "PretrainingCollator",
     "PretrainingImageDataset",
     "PretrainingIterableDataset",
-    "UNKNOWN_FILE",
     "UNREADABLE_KEY",
-    "UnreadableFileCounter",
     "pretraining_dataloader",
+    "pretraining_images",
     "random_patch_mask",
     "sample_seed",
     "select_readable",

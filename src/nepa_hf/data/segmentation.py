@@ -27,6 +27,7 @@ __all__ = [
     "fashion_scenes_dataset",
     "segmentation_folder_dataset",
     "random_scale_crop_flip",
+    "check_label_maps",
 ]
 
 # Label 0 is the background; item class c has label c + 1.
@@ -224,3 +225,19 @@ def random_scale_crop_flip(
     if rng.random() < flip_probability:
         image, mask = image[:, ::-1], mask[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+def check_label_maps(labels, num_labels: int, ignore_index: int):
+    """`labels` (an array or tensor of class indices) unchanged, or a ValueError naming the values outside
+    [0, num_labels) other than `ignore_index` and the fix. Run on the CPU in the data pipeline (no device sync)."""
+    values = np.unique(np.asarray(labels))
+    bad = values[((values < 0) | (values >= num_labels)) & (values != ignore_index)]
+    if bad.size:
+        shown = ", ".join(str(value) for value in bad[:5]) + (", ..." if bad.size > 5 else "")
+        raise ValueError(
+            f"Segmentation labels contain class indices outside [0, {num_labels - 1}] (num_labels={num_labels}) other "
+            f"than the ignore index {ignore_index}: found {shown}. Set --num_labels / --id2label_file to cover every "
+            "class, or --do_reduce_labels for ADE20K-style maps where 0 means 'no label'."
+        )
+    return labels
+

@@ -23,18 +23,16 @@ import PIL.Image
 import torch
 from torchvision.transforms import v2
 
-from ..models.nepa.image_processing_nepa import _sixteen_bit_to_uint8, to_8bit_rgb
+from ..models.nepa.image_processing_nepa import convert_to_8_bit
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 def array_to_image(array) -> PIL.Image.Image:
     """An HxW or HxWxC (C = 1, 3, 4) numpy array -> PIL image, 16-bit arrays scaled to 8 bits by the image processor's
-    rule (value / 257, rounded), so every loader reads them as `NepaImageProcessor` does. Pillow has no mode for
-    16-bit colour, and `Image.fromarray` refuses it."""
-    array = np.asarray(array)
-    if array.dtype == np.uint16:
-        array = _sixteen_bit_to_uint8(array)
+    rule (`convert_to_8_bit`), so every loader reads them as `NepaImageProcessor` does. Pillow has no mode for 16-bit
+    colour, and `Image.fromarray` refuses it."""
+    array = convert_to_8_bit(np.asarray(array))
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     return PIL.Image.fromarray(array)
@@ -43,15 +41,14 @@ def array_to_image(array) -> PIL.Image.Image:
 def to_rgb(image) -> PIL.Image.Image:
     """Any PIL image (L, LA, P, RGBA, CMYK, I;16, I, F, ...) or HxW[xC] numpy array -> 8-bit RGB PIL image.
 
-    16-bit and float images follow the image processor's rule (`to_8bit_rgb`; uint16 arrays: `array_to_image`), so
-    training data and inference inputs are scaled the same way; everything else goes through PIL's own conversion.
+    16-bit and float images follow the image processor's rule (`convert_to_8_bit`), so training data and inference
+    inputs are scaled the same way; everything else goes through PIL's own conversion.
     """
     if isinstance(image, np.ndarray):
         image = array_to_image(image)
     if not isinstance(image, PIL.Image.Image):
         raise TypeError(f"Expected a PIL image or a numpy array, got {type(image).__name__}.")
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):  # the processor's test, word for word
-        return to_8bit_rgb(image)
+    image = convert_to_8_bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

@@ -150,8 +150,8 @@ def extract_features(
             a causal model), or "pooler" (the model's own pooled output).
         layer: None for the final output; k in 1..L for the output of block k (0: the input embeddings).
         apply_norm: apply the backbone's final LayerNorm to intermediate layers (the final output has it already).
-        is_causal: attention for the forward pass; None uses the model's own (`default_is_causal`: `is_causal` for a
-            NepaModel, causal for pretraining checkpoints; `finetuning_is_causal` for the trunk of a head).
+        is_causal: attention for the forward pass; None uses the model's own (`config.resolved_is_causal`: causal for
+            pretraining checkpoints, bidirectional for the trunk of a head).
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")

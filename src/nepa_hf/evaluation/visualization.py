@@ -116,8 +116,7 @@ def compute_maps(
     """Attention, next-embedding similarity and PCA maps for one image (`pixel_values` of shape (1, C, H, W)).
 
     `query` is the (row, col) of a patch (default: the centre patch); `layers`/`heads` select what the attention
-    map averages (default: all). The attention map needs attention weights: under sdpa/flex the model computes
-    that call with eager attention and says so once in a warning.
+    map averages (default: all). The attention map needs attention weights: the call runs with eager attention.
     """
     base = _base_model(model)
     if pixel_values.ndim != 4 or pixel_values.shape[0] != 1:
@@ -129,12 +128,15 @@ def compute_maps(
     token = _query_token(query, grid)
     num_heads = config.num_attention_heads
     chosen_heads = _resolve_indices(heads, num_heads, "heads")
-    was_training = base.training
+    was_training, implementation = base.training, config._attn_implementation
     base.eval()
+    if with_attention:  # only eager attention materialises the attention maps
+        base.set_attn_implementation("eager")
     try:
         outputs = base(pixel_values, output_attentions=with_attention)
     finally:
         base.train(was_training)
+        base.set_attn_implementation(implementation)
 
     attention, attention_to_cls, chosen_layers = None, None, []
     num_layers = config.num_hidden_layers
@@ -153,7 +155,7 @@ def compute_maps(
     return NepaMaps(
         attention=attention, similarity=similarity, pca_rgb=pca.reshape(*grid, 3), query=query, grid=grid,
         layers=tuple(chosen_layers), heads=tuple(chosen_heads), num_layers=num_layers, num_heads=num_heads,
-        attention_to_cls=attention_to_cls, is_causal=bool(config.is_causal),
+        attention_to_cls=attention_to_cls, is_causal=config.resolved_is_causal,
         predicts_next=bool(getattr(config, "pretraining_shift", True)), pca_explained_variance=explained,
     )
 
@@ -371,15 +373,9 @@ def processor_view(image: Image.Image, size: tuple[int, int], processor) -> Imag
     """The region of `image` the model saw: the processor's centre crop mapped back to the image, else all of it."""
     if not getattr(processor, "do_center_crop", False):
         return image
-    from transformers.image_utils import SizeDict
-
-    from ..models.nepa.image_processing_nepa import _resize_output_size
-
     crop_h, crop_w = int(size[0]), int(size[1])
-    resized_h, resized_w = image.height, image.width
-    if getattr(processor, "do_resize", True):
-        size_dict = processor.size if isinstance(processor.size, SizeDict) else SizeDict(**processor.size)
-        resized_h, resized_w = _resize_output_size(image.height, image.width, size_dict)
+    # The processor's own resize, without its crop: the size the crop is taken from.
+    resized_h, resized_w = processor(image, do_center_crop=False, return_tensors="pt").pixel_values.shape[-2:]
     scale_y, scale_x = resized_h / image.height, resized_w / image.width
     top, left = round((resized_h - crop_h) / 2 / scale_y), round((resized_w - crop_w) / 2 / scale_x)
     return image.crop((left, top, left + round(crop_w / scale_x), top + round(crop_h / scale_y)))

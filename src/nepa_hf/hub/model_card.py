@@ -234,8 +234,7 @@ def spec_from_config(
         num_parameters=num_parameters,
         image_size=config.image_size,
         patch_size=config.patch_size,
-        # The attention the saved model computes: a classifier's is `finetuning_is_causal`.
-        is_causal=config.finetuning_is_causal if architecture == "NepaForImageClassification" else config.is_causal,
+        is_causal=config.resolved_is_causal,
         source=source,
         training=training,
         num_labels=config.num_labels if PIPELINE_TAG_OF_HEAD[architecture] != "image-feature-extraction" else None,

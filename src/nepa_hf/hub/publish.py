@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 
+from ..models.nepa import modeling_nepa
 from ..models.nepa.configuration_nepa import NepaConfig
 from ..models.nepa.image_processing_nepa import NepaImageProcessorPil
 from .model_card import (
@@ -41,10 +43,17 @@ from .model_card import (
     spec_from_config,
 )
 
-# Code files every published folder needs; the modeling files come from its auto_map (segmentation and backbone
-# folders add modeling_nepa_segmentation.py).
-CODE_FILES = ("configuration_nepa.py", "modeling_nepa.py", "image_processing_nepa.py")
+# The code files of every published folder; `REMOTE_CODE_AUTO_MAP` points every Auto class at them.
+CODE_FILES = ("configuration_nepa.py", "modeling_nepa.py", "modeling_nepa_segmentation.py", "image_processing_nepa.py")
 AUTO_CLASS_OF = AUTO_CLASS_OF_HEAD
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_nepa.NepaConfig",
+    "AutoModel": "modeling_nepa.NepaModel",
+    "AutoModelForPreTraining": "modeling_nepa.NepaForPreTraining",
+    "AutoModelForImageClassification": "modeling_nepa.NepaForImageClassification",
+    "AutoModelForSemanticSegmentation": "modeling_nepa_segmentation.NepaForSemanticSegmentation",
+    "AutoBackbone": "modeling_nepa_segmentation.NepaBackbone",
+}
 
 
 class PublishError(RuntimeError):
@@ -134,6 +143,17 @@ def spec_for(
     return spec
 
 
+def write_remote_code(folder: str | Path) -> None:
+    """Give a saved NEPA folder the bundle's code files and an `auto_map` naming every head, so that each Auto class
+    loads it with `trust_remote_code=True` and no nepa-hf (transformers' own save names the saving class only)."""
+    folder = Path(folder)
+    for code_file in CODE_FILES:
+        shutil.copy(Path(modeling_nepa.__file__).with_name(code_file), folder / code_file)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = REMOTE_CODE_AUTO_MAP
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def assemble(
     model_dir: str | Path,
     staging_dir: str | Path,
@@ -152,9 +172,10 @@ def assemble(
         raise PublishError(f"--model {model_dir} is not a folder.")
     config = _load_config(model_dir)
     architecture = _architecture(config)
-    # Loading and saving again writes the current code files and a complete auto_map; weights keep dtype and values.
+    # Loading and saving again writes the current code files; weights keep dtype and values.
     model = head_classes()[architecture].from_pretrained(model_dir)
     model.save_pretrained(staging)
+    write_remote_code(staging)
     if (model_dir / "preprocessor_config.json").exists():
         processor = NepaImageProcessorPil.from_pretrained(model_dir)
     else:

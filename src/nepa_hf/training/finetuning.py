@@ -334,6 +334,13 @@ class NepaTrainingArguments(AutoWorkersTrainingArguments):
     )
 
 
+def class_before_fully_shard(cls: type) -> type:
+    """The model's own class under FSDP2's dynamic `FSDP<Name>(FSDPModule, Name)` subclass; `cls` otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
+
+
 class NepaTrainer(Trainer):
     """`Trainer` for the reference fine-tuning recipe.
 
@@ -404,6 +411,16 @@ class NepaTrainer(Trainer):
         metrics.update({k: v for k, v in ema_output.metrics.items() if not k.endswith("_model_preparation_time")})
         return EvalLoopOutput(output.predictions, output.label_ids, metrics, output.num_samples)
 
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # FSDP2's `fully_shard` swaps the model's class for a dynamic `FSDP<Name>` subclass defined in torch, and
+        # transformers would copy torch's files as the model's remote code: save as the model's own class.
+        wrapped_class = type(self.model)
+        self.model.__class__ = class_before_fully_shard(wrapped_class)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.model.__class__ = wrapped_class
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         # Checkpoints get their EMA file from EMACallback.on_save; final saves get it here.
@@ -470,6 +487,7 @@ __all__ = [
     "HEAD_MODULE_NAMES",
     "NepaTrainer",
     "NepaTrainingArguments",
+    "class_before_fully_shard",
     "count_backbone_layers",
     "freeze_patch_embeddings",
     "is_ema_metric",

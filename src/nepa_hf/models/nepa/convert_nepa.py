@@ -1,13 +1,11 @@
 # Copyright 2026 The nepa-hf authors. Licensed under the Apache License, Version 2.0.
-"""Convert the authors' NEPA checkpoints (`model_type="vit_nepa"`) to nepa-hf, and back.
+"""Convert the authors' NEPA checkpoints (`model_type="vit_nepa"`, a local folder or a Hub id) to nepa-hf, and back.
 
     python -m nepa_hf.models.nepa.convert_nepa --input SixAILab/nepa-base-patch14-224 --output nepa-vit-b [--ema]
     python -m nepa_hf.models.nepa.convert_nepa --input my-nepa --output my-nepa-vit-nepa --to-reference
 
-`--input` is a local folder or a Hub repo id. Python: `convert_reference_checkpoint`, `convert_to_reference_checkpoint`
-(folders), `convert_reference_state_dict`, `convert_to_reference` (in memory). Every source tensor is consumed, every
-target tensor filled, values and dtypes are kept, and reference -> nepa-hf -> reference gives back the source tensors
-and config.json.
+Every source tensor is consumed, every target filled, values and dtypes are kept, and reference -> nepa-hf ->
+reference gives back the source tensors and config.json. `python -m nepa_hf.hub.convert` adds a model card.
 """
 
 import argparse
@@ -22,6 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import huggingface_hub
 import torch
 import transformers
 from huggingface_hub import save_torch_state_dict
@@ -39,8 +38,8 @@ REFERENCE_MODEL_TYPE = "vit_nepa"
 REFERENCE_PREFIX = "vit_nepa."  # the authors' task classes hold their backbone as `vit_nepa`,
 NEPA_PREFIX = "nepa."  # ours as `nepa`; the bare models have no prefix
 
-# The key mapping, the authors' module -> ours, for the bare model (`{}` is the block index). A tensor keeps its own
-# name after the module (weight, bias, lambda1, cls_token, mask_token).
+# The one key table, the authors' module -> ours, for the bare model (`{}` is the block index), read in both
+# directions. A tensor keeps its own name after the module (weight, bias, lambda1, cls_token, mask_token).
 KEY_MAPPING = {
     "embeddings": "embeddings",
     "embeddings.patch_embeddings.projection": "embeddings.patch_embeddings.projection",
@@ -73,13 +72,13 @@ REFERENCE_DEFAULTS = {
     "layerscale_value": 1e-5, "drop_path_prob": 0.0, "add_pooling_layer": False, "is_causal": True,
     "pos_embed_shift": None, "pos_embed_jitter": None, "pos_embed_rescale": 2.0,
 }
-# Fields with the same name and meaning in `NepaConfig`. Of the other four, drop_path_prob is our drop_path_rate,
-# add_pooling_layer is pooling == "mean", and the weights decide qk_norm and layerscale_value (the authors' code builds
-# QK-norm and LayerScale whatever these say). Their classifier's `is_causal` is our `finetuning_is_causal`.
-SAME_NAME_FIELDS = [name for name in REFERENCE_DEFAULTS
-                    if name not in ("drop_path_prob", "add_pooling_layer", "qk_norm", "layerscale_value")]
+# Fields with the same name and meaning in `NepaConfig`. Of the others, drop_path_prob is our drop_path_rate,
+# add_pooling_layer is pooling == "mean", the weights decide qk_norm and layerscale_value (the authors' code builds
+# QK-norm and LayerScale whatever these say), and is_causal is ours unless it is their pretraining default (below).
+SAME_NAME_FIELDS = [name for name in REFERENCE_DEFAULTS if name not in
+                    ("drop_path_prob", "add_pooling_layer", "qk_norm", "layerscale_value", "is_causal")]
 # Fields that change what the model computes: a value remembered from the source config never overrides them.
-LIVE_FIELDS = frozenset(SAME_NAME_FIELDS) | {"drop_path_prob", "add_pooling_layer", "id2label", "label2id"}
+LIVE_FIELDS = frozenset(REFERENCE_DEFAULTS) - {"qk_norm", "layerscale_value"} | {"id2label", "label2id"}
 # Settings shared by `ViTImageProcessor` (the authors') and `NepaImageProcessorPil`.
 PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
                     "image_std", "do_convert_rgb")
@@ -87,13 +86,13 @@ PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_rescale", "rescale_fact
 WEIGHT_FILES = [("model.safetensors", "model.safetensors.index.json"),
                 ("pytorch_model.bin", "pytorch_model.bin.index.json")]
 REFERENCE_EMA_FILE = "pytorch_model_ema.bin"
+# The config field that decides whether a family of tensors exists (for the hint when the two disagree).
+FIELD_OF_TENSORS = {r"[qk]_norm\.weight$": "qk_norm_affine", r"gate_proj\.": "use_gated_mlp",
+                    r"layer_scale": "layerscale_value (null: no LayerScale)", r"^classifier\.": "architectures"}
 
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted; the message says what is wrong and how to fix it."""
-
-
-# State dicts ----------------------------------------------------------------------------------------------------
 
 
 def _rename(key: str, table: dict[str, str]) -> str | None:
@@ -135,25 +134,18 @@ def _match(state_dict: dict, rename, config: NepaConfig, title: str, fill=None) 
         lines = "".join(f"\n    {item}" for item in sorted(items)[:limit])
         return f"\n{heading} ({len(items)}):{lines}{more}" if items else ""
 
-    hints = []
-    if any(re.search(r"[qk]_norm\.weight$", key) for key in unexpected):
-        hints.append("the checkpoint has QK-norm weights but config.json says qk_norm_affine=false")
-    if any(re.search(r"[qk]_norm\.weight$", key) for key in missing):
-        hints.append("config.json says qk_norm_affine=true but the checkpoint has no QK-norm weights (pass "
-                     "qk_norm_affine=False, or --qk-norm-affine to start them at 1.0 only when the source is "
-                     "non-affine)")
+    # A tensor family missing or left over means the config disagrees with the weights: name the field to fix.
+    fields = sorted({field for key in unexpected + missing for pattern, field in FIELD_OF_TENSORS.items()
+                     if re.search(pattern, key)})
     raise ConversionError(title + listing("Source tensors with no place in the target", unexpected)
                           + listing("Target tensors not filled", missing) + listing("Shape mismatches", mismatched)
-                          + "".join(f"\nHint: {hint}." for hint in hints))
+                          + (f"\nHint: check {', '.join(fields)} in the config against the weights." if fields else ""))
 
 
 def convert_reference_state_dict(state_dict: dict, reference_config, *, qk_norm_affine: bool | None = None):
-    """The authors' state dict and config (dict or config object) -> (`NepaConfig`, our state dict).
-
-    The target class follows the source `architectures` (recorded in `config.architectures`); tensors are passed
-    through unchanged. `qk_norm_affine=True` gives a non-affine QK-norm source QK-norm weights 1.0 (the same function);
-    by default the config mirrors the source.
-    """
+    """The authors' state dict and config (dict or config object) -> (`NepaConfig` naming the class that matches
+    theirs in `architectures`, our state dict), tensors unchanged. `qk_norm_affine=True` gives a non-affine QK-norm
+    source QK-norm weights 1.0 (the same function); by default the config mirrors the source."""
     reference_config = reference_config.to_dict() if hasattr(reference_config, "to_dict") else dict(reference_config)
     config = nepa_config_from_reference(reference_config, state_dict, qk_norm_affine)
     prefix = "" if config.architectures == ["NepaModel"] else NEPA_PREFIX
@@ -184,26 +176,16 @@ def convert_to_reference(state_dict: dict, config: NepaConfig) -> tuple[dict, di
     """Our state dict and `NepaConfig` -> (the authors' config dict, their state dict), tensors unchanged."""
     reference_config = reference_config_from_nepa(config)
     if not config.pretraining_shift or not config.pretraining_stop_gradient:
-        logger.warning("pretraining_shift/pretraining_stop_gradient are ablation settings the authors' config cannot "
-                       "express; their pretraining code always shifts and stops the gradient.")
+        logger.warning("The authors' config cannot express the pretraining_shift/pretraining_stop_gradient ablations.")
     if config.layerscale_value is None:
-        logger.warning("This model has no LayerScale. The authors' current code builds LayerScale unconditionally, "
-                       "so it will not load these weights as they are.")
+        logger.warning("This model has no LayerScale, which the authors' current code always builds: it will not load "
+                       "these weights as they are.")
     architecture = _architecture_of(config)
     prefix = "" if architecture == "NepaModel" else REFERENCE_PREFIX
-
-    def rename(key):
-        mapped = key if key in HEAD_KEYS else nepa_key_to_reference(key.removeprefix(NEPA_PREFIX))
-        if mapped is None:
-            raise ConversionError(f"KEY_MAPPING has no entry for {key}.")
-        return mapped if key in HEAD_KEYS else prefix + mapped
-
     checked = _match(state_dict, lambda key: key, config, f"Cannot convert this {architecture} state dict to the "
-                     "authors' layout:")
-    return reference_config, {rename(key): tensor for key, tensor in checked.items()}
-
-
-# Configs --------------------------------------------------------------------------------------------------------
+                     "authors' layout:")  # so every key is one of our model's, all of which KEY_MAPPING covers
+    return reference_config, {key if key in HEAD_KEYS else prefix + nepa_key_to_reference(key.removeprefix(NEPA_PREFIX))
+                              : tensor for key, tensor in checked.items()}
 
 
 def _check_model_type(config: dict, expected: str = REFERENCE_MODEL_TYPE) -> None:
@@ -218,12 +200,10 @@ def _check_model_type(config: dict, expected: str = REFERENCE_MODEL_TYPE) -> Non
 
 def _square(name: str, value):
     """The authors allow image_size/patch_size as [h, w]; NepaConfig stores one int."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ConversionError(f"Reference {name}={list(value)} is not square; NepaConfig needs a single int. "
-                                  "(Inputs of any size divisible by the patch size still work at run time.)")
-        return value[0]
-    return value
+    if isinstance(value, (list, tuple)) and (len(value) != 2 or value[0] != value[1]):
+        raise ConversionError(f"Reference {name}={list(value)} is not square; NepaConfig needs a single int. "
+                              "(Inputs of any size divisible by the patch size still work at run time.)")
+    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def _architecture_of(config: NepaConfig) -> str:
@@ -249,27 +229,12 @@ def nepa_config_from_reference(reference_config: dict, state_dict: dict, qk_norm
     architecture = (named[0] if named else "ViTNepaForImageClassification" if classifier is not None
                     else "ViTNepaForPreTraining" if any(k.startswith(REFERENCE_PREFIX) for k in state_dict)
                     else "ViTNepaModel")
-    if architecture == "ViTNepaForImageClassification" and classifier is None:
-        raise ConversionError("The config says ViTNepaForImageClassification but the checkpoint has no "
-                              "`classifier.weight`. Fix `architectures` in config.json (ViTNepaForPreTraining for a "
-                              "pretrained backbone).")
-    has_gate_proj = any(".intermediate.gate_proj." in key for key in state_dict)
-    if field("use_gated_mlp") != has_gate_proj:
-        raise ConversionError(f"The config says use_gated_mlp={field('use_gated_mlp')} but the checkpoint has "
-                              f"{'' if has_gate_proj else 'no '}`intermediate.gate_proj` weights. Fix config.json.")
-    layerscale_value = field("layerscale_value")
-    if any(key.endswith("layer_scale.lambda1") for key in state_dict):
-        layerscale_value = REFERENCE_DEFAULTS["layerscale_value"] if layerscale_value is None else layerscale_value
-    elif layerscale_value is not None and layerscale_value > 0:
-        raise ConversionError(f"The config has layerscale_value={layerscale_value} but the checkpoint has no "
-                              "`layer_scale.lambda1` weights. Set layerscale_value to null in config.json if the "
-                              "model was trained without LayerScale.")
-    else:
-        layerscale_value = None  # blocks without LayerScale
+    has_layer_scale = any(key.endswith("layer_scale.lambda1") for key in state_dict)  # the weights decide
+    layerscale_value = field("layerscale_value") or (REFERENCE_DEFAULTS["layerscale_value"] if has_layer_scale
+                                                     else None)
     if not field("qk_norm"):
-        logger.warning("The source config says qk_norm=false, but the authors' code applies QK-norm regardless of "
-                       "that flag: converting with qk_norm=True (what their model computes). --to-reference restores "
-                       "the flag.")
+        logger.warning("The source config says qk_norm=false, a flag the authors' code ignores (it always applies "
+                       "QK-norm): converting with qk_norm=True; --to-reference restores the flag.")
 
     kwargs = {name: field(name) for name in SAME_NAME_FIELDS}
     kwargs.update(
@@ -277,22 +242,18 @@ def nepa_config_from_reference(reference_config: dict, state_dict: dict, qk_norm
         drop_path_rate=field("drop_path_prob"), pooling="mean" if field("add_pooling_layer") else "last",
         qk_norm=True, layerscale_value=layerscale_value, architectures=[ARCHITECTURES[architecture]],
         use_mask_token=any(key.endswith("embeddings.mask_token") for key in state_dict),
+        # Their pretraining models are causal by definition: left unset, so that a head built from the converted
+        # folder fine-tunes bidirectionally as ours do. Anything else (their classifier's one flag) is kept as set.
+        is_causal=None if architecture != "ViTNepaForImageClassification" and field("is_causal") is True
+        else field("is_causal"),
     )
     if qk_norm_affine is not None:
         kwargs["qk_norm_affine"] = qk_norm_affine
-    if "id2label" in reference_config:
-        kwargs["id2label"] = {int(index): label for index, label in reference_config["id2label"].items()}
-        if "label2id" in reference_config:
-            kwargs["label2id"] = {label: int(index) for label, index in reference_config["label2id"].items()}
-    elif classifier is not None:
-        kwargs["num_labels"] = classifier.shape[0]
-    for name in ("problem_type", "dtype", "torch_dtype"):
+    for name in ("id2label", "label2id", "problem_type", "dtype", "torch_dtype"):  # PreTrainedConfig's own fields
         if reference_config.get(name) is not None:
             kwargs[name.removeprefix("torch_")] = reference_config[name]
-    if architecture == "ViTNepaForImageClassification":
-        # Their classifier attends per its one `is_causal` (False in their fine-tuned releases, True in the causal
-        # fine-tuning ablation); ours per `finetuning_is_causal`.
-        kwargs["finetuning_is_causal"] = kwargs["is_causal"]
+    if "id2label" not in kwargs and classifier is not None:
+        kwargs["num_labels"] = classifier.shape[0]
     try:
         return NepaConfig(**kwargs)
     except (ValueError, TypeError) as error:
@@ -311,9 +272,10 @@ def reference_config_from_nepa(config: NepaConfig, apply_extras: bool = True) ->
     reference.update(architectures=[{ours: theirs for theirs, ours in ARCHITECTURES.items()}[architecture]],
                      model_type=REFERENCE_MODEL_TYPE, qk_norm=True, layerscale_value=config.layerscale_value,
                      drop_path_prob=config.drop_path_rate, add_pooling_layer=config.pooling == "mean",
-                     transformers_version=transformers.__version__)
-    if architecture == "NepaForImageClassification":
-        reference["is_causal"] = config.finetuning_is_causal  # the attention the classifier computes
+                     transformers_version=transformers.__version__,
+                     # Unset, our pretraining models attend causally and our classifier bidirectionally.
+                     is_causal=architecture != "NepaForImageClassification" if config.is_causal is None
+                     else config.is_causal)
     if architecture == "NepaForImageClassification" or config.id2label != {0: "LABEL_0", 1: "LABEL_1"}:
         reference["id2label"] = {str(index): label for index, label in config.id2label.items()}
         reference["label2id"] = dict(config.label2id)
@@ -369,44 +331,11 @@ def reference_preprocessor_config(processor: NepaImageProcessorPil | None, confi
     return dict(sorted(result.items()))
 
 
-# Load and save --------------------------------------------------------------------------------------------------
-
-
-def _files_in(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ConversionError(f"{path} is not valid JSON: {error}") from None
-
-
-def _resolve_folder(source, allow_patterns: list[str], revision=None, token=None, force_download=False) -> Path:
-    """A local folder as is, otherwise a Hub repo id downloaded (only `allow_patterns`) into the HF cache."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ConversionError(f"{source} is a file; pass the checkpoint folder (with config.json) instead.")
-    import huggingface_hub
-    from huggingface_hub import errors
-
-    extra = {"force_download": True} if force_download else {}  # passed only when asked, as older hubs lack it
-    try:
-        return Path(huggingface_hub.snapshot_download(str(source), revision=revision, token=token,
-                                                      allow_patterns=allow_patterns, **extra))
-    except errors.HFValidationError:
-        message = f"{source} is neither an existing local folder nor a valid Hub repo id."
-    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError):
-        message = (f"Cannot reach the Hugging Face Hub (offline or HF_HUB_OFFLINE=1) and {source} is not in the local "
-                   "cache. Connect, or download the folder elsewhere and pass its local path.")
-    except OSError as error:  # not found, gated, no such revision, no connection: the Hub's message says which
-        message = f"Could not download {source} from the Hub: {error}"
-        if type(error) is errors.RepositoryNotFoundError:  # not GatedRepoError, its subclass
-            message = f"No local folder {source} and no Hub repo {source} (or it is private: `hf auth login`)."
-    raise ConversionError(message)
 
 
 def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
@@ -418,10 +347,8 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"Could not read {path} safely with torch.load(weights_only=True): it holds objects "
                               f"other than tensors, or is damaged. {error}") from None
     except (SafetensorError, RuntimeError, EOFError, OSError, struct.error) as error:  # usually an interrupted download
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        fix = ("rerun with --force-download to download it again (force_download=True in Python)"
-               if path.absolute().is_relative_to(Path(HF_HUB_CACHE).absolute())
+        in_hub_cache = path.absolute().is_relative_to(Path(huggingface_hub.constants.HF_HUB_CACHE).absolute())
+        fix = ("rerun with --force-download to download it again (force_download=True in Python)" if in_hub_cache
                else "copy or download it again, or convert another checkpoint")
         raise ConversionError(f"Cannot read the weights in {path} ({path.stat().st_size:,} bytes): the file is "
                               f"truncated or corrupt ({error}). Fix: {fix}.") from None
@@ -436,13 +363,20 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_checkpoint(source, weight_files: list[tuple[str, ...]], model_type: str, revision, token, force_download):
-    """(folder, config dict, state dict) of a local folder or Hub id; `weight_files` as in WEIGHT_FILES."""
+    """(folder, config dict, state dict) of a local folder or a Hub id, of which only config.json, the processor
+    config and one group of `weight_files` (as in WEIGHT_FILES) are downloaded."""
     for group in weight_files:
-        shards = [name.removesuffix(".index.json").replace(".", "-*.", 1) for name in group if name.endswith(".json")]
-        folder = _resolve_folder(source, ["config.json", "preprocessor_config.json", *group, *shards], revision,
-                                 token, force_download)
-        if not (folder / "config.json").exists():
-            raise ConversionError(f"{folder} has no config.json. Files there: {_files_in(folder)}.")
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            shards = [name.removesuffix(".index.json").replace(".", "-*.", 1) for name in group if ".index" in name]
+            try:
+                folder = Path(huggingface_hub.snapshot_download(
+                    str(source), revision=revision, token=token, force_download=force_download,
+                    allow_patterns=["config.json", "preprocessor_config.json", *group, *shards]))  # fmt: skip
+            except (ValueError, OSError) as error:  # the Hub's message says which: bad id, not found, offline, ...
+                raise ConversionError(f"{source} is not a local folder, and the Hub could not provide it: "
+                                      f"{error}") from None
+        files_there = f"Files there: {sorted(p.name for p in folder.iterdir())}."
         config = _read_json(folder / "config.json")
         _check_model_type(config, model_type)
         name = next((name for name in group if (folder / name).exists()), None)
@@ -450,52 +384,10 @@ def _load_checkpoint(source, weight_files: list[tuple[str, ...]], model_type: st
             index = name.endswith(".index.json")
             files = sorted(set(_read_json(folder / name).get("weight_map", {}).values())) if index else [name]
             if any(not (folder / file).exists() for file in files):
-                raise ConversionError(f"Shards listed in {name} are missing from {folder}: {_files_in(folder)}.")
+                raise ConversionError(f"Shards listed in {name} are missing from {folder}. {files_there}")
             return folder, config, {k: v for file in files for k, v in _load_weight_file(folder / file).items()}
     looked_for = ", ".join(name for group in weight_files for name in group)
-    raise ConversionError(f"No weights in {folder} (looked for {looked_for}). Files there: {_files_in(folder)}.")
-
-
-def load_reference_checkpoint(source, *, ema=False, revision=None, token=None, force_download=False):
-    """The authors' checkpoint (local folder or Hub id) -> (config dict, state dict, preprocessor config or None):
-    safetensors, else .bin, or with `ema` their `pytorch_model_ema.bin`."""
-    folder, config, state_dict = _load_checkpoint(source, [(REFERENCE_EMA_FILE,)] if ema else WEIGHT_FILES,
-                                                  REFERENCE_MODEL_TYPE, revision, token, force_download)
-    preprocessor = folder / "preprocessor_config.json"
-    return config, state_dict, _read_json(preprocessor) if preprocessor.exists() else None
-
-
-def load_nepa_checkpoint(source, *, revision=None, token=None, force_download=False):
-    """A nepa-hf folder (local or Hub id) -> (config, state dict, image processor or None), no model built."""
-    folder, _, state_dict = _load_checkpoint(source, WEIGHT_FILES[:1], NepaConfig.model_type, revision, token,
-                                             force_download)
-    has_processor = (folder / "preprocessor_config.json").exists()
-    return (NepaConfig.from_pretrained(folder), state_dict,
-            NepaImageProcessorPil.from_pretrained(folder) if has_processor else None)
-
-
-def save_nepa_checkpoint(config, state_dict, output_dir, image_processor=None, model_card=None) -> Path:
-    """Write a nepa-hf folder with transformers' own writers: weights (safetensors, values and dtype kept), config,
-    model code and auto_map, processor config, and the model card if given."""
-    with torch.device("meta"):
-        model = NEPA_CLASSES[_architecture_of(config)](config)
-    model.load_state_dict(state_dict, strict=True, assign=True)  # the model holds the source tensors themselves
-    model.save_pretrained(output_dir)
-    (image_processor or image_processor_from_reference(None, config)).save_pretrained(output_dir)
-    if model_card is not None:
-        model_card.save(Path(output_dir) / "README.md")
-    return Path(output_dir)
-
-
-def save_reference_checkpoint(reference_config: dict, state_dict: dict, output_dir, preprocessor_config=None) -> Path:
-    """Write the authors' layout: config.json (their fields), model.safetensors (their keys), processor config."""
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(state_dict, output, max_shard_size="50GB")  # one file, as transformers' save_pretrained
-    for name, content in (("config.json", reference_config), ("preprocessor_config.json", preprocessor_config)):
-        if content is not None:
-            (output / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    return output
+    raise ConversionError(f"No weights in {folder} (looked for {looked_for}). {files_there}")
 
 
 @contextmanager
@@ -503,15 +395,14 @@ def _staged_output(output: Path, overwrite: bool):
     """A temporary folder beside `output` to write into. On success its files move into `output` (a rename when the
     folder is new; in a folder the user had, ours replace theirs of the same name); on any failure it is removed,
     so a failed conversion leaves neither an empty nor a half-written output folder."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise ConversionError(f"Output {output} exists and is not empty; choose another folder or pass --overwrite.")
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"Output {output} is a file; pass a folder path for --output.")
+    if output.exists() and not (output.is_dir() and (overwrite or not any(output.iterdir()))):
+        raise ConversionError(f"Output {output} is a file or a folder that is not empty; choose another folder, or "
+                              "pass --overwrite to write into this one.")
     anchor = output.parent  # missing parents are created only once the conversion has succeeded
     while not anchor.exists():
         anchor = anchor.parent
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=anchor))
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.partial-", dir=anchor, ignore_cleanup_errors=True) as tmp:
+        staging = Path(tmp)
         yield staging
         if output.is_dir():
             for item in staging.iterdir():
@@ -520,62 +411,67 @@ def _staged_output(output: Path, overwrite: bool):
                 os.replace(item, output / item.name)
         else:
             output.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(staging, output)  # a rename on the same file system
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            os.replace(staging, output)  # a rename: the staging folder is beside the output
 
 
 def convert_reference_checkpoint(source, output_dir, *, ema=False, revision=None, token=None, qk_norm_affine=None,
-                                 overwrite=False, model_card=True, force_download=False) -> Path:
+                                 overwrite=False, force_download=False, model_card=None) -> Path:
     """Convert the authors' checkpoint (local folder or Hub id; `ema=True`: its `pytorch_model_ema.bin`) into a
-    nepa-hf folder that the Auto classes load. Returns the folder; nothing is left there when it fails."""
+    nepa-hf folder that the Auto classes load: weights (safetensors, values and dtypes kept), config, model code with
+    its auto_map, processor config. `model_card(config)` may return a card (anything with `.save(path)`) to write as
+    README.md (`nepa_hf.hub.convert` passes the Hub tools' one). Nothing is left at `output_dir` when it fails."""
     output = Path(output_dir).expanduser()
     with _staged_output(output, overwrite) as staging:
-        reference_config, reference_state_dict, preprocessor_config = load_reference_checkpoint(
-            source, ema=ema, revision=revision, token=token, force_download=force_download)
+        folder, reference_config, reference_state_dict = _load_checkpoint(
+            source, [(REFERENCE_EMA_FILE,)] if ema else WEIGHT_FILES, REFERENCE_MODEL_TYPE, revision, token,
+            force_download)  # fmt: skip
         config, state_dict = convert_reference_state_dict(reference_state_dict, reference_config,
                                                           qk_norm_affine=qk_norm_affine)
-        card = None
-        if model_card:  # the card template lives with the Hub tools, outside this self-contained bundle
-            from nepa_hf.hub.model_card import card_for_conversion
-
-            card = card_for_conversion(str(source), config, repo_id=output.name, ema=ema, revision=revision)
-        processor = image_processor_from_reference(preprocessor_config, config)
-        save_nepa_checkpoint(config, state_dict, staging, processor, card)
+        with torch.device("meta"):
+            model = NEPA_CLASSES[_architecture_of(config)](config)
+        model.load_state_dict(state_dict, strict=True, assign=True)  # the model holds the source tensors themselves
+        model.save_pretrained(staging)
+        preprocessor = folder / "preprocessor_config.json"
+        image_processor_from_reference(_read_json(preprocessor) if preprocessor.exists() else None,
+                                       config).save_pretrained(staging)
+        if model_card is not None:
+            model_card(config).save(staging / "README.md")
     return output
 
 
 def convert_to_reference_checkpoint(source, output_dir, *, revision=None, token=None, overwrite=False,
                                     force_download=False) -> Path:
-    """Convert a nepa-hf folder (local or Hub id) into the authors' `vit_nepa` layout; nothing is left at
-    `output_dir` when it fails."""
+    """Convert a nepa-hf folder (local or Hub id) into the authors' `vit_nepa` layout: config.json (their fields),
+    model.safetensors (their keys), a `ViTImageProcessor` config. Nothing is left at `output_dir` when it fails."""
     output = Path(output_dir).expanduser()
     with _staged_output(output, overwrite) as staging:
-        config, state_dict, processor = load_nepa_checkpoint(source, revision=revision, token=token,
-                                                             force_download=force_download)
+        folder, _, state_dict = _load_checkpoint(source, WEIGHT_FILES[:1], NepaConfig.model_type, revision, token,
+                                                 force_download)
+        config = NepaConfig.from_pretrained(folder)
+        processor = NepaImageProcessorPil.from_pretrained(folder) if (
+            folder / "preprocessor_config.json").exists() else None
         reference_config, reference_state_dict = convert_to_reference(state_dict, config)
-        save_reference_checkpoint(reference_config, reference_state_dict, staging,
-                                  reference_preprocessor_config(processor, config))
+        save_torch_state_dict(reference_state_dict, staging, max_shard_size="50GB")  # one file, as save_pretrained
+        for name, content in (("config.json", reference_config),
+                              ("preprocessor_config.json", reference_preprocessor_config(processor, config))):
+            (staging / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     return output
 
 
-# Command line ---------------------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nepa_hf.models.nepa.convert_nepa", description="Convert the "
-                                     "authors' NEPA checkpoints (vit_nepa) to nepa-hf, or back with --to-reference.")
+def main(argv=None, *, prog="python -m nepa_hf.models.nepa.convert_nepa", convert=convert_reference_checkpoint) -> int:
+    """The command line: 0, or 2 with one line on stderr. `convert` does the forward direction (the Hub tools pass
+    one that also writes the model card)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="Local folder or Hub id, e.g. SixAILab/nepa-base-patch14-224.")
     parser.add_argument("--output", required=True, help="Folder to write.")
     parser.add_argument("--ema", action="store_true", help=f"Convert the EMA weights ({REFERENCE_EMA_FILE}).")
     parser.add_argument("--to-reference", action="store_true", help="Convert a nepa-hf folder to the authors' layout.")
-    parser.add_argument("--qk-norm-affine", action="store_true", help="Give a non-affine QK-norm source learnable "
-                        "QK-norm weights (initialised to 1.0, same outputs).")
+    parser.add_argument("--qk-norm-affine", action="store_true", help="Non-affine QK-norm source: add its weights "
+                        "at 1.0 (same outputs).")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of --input.")
     parser.add_argument("--token", help="Hub token for private repos (default: HF_TOKEN or `hf auth login`).")
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder.")
-    parser.add_argument("--force-download", action="store_true", help="Download a Hub --input again even if it is "
-                        "cached (e.g. after an interrupted download).")
+    parser.add_argument("--force-download", action="store_true", help="Download a cached Hub --input again.")
     args = parser.parse_args(argv)
     hub = dict(revision=args.revision, token=args.token, overwrite=args.overwrite, force_download=args.force_download)
     try:
@@ -585,8 +481,8 @@ def main(argv=None) -> int:
             output = convert_to_reference_checkpoint(args.input, args.output, **hub)
             print(f"Wrote the authors' vit_nepa layout to {output}")
         else:
-            output = convert_reference_checkpoint(args.input, args.output, ema=args.ema,
-                                                  qk_norm_affine=True if args.qk_norm_affine else None, **hub)
+            output = convert(args.input, args.output, ema=args.ema,
+                             qk_norm_affine=True if args.qk_norm_affine else None, **hub)
             architecture = json.loads((output / "config.json").read_text())["architectures"][0]
             print(f"Wrote {architecture} to {output}; load it with transformers' Auto classes after `import nepa_hf`.")
     except (ConversionError, OSError) as error:  # OSError: disk full, no permission to write --output, ...

@@ -5,15 +5,11 @@ A plain ViT with a CLS token, no absolute position embedding, 2D RoPE on the pat
 LayerScale. Pretraining predicts the next patch's input embedding (stop-gradient, negative cosine).
 Reading order follows transformers' `dinov3_vit`: outputs, embeddings, RoPE, attention, MLP, block, encoder, models.
 
-This file is copied next to saved checkpoints for `trust_remote_code=True` users, so it imports only torch,
-transformers and its sibling `configuration_nepa.py`.
+Copied next to saved checkpoints for `trust_remote_code=True`: imports only torch, transformers and
+`configuration_nepa.py`.
 """
 
-import glob
-import json
 import math
-import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, logging
 
-from .configuration_nepa import NepaConfig, saved_by_finetuning_model
+from .configuration_nepa import NepaConfig
 
 # Internal transformers helpers that moved between 5.x releases: import defensively.
 try:
@@ -65,7 +61,7 @@ class NepaForPreTrainingOutput(ModelOutput):
     Args:
         loss: negative cosine similarity between predictions and next-position targets, in [-1, 1].
         last_hidden_state: the predictions, `(batch, 1 + num_patches, hidden)`; position t predicts t + 1.
-        input_embeddings: the targets (detached when `pretraining_stop_gradient`), same shape.
+        input_embeddings: the targets, same shape (`nepa_loss` detaches them when `pretraining_stop_gradient`).
         pooler_output: pooled features of the backbone.
         hidden_states, attentions: as requested with `output_hidden_states` / `output_attentions`.
     """
@@ -276,8 +272,7 @@ class NepaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
-        # Backends read this only when a call passes no flag; every NEPA forward passes its model's attention.
-        self.is_causal = config.is_causal
+        self.is_causal = True  # read by backends only when a call passes no flag; every NEPA forward passes one
         self.dropout = config.attention_probs_dropout_prob
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
@@ -430,94 +425,6 @@ class NepaEncoder(nn.Module):
 # ------------------------------------------------------------------------------------------------------------ Models
 
 
-_QK_NORM_WEIGHT = re.compile(r"(^|\.)[qk]_norm\.weight$")
-
-
-def _saved_qk_norm_affine(load_config) -> bool | None:
-    """`qk_norm_affine` of the config saved with the checkpoint being loaded (same revision), None if unreadable."""
-    if load_config.pretrained_model_name_or_path is None:
-        return None
-    download_kwargs = {**(load_config.download_kwargs or {}), "force_download": False}
-    try:
-        return NepaConfig.from_pretrained(load_config.pretrained_model_name_or_path, **download_kwargs).qk_norm_affine
-    except (OSError, ValueError):
-        return None
-
-
-def safetensors_file_problem(path: str) -> str | None:
-    """Why `path` is not a complete safetensors file, or None when its size matches what its header describes.
-
-    Reads the header only (8-byte length, JSON table of tensors with their byte ranges), with the standard library.
-    """
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as file:
-            prefix = file.read(8)
-            if len(prefix) < 8:
-                return f"{size} bytes, too short for a safetensors header"
-            header_length = int.from_bytes(prefix, "little")
-            if 8 + header_length > size:
-                return f"{size:,} bytes, cut inside its {header_length:,}-byte header (truncated)"
-            header = json.loads(file.read(header_length))
-        data_end = max(
-            (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0
-        )
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
-        return f"unreadable safetensors header ({error})"
-    expected = 8 + header_length + data_end
-    if size < expected:
-        return f"{size:,} bytes where its header describes {expected:,} (truncated)"
-    if size > expected:
-        return f"{size:,} bytes where its header describes {expected:,} (trailing data)"
-    return None
-
-
-def _safetensors_files(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
-    """The .safetensors files of a local folder, or of a Hub model's cached snapshot (no download)."""
-    subfolder = kwargs.get("subfolder") or ""
-    folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder)
-    if not os.path.isdir(folder):
-        try:
-            from transformers.utils import cached_file
-
-            config_file = cached_file(
-                pretrained_model_name_or_path, "config.json", subfolder=subfolder, cache_dir=kwargs.get("cache_dir"),
-                revision=kwargs.get("revision"), local_files_only=True,
-                _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
-            )  # fmt: skip
-        except Exception:  # only used to improve an error message: never replace the original error
-            config_file = None
-        if config_file is None:
-            return []
-        folder = os.path.dirname(config_file)
-    return sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
-
-
-def _corrupt_weights_message(pretrained_model_name_or_path, kwargs: dict, error: Exception) -> str:
-    problems = [
-        f"{path}: {problem}"
-        for path in _safetensors_files(pretrained_model_name_or_path, kwargs)
-        if (problem := safetensors_file_problem(path)) is not None
-    ]
-    where = "; ".join(problems) if problems else f"a .safetensors weight file of {pretrained_model_name_or_path}"
-    return (
-        f"Cannot load the weights of {pretrained_model_name_or_path}: {where}. safetensors reports: {error}. The "
-        "file is incomplete or corrupt (e.g. an interrupted download, copy or save): download it again "
-        "(from_pretrained(..., force_download=True) for a Hub model) or save the model again with save_pretrained."
-    )
-
-
-def _class_before_fully_shard(cls: type) -> type:
-    """The model's own class under FSDP2's dynamic `FSDP<Name>(FSDPModule, Name)` subclass; `cls` otherwise."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed support
-        return cls
-    if not issubclass(cls, FSDPModule):
-        return cls
-    return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
-
-
 class NepaPreTrainedModel(PreTrainedModel):
     config: NepaConfig
     config_class = NepaConfig
@@ -533,74 +440,6 @@ class NepaPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": NepaLayer, "attentions": NepaAttention}
     _input_embed_layer = "patch_embeddings"
-
-    # Which config field sets the attention of a call that passes no `is_causal`: the pretraining models read
-    # `config.is_causal`, the fine-tuning models (and the trunk inside them) `config.finetuning_is_causal`.
-    is_finetuning_model = False
-
-    # Every Auto class that can load a NEPA folder through `trust_remote_code`, whichever head was saved.
-    remote_code_auto_map = {
-        "AutoConfig": "configuration_nepa.NepaConfig",
-        "AutoModel": "modeling_nepa.NepaModel",
-        "AutoModelForPreTraining": "modeling_nepa.NepaForPreTraining",
-        "AutoModelForImageClassification": "modeling_nepa.NepaForImageClassification",
-    }
-
-    @property
-    def default_is_causal(self) -> bool:
-        """The attention of a call without `is_causal=`: `config.finetuning_is_causal` for the fine-tuning models
-        (`NepaForImageClassification`, `NepaForSemanticSegmentation`, `NepaBackbone` and the `NepaModel` inside
-        them), `config.is_causal` for `NepaModel` and `NepaForPreTraining`."""
-        return bool(self.config.finetuning_is_causal if self.is_finetuning_model else self.config.is_causal)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with two NEPA additions.
-
-        * A truncated or corrupt `.safetensors` file raises an `OSError` that names the file and the fix (safetensors'
-          own error names neither). Every other error passes through unchanged.
-        * A `NepaModel` / `NepaForPreTraining` loaded from a folder that a fine-tuning model saved warns when its
-          attention (`is_causal`) differs from the one the head was fine-tuned with (`finetuning_is_causal`).
-        """
-        try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except Exception as error:
-            # Matched by name: safetensors is not among the imports this file may use (see the module docstring).
-            if type(error).__name__ != "SafetensorError":
-                raise
-            raise OSError(_corrupt_weights_message(pretrained_model_name_or_path, kwargs, error)) from error
-        loaded = model[0] if isinstance(model, tuple) else model
-        config = loaded.config
-        if (
-            not loaded.is_finetuning_model
-            and saved_by_finetuning_model(config)
-            and config.is_causal != config.finetuning_is_causal
-        ):
-            attention = "causally" if config.is_causal else "bidirectionally"
-            logger.warning(
-                f"{type(loaded).__name__} attends {attention} (config.is_causal={config.is_causal}, the pretraining "
-                f"attention), but {pretrained_model_name_or_path} was saved by {config.architectures[0]}, fine-tuned "
-                f"with finetuning_is_causal={config.finetuning_is_causal}. For the features of the fine-tuned model, "
-                f"load with is_causal={config.finetuning_is_causal} (pipelines: "
-                f"model_kwargs={{'is_causal': {config.finetuning_is_causal}}}) or pass it per call."
-            )
-        return model
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if self._auto_class is not None:  # registered for remote code: advertise all heads, not just this one
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.remote_code_auto_map}
-        # FSDP2's `fully_shard` swaps the class for a dynamic `FSDP<Name>` subclass defined in torch; transformers
-        # would copy torch's FSDP source files as this model's remote code and point `auto_map` at them. Save as the
-        # model's own class (the weights come from `state_dict`, e.g. `accelerator.get_state_dict`, either way).
-        wrapped_class = type(self)
-        own_class = _class_before_fully_shard(wrapped_class)
-        if own_class is wrapped_class:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        self.__class__ = own_class
-        try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            self.__class__ = wrapped_class
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -631,108 +470,50 @@ class NepaPreTrainedModel(PreTrainedModel):
             # Non-persistent buffer: recomputed here, otherwise garbage after from_pretrained (meta-device load).
             init.copy_(module.inv_freq, NepaRopePositionEmbedding.compute_inv_freq(self.config))
 
-    @staticmethod
-    def _finalize_model_loading(model, load_config, loading_info):
-        """Missing QK-norm weights are accepted in one known case only: the checkpoint's own config says
-        `qk_norm_affine=False` (e.g. the authors' base pretraining checkpoint) and the model is affine, so every
-        QK-norm weight is missing. `_init_weights` starts them at 1.0, which computes exactly the non-affine norm.
-        Any other missing QK-norm weight is reported like every missing key."""
-        expected = {name for name, _ in model.named_parameters() if _QK_NORM_WEIGHT.search(name)}
-        missing = {key for key in loading_info.missing_keys if _QK_NORM_WEIGHT.search(key)}
-        ignored = model._keys_to_ignore_on_load_missing
-        if missing and missing == expected and _saved_qk_norm_affine(load_config) is False:
-            logger.info(
-                f"{load_config.pretrained_model_name_or_path} has non-affine QK-norm (qk_norm_affine=False): "
-                f"starting the {len(missing)} QK-norm weights of this affine model at 1.0 (same outputs)."
-            )
-            model._keys_to_ignore_on_load_missing = set(ignored or ()) | {f"^{re.escape(key)}$" for key in missing}
-        try:
-            return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
-        finally:
-            model._keys_to_ignore_on_load_missing = ignored
 
-    def _attention_backend_for_call(self, kwargs: dict) -> str:
-        """Only eager attention materialises attention maps: use it for calls that ask for them."""
-        implementation = self.config._attn_implementation
-        if kwargs.get("output_attentions", self.config.output_attentions) and implementation != "eager":
-            logger.warning_once(
-                f"output_attentions=True: computing this call with eager attention instead of {implementation!r}, "
-                "which cannot return attention maps. Load with attn_implementation='eager' to silence this."
-            )
-            return "eager"
-        return implementation
+def fine_tuning_config(config: NepaConfig) -> NepaConfig:
+    """The config of a head (classifier, segmenter, backbone): unless `is_causal` is set it becomes False, the paper's
+    bidirectional fine-tuning, which the head then saves (see `NepaConfig.is_causal`)."""
+    if config.is_causal is None:
+        config.is_causal = False
+    return config
 
-    def _run_trunk(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, is_causal: bool | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings, RoPE and blocks (before the final norm), for models holding the trunk's submodules directly
-        (`NepaModel`, `NepaBackbone`). Returns (hidden states, clean input embeddings)."""
-        self._check_pixel_values(pixel_values)
-        is_causal = self.default_is_causal if is_causal is None else is_causal
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden_states, input_embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        patch = self.config.patch_size
-        grid_h, grid_w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
-        position_embeddings = self.rope_embeddings(grid_h, grid_w, hidden_states.device, hidden_states.dtype)
-        attn_implementation = self._attention_backend_for_call(kwargs)
-        attention_mask = build_attention_mask(
-            attn_implementation, is_causal, hidden_states.shape[1], hidden_states.dtype, hidden_states.device
+
+def run_trunk(model, pixel_values: torch.Tensor, bool_masked_pos=None, is_causal: bool | None = None, **kwargs):
+    """Embeddings, RoPE and blocks (before the final norm) of a model holding them (`NepaModel`, `NepaBackbone`).
+    Attention: the call's `is_causal`, else the config's, else causal. Returns (hidden states, input embeddings)."""
+    config = model.config
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values has dtype {pixel_values.dtype}: integer pixels are raw 0-255 values, but NEPA takes "
+            "normalised floats. Pass the images through the image processor (AutoImageProcessor)."
         )
-        hidden_states = self.encoder(
-            hidden_states,
-            position_embeddings,
-            attention_mask=attention_mask,
-            is_causal=is_causal,
-            attn_implementation=attn_implementation,
-            **kwargs,
+    if pixel_values.shape[1] != config.num_channels:
+        raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels; the model takes {config.num_channels}.")
+    height, width = pixel_values.shape[-2:]
+    if height % config.patch_size or width % config.patch_size:
+        raise ValueError(
+            f"Image size {height}x{width} is not divisible by the patch size {config.patch_size}: resize or crop to "
+            "a multiple of it (the image processor's `size`)."
         )
-        return hidden_states, input_embeddings
-
-    def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
-        config = self.config
-        if pixel_values is None:
-            raise ValueError("pixel_values is required: a (batch, channels, height, width) tensor.")
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"pixel_values must be 4-D (batch, {config.num_channels}, height, width), got shape "
-                f"{tuple(pixel_values.shape)}. Use the image processor to batch single images."
-            )
-        if not pixel_values.is_floating_point():
-            # An error, not a warning: integer pixels are raw 0-255 values that the image processor would rescale
-            # and normalise, so a model run on them (e.g. a Trainer fed by an uint8 collator) trains or predicts on
-            # inputs ~100x off the scale it was trained on; nothing valid arrives as integers. The dtype is
-            # metadata: checking it costs no host sync.
-            raise ValueError(
-                f"pixel_values has dtype {pixel_values.dtype}, not floating point: integer pixels are raw 0-255 "
-                "values, but NEPA takes normalised float pixels. Pass the images through the image processor "
-                "(AutoImageProcessor: rescale by 1/255, then normalise), or convert them the same way yourself, e.g. "
-                "`(pixel_values.float() / 255 - 0.5) / 0.5` for the released checkpoints' mean = std = 0.5."
-            )
-        batch_size, channels, height, width = pixel_values.shape
-        if batch_size == 0:
-            raise ValueError("pixel_values is an empty batch (batch size 0): pass at least one image.")
-        if channels != config.num_channels:
-            raise ValueError(
-                f"pixel_values has {channels} channels but the model expects {config.num_channels} "
-                f"(config.num_channels). Convert images (e.g. to RGB) with the image processor."
-            )
-        patch = config.patch_size
-        if height % patch or width % patch or height == 0 or width == 0:
-            raise ValueError(
-                f"Image size {height}x{width} is not divisible by the patch size {patch}. Resize or crop to a "
-                f"multiple of {patch} (e.g. {max(patch, height // patch * patch)}x{max(patch, width // patch * patch)})."
-            )
+    is_causal = config.resolved_is_causal if is_causal is None else is_causal
+    pixel_values = pixel_values.to(model.embeddings.patch_embeddings.projection.weight.dtype)
+    hidden_states, input_embeddings = model.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+    position_embeddings = model.rope_embeddings(
+        height // config.patch_size, width // config.patch_size, hidden_states.device, hidden_states.dtype
+    )
+    attention_mask = build_attention_mask(
+        config._attn_implementation, is_causal, hidden_states.shape[1], hidden_states.dtype, hidden_states.device
+    )
+    hidden_states = model.encoder(hidden_states, position_embeddings, attention_mask, is_causal, **kwargs)
+    return hidden_states, input_embeddings
 
 
 class NepaModel(NepaPreTrainedModel):
     """The bare NEPA ViT: embeddings, RoPE, blocks, final LayerNorm; pooled output per `config.pooling`."""
 
-    def __init__(self, config: NepaConfig, is_finetuning_model: bool = False):
-        """`is_finetuning_model`: this is the trunk of a fine-tuning head, so its calls default to the head's
-        attention, `config.finetuning_is_causal` (see `default_is_causal`)."""
+    def __init__(self, config: NepaConfig):
         super().__init__(config)
-        self.is_finetuning_model = is_finetuning_model
         self.embeddings = NepaEmbeddings(config)
         self.rope_embeddings = NepaRopePositionEmbedding(config)
         self.encoder = NepaEncoder(config)
@@ -753,10 +534,9 @@ class NepaModel(NepaPreTrainedModel):
         r"""
         pixel_values: (batch, channels, height, width); height and width multiples of the patch size.
         bool_masked_pos: (batch, num_patches) bool; True replaces that patch's input with the mask token.
-        is_causal: attention of this call; default `config.is_causal` (`config.finetuning_is_causal` for the trunk
-            of a fine-tuning head).
+        is_causal: attention of this call; default `config.is_causal` (unset: causal).
         """
-        hidden_states, input_embeddings = self._run_trunk(pixel_values, bool_masked_pos, is_causal, **kwargs)
+        hidden_states, input_embeddings = run_trunk(self, pixel_values, bool_masked_pos, is_causal, **kwargs)
         sequence_output = self.norm(hidden_states)
         if self.config.pooling == "mean":
             pooled_output = sequence_output[:, 1:].mean(dim=1)
@@ -774,6 +554,7 @@ def nepa_loss(
 
     With `shift` (the method), output t predicts input embedding t + 1: CLS predicts patch 1, CLS is never a
     target, the last output is unused. Without it (ablation), each patch output predicts its own input embedding.
+    `stop_gradient` (the method) detaches the targets.
     """
     if stop_gradient:
         targets = targets.detach()
@@ -811,17 +592,15 @@ class NepaForPreTraining(NepaPreTrainedModel):
         """
         kwargs.pop("num_items_in_batch", None)  # label-free objective: nothing to normalise by
         outputs = self.nepa(pixel_values, bool_masked_pos=bool_masked_pos, is_causal=is_causal, **kwargs)
-        targets = outputs.input_embeddings
-        if self.config.pretraining_stop_gradient:
-            targets = targets.detach()
         loss = None
         if return_loss:
             config = self.config
             loss = nepa_loss(
-                outputs.last_hidden_state, targets, config.pretraining_shift, config.pretraining_stop_gradient
-            )
+                outputs.last_hidden_state, outputs.input_embeddings, config.pretraining_shift,
+                config.pretraining_stop_gradient,
+            )  # fmt: skip
         return NepaForPreTrainingOutput(
-            loss=loss, last_hidden_state=outputs.last_hidden_state, input_embeddings=targets,
+            loss=loss, last_hidden_state=outputs.last_hidden_state, input_embeddings=outputs.input_embeddings,
             pooler_output=outputs.pooler_output, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )  # fmt: skip
 
@@ -834,25 +613,19 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 class NepaForImageClassification(NepaPreTrainedModel):
     """NEPA with the reference classification head: pooled features, `fc_norm` (mean pooling only), Linear.
 
-    Attention is `config.finetuning_is_causal`, bidirectional unless set (the paper's fine-tuning), whatever the
-    source: a config, a pretraining checkpoint (whose `is_causal=True` stays what `NepaModel` uses) or a fine-tuned
-    one. For the causal fine-tuning ablation pass `finetuning_is_causal=True` to the config or `from_pretrained`;
-    `is_causal=` per call overrides either. A model built from a pretraining checkpoint starts from a zero head.
-
-    Labels: int64 (batch,) class indices in [0, num_labels) (-100 is ignored); float (batch,) regression
-    (num_labels 1); float (batch, num_labels) soft targets (soft-target cross-entropy) unless
-    `problem_type == "multi_label_classification"` (BCE). Anything else raises a ValueError naming `num_labels`.
+    Attention is bidirectional unless `config.is_causal` is set (see `fine_tuning_config`); a model built from a
+    pretraining checkpoint starts from a zero head. Labels: int64 (batch,) class indices (-100 ignored); float
+    (batch,) for regression (num_labels 1); float (batch, num_labels) soft targets (soft-target cross-entropy, e.g.
+    Mixup/CutMix) unless `problem_type == "multi_label_classification"` (BCE).
     """
-
-    is_finetuning_model = True
 
     # Trainer: let it average over gradient-accumulation steps (soft targets have no item count).
     accepts_loss_kwargs = False
 
     def __init__(self, config: NepaConfig):
-        super().__init__(config)
+        super().__init__(fine_tuning_config(config))
         self.num_labels = config.num_labels
-        self.nepa = NepaModel(config, is_finetuning_model=True)
+        self.nepa = NepaModel(config)
         self.fc_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else nn.Identity()
         )
@@ -872,98 +645,28 @@ class NepaForImageClassification(NepaPreTrainedModel):
     ) -> ImageClassifierOutput:
         r"""
         labels: see the class docstring.
-        is_causal: attention of this call; default `config.finetuning_is_causal`.
+        is_causal: attention of this call; default `config.is_causal`.
         """
         kwargs.pop("num_items_in_batch", None)
-        if labels is not None:
-            self._check_labels(labels, pixel_values)
         outputs = self.nepa(pixel_values, is_causal=is_causal, **kwargs)
         logits = self.classifier(self.fc_norm(outputs.pooler_output))
 
         loss = None
         if labels is not None:
             labels = labels.to(logits.device)
-            soft = (
+            soft_targets = (
                 labels.is_floating_point()
                 and labels.shape == logits.shape
                 and self.num_labels > 1
                 and self.config.problem_type != "multi_label_classification"
             )
-            if soft:
+            if soft_targets:
                 loss = soft_target_cross_entropy(logits, labels)
             else:
                 loss = self.loss_function(labels, logits, self.config)
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-
-    def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
-        """Shapes and class indices the loss can use, with errors naming `num_labels` (see `check_label_range`
-        for when the index range is checked)."""
-        num_labels, problem_type = self.num_labels, self.config.problem_type
-        if pixel_values is not None and labels.ndim and labels.shape[0] != pixel_values.shape[0]:
-            raise ValueError(
-                f"labels has {labels.shape[0]} rows for a batch of {pixel_values.shape[0]} images; expected one "
-                "label (or one row of targets) per image."
-            )
-        if num_labels < 1:
-            raise ValueError("This model has num_labels=0 (no classifier): set num_labels or id2label to train it.")
-        if num_labels == 1 or problem_type == "regression":
-            return
-        if labels.is_floating_point() or problem_type == "multi_label_classification":
-            if labels.ndim != 2 or labels.shape[-1] != num_labels:
-                kind = "multi-hot targets" if problem_type == "multi_label_classification" else "soft targets"
-                hint = (
-                    " For class indices pass int64 labels of shape (batch,)."
-                    if labels.is_floating_point() and labels.ndim == 1
-                    else ""
-                )
-                raise ValueError(
-                    f"Float labels are {kind} and must have shape (batch, num_labels) = (batch, {num_labels}), got "
-                    f"{tuple(labels.shape)}. The model has num_labels={num_labels}: build the targets with one "
-                    f"column per class of config.id2label, or load the model with the dataset's class count "
-                    f"(num_labels=..., ignore_mismatched_sizes=True for a fine-tuned head).{hint}"
-                )
-            return
-        if labels.ndim > 1 and labels.numel() != labels.shape[0]:
-            raise ValueError(
-                f"Integer labels are class indices of shape (batch,), got {tuple(labels.shape)}. For soft targets "
-                f"pass float labels of shape (batch, num_labels={num_labels})."
-            )
-        check_label_range(
-            labels,
-            num_labels,
-            ignore_index=-100,
-            fix="Set num_labels (or id2label) to cover every class, e.g. "
-            "from_pretrained(..., num_labels=K, ignore_mismatched_sizes=True), or map the labels to 0..num_labels-1.",
-        )
-
-
-def check_label_range(labels: torch.Tensor, num_labels: int, ignore_index: int, fix: str) -> None:
-    """Raise a ValueError naming `num_labels` if a label is outside [0, num_labels) and not `ignore_index`.
-
-    A value check that reads the labels on the host would cost a GPU sync every training step. The check is
-    `torch._assert_async` instead, which queues it on the device: on CUDA (and under torch.compile) a bad label stops
-    the run at the next sync with a device-side assert that prints this message; on the CPU the assert fails at once
-    and becomes this ValueError, listing the offending values. Other devices are not checked here (the loss's own
-    error applies).
-    """
-    if torch.jit.is_tracing() or labels.device.type not in ("cpu", "cuda"):
-        return
-    in_range = ((labels >= 0) & (labels < num_labels)) | (labels == ignore_index)
-    problem = (
-        f"labels contain class indices outside [0, {num_labels - 1}] (num_labels={num_labels}) other than the ignore "
-        f"index {ignore_index}"
-    )
-    if torch.compiler.is_compiling() or labels.device.type == "cuda":
-        torch._assert_async(in_range.all(), f"{problem}. {fix}")
-        return
-    try:
-        torch._assert_async(in_range.all(), f"{problem}. {fix}")
-    except RuntimeError:  # the CPU kernel raises at once
-        found = torch.unique(labels[~in_range])
-        shown = ", ".join(str(int(value)) for value in found[:5]) + (", ..." if found.numel() > 5 else "")
-        raise ValueError(f"{problem}: found {shown}. {fix}") from None
 
 
 __all__ = [
@@ -975,5 +678,4 @@ __all__ = [
     "NepaForPreTrainingOutput",
     "nepa_loss",
     "soft_target_cross_entropy",
-    "check_label_range",
 ]

@@ -7,8 +7,7 @@ usable by any backbone-based head (e.g. transformers' `UperNetForSemanticSegment
 a multi-scale neck (4x up, 2x up, identity, 2x down), then transformers' own UperNet decode head (pyramid pooling +
 FPN) and FCN auxiliary head (for the training loss).
 
-This file is copied next to saved checkpoints for `trust_remote_code=True` users, so it imports only torch,
-transformers and its siblings `configuration_nepa.py` / `modeling_nepa.py`.
+Copied next to saved checkpoints for `trust_remote_code=True`: imports only torch, transformers and its siblings.
 """
 
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ from transformers import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, SemanticSegmenterOutput
 from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import TransformersKwargs
 
 from .configuration_nepa import NepaConfig, default_backbone_out_indices
 from .modeling_nepa import (
@@ -30,7 +29,8 @@ from .modeling_nepa import (
     NepaRopePositionEmbedding,
     can_return_tuple,
     capture_outputs,
-    check_label_range,
+    fine_tuning_config,
+    run_trunk,
 )
 
 try:
@@ -38,27 +38,14 @@ try:
 except ImportError:  # pragma: no cover - older 5.x
     from transformers.utils.backbone_utils import filter_output_hidden_states
 
-logger = logging.get_logger(__name__)
-
-# Auto classes that load a saved backbone / segmentation folder through `trust_remote_code`.
-_DENSE_REMOTE_CODE_AUTO_MAP = {
-    **NepaPreTrainedModel.remote_code_auto_map,
-    "AutoBackbone": "modeling_nepa_segmentation.NepaBackbone",
-    "AutoModelForSemanticSegmentation": "modeling_nepa_segmentation.NepaForSemanticSegmentation",
-}
-
 # Head weights of other NEPA checkpoints that a backbone does not use (loaded from a classifier/segmenter).
 _HEAD_KEYS = [r"(^|\.)fc_norm\.", r"(^|\.)classifier\.", r"(^|\.)neck\.", r"(^|\.)decode_head\.", r"(^|\.)auxiliary_head\."]
 
 
 def _register_for_image_segmentation_pipeline() -> None:
-    """Make `pipeline("image-segmentation")` accept NepaForSemanticSegmentation without logging an error.
-
-    The pipeline checks the model's class name against copies of the `MODEL_FOR_*_SEGMENTATION_MAPPING_NAMES`
-    dicts, which drop what `AutoModelForSemanticSegmentation.register` adds (transformers 5.x), so the name is added
-    to the semantic-segmentation names dict itself. The lazy Auto mapping only reads that dict for model types in
-    CONFIG_MAPPING_NAMES, which "nepa" is not, so loading still goes through the registered class. Done on import
-    of this file, so it also holds for `trust_remote_code` users without nepa-hf.
+    """`pipeline("image-segmentation")` checks the class name against copies of transformers' segmentation name
+    dicts, which miss what `AutoModelForSemanticSegmentation.register` adds (transformers 5.x) and would log an error:
+    add the name there, on import, so remote-code users get it too. Loading still goes through the registered class.
     """
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
@@ -82,19 +69,17 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     NEPA checkpoint: pretrained, fine-tuned, converted (`NepaBackbone.from_pretrained(dir, out_indices=[...])`).
     For each stage in `config.out_features` (stage i = output of block i, "stem" = embeddings) it returns the patch
     tokens (CLS dropped), after the final LayerNorm when `config.apply_layernorm`, as (B, D, H/p, W/p) maps when
-    `config.reshape_hidden_states` (else (B, N, D)). Attention is `config.finetuning_is_causal`, bidirectional
-    unless set, as for every fine-tuning model; `is_causal=` per call overrides it.
+    `config.reshape_hidden_states` (else (B, N, D)). Attention is bidirectional unless `config.is_causal` is set, as
+    for every head (`fine_tuning_config`); `is_causal=` per call overrides it.
 
     Note: `AutoBackbone.from_pretrained(local_dir)` can fail before reaching this class (it asks the Hub whether the
     path is a repo); `NepaBackbone.from_pretrained(local_dir)` and `AutoBackbone.from_config` work on local folders.
     """
 
-    remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
-    is_finetuning_model = True
     _keys_to_ignore_on_load_unexpected = _HEAD_KEYS
 
     def __init__(self, config: NepaConfig):
-        super().__init__(config)
+        super().__init__(fine_tuning_config(config))
         self.embeddings = NepaEmbeddings(config)
         self.rope_embeddings = NepaRopePositionEmbedding(config)
         self.encoder = NepaEncoder(config)
@@ -108,7 +93,7 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     @capture_outputs(tie_last_hidden_states=False)
     def _encode(self, pixel_values: torch.Tensor, is_causal: bool | None = None, **kwargs) -> BaseModelOutput:
         """The NepaModel trunk without pooling; `capture_outputs` collects per-block hidden states / attentions."""
-        hidden_states, _ = self._run_trunk(pixel_values, is_causal=is_causal, **kwargs)
+        hidden_states, _ = run_trunk(self, pixel_values, is_causal=is_causal, **kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
     @can_return_tuple
@@ -121,7 +106,7 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     ) -> BackboneOutput:
         r"""
         pixel_values: (batch, channels, height, width); height and width multiples of the patch size.
-        is_causal: attention of this call; default `config.finetuning_is_causal`.
+        is_causal: attention of this call; default `config.is_causal`.
 
         Returns `BackboneOutput.feature_maps`: one tensor per `config.out_features` stage.
         """
@@ -192,19 +177,6 @@ def upernet_head_config(config: NepaConfig) -> SimpleNamespace:
     )
 
 
-# `from_pretrained` renames the head weights of folders saved before the heads were transformers' UperNet modules
-# (old -> new; a conv unit was an nn.Sequential, so `.0.` / `.1.` are its conv / BatchNorm). As with any key mapping,
-# transformers' `save_pretrained` writes a model loaded from such a folder back in that folder's layout.
-LEGACY_HEAD_KEY_MAPPING = {
-    r"^decode_head\.psp_modules\.stages\.(\d+)\.1\.0\.": r"decode_head.psp_modules.\1.1.conv.",
-    r"^decode_head\.psp_modules\.stages\.(\d+)\.1\.1\.": r"decode_head.psp_modules.\1.1.batch_norm.",
-    r"^decode_head\.(bottleneck|fpn_bottleneck|lateral_convs\.\d+|fpn_convs\.\d+)\.0\.": r"decode_head.\1.conv.",
-    r"^decode_head\.(bottleneck|fpn_bottleneck|lateral_convs\.\d+|fpn_convs\.\d+)\.1\.": r"decode_head.\1.batch_norm.",
-    r"^auxiliary_head\.conv\.0\.": "auxiliary_head.convs.0.conv.",
-    r"^auxiliary_head\.conv\.1\.": "auxiliary_head.convs.0.batch_norm.",
-}
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Semantic segmentation model
 # --------------------------------------------------------------------------------------------------------------
@@ -214,8 +186,8 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     """NEPA ViT + multi-scale neck + transformers' UperNet decode head (+ its FCN auxiliary head for the loss).
 
     Built from any NEPA checkpoint (`NepaForSemanticSegmentation.from_pretrained(dir, id2label=..., label2id=...)`):
-    the backbone weights load into `nepa`, the neck and heads start from scratch. Attention is
-    `config.finetuning_is_causal`, bidirectional unless set, as for every fine-tuning model.
+    the backbone weights load into `nepa`, the neck and heads start from scratch. Attention is bidirectional unless
+    `config.is_causal` is set, as for every head.
     The backbone feeds four stages: `config.out_indices` when it names four, else four evenly spaced blocks
     (`default_backbone_out_indices`), which the model writes into its config.
 
@@ -224,8 +196,6 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     `config.semantic_loss_ignore_index` (255) marks pixels without a label.
     """
 
-    remote_code_auto_map = _DENSE_REMOTE_CODE_AUTO_MAP
-    is_finetuning_model = True
     # The Trainer counts every label != -100 as an item, including 255 "ignore" pixels: let the loss take its mean.
     accepts_loss_kwargs = False
     _keys_to_ignore_on_load_unexpected = [r"^fc_norm\.", r"^classifier\."]
@@ -245,7 +215,7 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
                 f"selects {len(config.out_indices)}. Set out_indices={four_stages} (four evenly spaced blocks), e.g. "
                 f"NepaForSemanticSegmentation.from_pretrained(..., out_indices={four_stages})."
             )
-        super().__init__(config)
+        super().__init__(fine_tuning_config(config))
         self.nepa = NepaBackbone(config)
         in_channels = self.nepa.channels
         self.neck = NepaMultiScaleNeck(config)
@@ -254,31 +224,8 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
         self.auxiliary_head = UperNetFCNHead(head_config, in_channels) if config.use_auxiliary_head else None
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, key_mapping=None, **kwargs):
-        """`from_pretrained` that also reads folders saved before the heads were transformers' UperNet modules: their
-        head weights are renamed by `LEGACY_HEAD_KEY_MAPPING` (keys it does not match load unchanged)."""
-        key_mapping = {**LEGACY_HEAD_KEY_MAPPING, **(key_mapping or {})}
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, **kwargs)
-
     def get_input_embeddings(self) -> NepaPatchEmbeddings:
         return self.nepa.get_input_embeddings()
-
-    def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor) -> None:
-        if labels.ndim != 3 or labels.shape[0] != pixel_values.shape[0]:
-            raise ValueError(
-                f"labels must be (batch, height, width) class indices for {pixel_values.shape[0]} image(s), got "
-                f"shape {tuple(labels.shape)}."
-            )
-        if labels.is_floating_point():
-            raise ValueError("labels must be integer class indices (torch.long), got a floating-point tensor.")
-        check_label_range(
-            labels,
-            self.config.num_labels,
-            ignore_index=self.config.semantic_loss_ignore_index,
-            fix="Set id2label/num_labels to cover every class, or use do_reduce_labels=True for ADE20K-style maps "
-            "where 0 means 'no label'.",
-        )
 
     @can_return_tuple
     def forward(
@@ -290,7 +237,7 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     ) -> SemanticSegmenterOutput:
         r"""
         labels: (batch, height, width) int64 class indices; `config.semantic_loss_ignore_index` is ignored.
-        is_causal: attention of this call; default `config.finetuning_is_causal`.
+        is_causal: attention of this call; default `config.is_causal`.
         """
         kwargs.pop("num_items_in_batch", None)  # see accepts_loss_kwargs
         if self.training and pixel_values is not None and pixel_values.shape[0] < 2:
@@ -299,10 +246,6 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
                 "neck and decode head cannot normalise the 1x1 pyramid-pooling level of a single image. Increase the "
                 "(per-device) batch size, or call model.eval() for inference."
             )
-        if labels is not None:
-            if self.config.num_labels < 2:
-                raise ValueError("Semantic segmentation needs num_labels >= 2 (set id2label / num_labels).")
-            self._check_labels(labels, pixel_values)
 
         outputs = self.nepa(pixel_values, is_causal=is_causal, **kwargs)
         pyramid = self.neck(outputs.feature_maps)
