@@ -529,10 +529,12 @@ def test_wrong_architecture_or_model_type_is_refused():
         convert_reference_state_dict(state_dict, {**config, "architectures": ["ViTNepaForSomething"]})
     with pytest.raises(ConversionError, match=refused(r"not filled \(4\):\n    classifier\.bias", "architectures")):
         convert_reference_state_dict(state_dict, {**config, "architectures": ["ViTNepaForImageClassification"]})
-    with pytest.raises(ConversionError, match="already in nepa-hf format"):
+    with pytest.raises(ConversionError, match="already a nepa-hf checkpoint"):
         convert_reference_state_dict(state_dict, {**config, "model_type": "nepa"})
-    with pytest.raises(ConversionError, match=r"\(model_type 'vit_nepa'\), got model_type 'vit'"):
+    with pytest.raises(ConversionError, match=r"Expected model_type 'vit_nepa', got 'vit'\.$"):
         convert_reference_state_dict(state_dict, {**config, "model_type": "vit"})
+    with pytest.raises(ConversionError, match="(?s)cannot be expressed as a NepaConfig.*divisible by num_attention_heads"):
+        convert_reference_state_dict(state_dict, {**config, "hidden_size": 30, "num_attention_heads": 4})
     with pytest.raises(ConversionError, match="not square"):
         convert_reference_state_dict(state_dict, {**config, "image_size": [16, 32]})
 

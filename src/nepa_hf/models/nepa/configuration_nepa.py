@@ -44,12 +44,8 @@ NEPA_PRESETS: dict[str, dict] = {
 
 def default_backbone_out_indices(num_hidden_layers: int) -> list[int]:
     """The four stages `NepaForSemanticSegmentation` reads unless its config names four: after blocks L/3, L/2, 2L/3
-    and L (1-based; stage 0 is the embeddings).
-
-    This is the plain-ViT dense-prediction convention (BEiT/MAE UperNet: blocks 3, 5, 7, 11 of 12, zero-based,
-    are stages 4, 6, 8, 12; 7, 11, 15, 23 of 24). Nearby indices are spread so all four differ; with fewer than 4
-    blocks the embedding output ("stem") and every block are used.
-    """
+    and L (stage 0 is the embeddings), the plain-ViT convention of BEiT/MAE UperNet (4, 6, 8, 12 of 12). Nearby
+    indices are spread so all four differ; with fewer than 4 blocks the embeddings and every block are used."""
     if num_hidden_layers < 4:
         return list(range(max(0, num_hidden_layers - 3), num_hidden_layers + 1))
     stages: list[int] = []

@@ -24,6 +24,7 @@ import huggingface_hub
 import torch
 import transformers
 from huggingface_hub import save_torch_state_dict
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers.utils import logging
@@ -191,11 +192,9 @@ def convert_to_reference(state_dict: dict, config: NepaConfig) -> tuple[dict, di
 def _check_model_type(config: dict, expected: str = REFERENCE_MODEL_TYPE) -> None:
     model_type = config.get("model_type", REFERENCE_MODEL_TYPE)
     if model_type != expected:
-        raise ConversionError(
-            f"Expected a{' reference NEPA' if expected == REFERENCE_MODEL_TYPE else ' nepa-hf'} checkpoint (model_type "
-            f"'{expected}'), got model_type {model_type!r}." + (" This checkpoint is already in nepa-hf format: load "
-            "it with AutoModel directly, or pass --to-reference to convert it to the authors' layout."
-            if model_type == NepaConfig.model_type else ""))
+        hint = (" It is already a nepa-hf checkpoint: load it with AutoModel, or pass --to-reference for the authors' "
+                "layout." if model_type == NepaConfig.model_type else "")
+        raise ConversionError(f"Expected model_type {expected!r}, got {model_type!r}.{hint}")
 
 
 def _square(name: str, value):
@@ -256,7 +255,7 @@ def nepa_config_from_reference(reference_config: dict, state_dict: dict, qk_norm
         kwargs["num_labels"] = classifier.shape[0]
     try:
         return NepaConfig(**kwargs)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, StrictDataclassError) as error:  # StrictDataclassError: NepaConfig's validation
         raise ConversionError(f"The reference config cannot be expressed as a NepaConfig: {error}") from error
 
 

@@ -22,7 +22,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, logging
+from transformers.utils import ModelOutput, TransformersKwargs
 
 from .configuration_nepa import NepaConfig
 
@@ -40,10 +40,6 @@ try:
 except ImportError:  # pragma: no cover
     from functools import lru_cache as compile_compatible_method_lru_cache
 
-logger = logging.get_logger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------- Outputs
 
 
 @dataclass
@@ -56,15 +52,8 @@ class NepaModelOutput(BaseModelOutputWithPooling):
 
 @dataclass
 class NepaForPreTrainingOutput(ModelOutput):
-    """Output of `NepaForPreTraining`.
-
-    Args:
-        loss: negative cosine similarity between predictions and next-position targets, in [-1, 1].
-        last_hidden_state: the predictions, `(batch, 1 + num_patches, hidden)`; position t predicts t + 1.
-        input_embeddings: the targets, same shape (`nepa_loss` detaches them when `pretraining_stop_gradient`).
-        pooler_output: pooled features of the backbone.
-        hidden_states, attentions: as requested with `output_hidden_states` / `output_attentions`.
-    """
+    """`loss`: the NEPA loss (negative cosine, in [-1, 1]); `last_hidden_state`: the predictions, (batch, 1 +
+    num_patches, hidden), position t predicting t + 1; `input_embeddings`: the targets; the rest as `NepaModel`'s."""
 
     loss: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
@@ -73,8 +62,6 @@ class NepaForPreTrainingOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
-
-# -------------------------------------------------------------------------------------------------------- Embeddings
 
 
 class NepaPatchEmbeddings(nn.Module):
@@ -116,19 +103,12 @@ class NepaEmbeddings(nn.Module):
                     "bool_masked_pos was given but the model has no mask token. Build it with "
                     "`use_mask_token=True` in the config."
                 )
-            if bool_masked_pos.shape != patches.shape[:2]:
-                raise ValueError(
-                    f"bool_masked_pos must have shape (batch, num_patches) = {tuple(patches.shape[:2])}, "
-                    f"got {tuple(bool_masked_pos.shape)}."
-                )
             masked = torch.where(
                 bool_masked_pos.unsqueeze(-1), self.mask_token.to(patches.dtype).expand_as(patches), patches
             )
             hidden_states = torch.cat([cls, masked], dim=1)
         return self.dropout(hidden_states), input_embeddings
 
-
-# -------------------------------------------------------------------------------------------------------------- RoPE
 
 
 def patch_center_coordinates(num_patches_h: int, num_patches_w: int, device: torch.device) -> torch.Tensor:
@@ -215,8 +195,6 @@ def apply_rotary_pos_emb(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-# --------------------------------------------------------------------------------------------------------- Attention
-
 
 def eager_attention_forward(
     module: nn.Module,
@@ -294,7 +272,6 @@ class NepaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask=None,
         is_causal: bool = False,
-        attn_implementation: str | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
@@ -305,7 +282,7 @@ class NepaAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            attn_implementation or self.config._attn_implementation, eager_attention_forward
+            self.config._attn_implementation, eager_attention_forward
         )
         dropout = self.dropout if self.training else 0.0
         attn_output, attn_weights = attention_interface(
@@ -315,8 +292,6 @@ class NepaAttention(nn.Module):
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
         return self.output_dropout(attn_output), attn_weights
 
-
-# ---------------------------------------------------------------------------------------- LayerScale, drop path, MLP
 
 
 class NepaLayerScale(nn.Module):
@@ -376,8 +351,6 @@ class NepaGatedMLP(nn.Module):
         return self.dropout(self.down_proj(self.act(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)))
 
 
-# ---------------------------------------------------------------------------------------------------- Block, encoder
-
 
 class NepaLayer(GradientCheckpointingLayer):
     """Pre-norm block: x + drop_path(ls1 * attn(LN1(x))), then x + drop_path(ls2 * mlp(LN2(x)))."""
@@ -421,8 +394,6 @@ class NepaEncoder(nn.Module):
             hidden_states = layer(hidden_states, position_embeddings, attention_mask, is_causal, **kwargs)
         return hidden_states
 
-
-# ------------------------------------------------------------------------------------------------------------ Models
 
 
 class NepaPreTrainedModel(PreTrainedModel):

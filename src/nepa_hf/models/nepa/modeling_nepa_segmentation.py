@@ -57,10 +57,6 @@ def _register_for_image_segmentation_pipeline() -> None:
 _register_for_image_segmentation_pipeline()
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Backbone
-# --------------------------------------------------------------------------------------------------------------
-
 
 class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     """NEPA ViT as a transformers backbone.
@@ -71,9 +67,6 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     tokens (CLS dropped), after the final LayerNorm when `config.apply_layernorm`, as (B, D, H/p, W/p) maps when
     `config.reshape_hidden_states` (else (B, N, D)). Attention is bidirectional unless `config.is_causal` is set, as
     for every head (`fine_tuning_config`); `is_causal=` per call overrides it.
-
-    Note: `AutoBackbone.from_pretrained(local_dir)` can fail before reaching this class (it asks the Hub whether the
-    path is a repo); `NepaBackbone.from_pretrained(local_dir)` and `AutoBackbone.from_config` work on local folders.
     """
 
     _keys_to_ignore_on_load_unexpected = _HEAD_KEYS
@@ -130,10 +123,6 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
         )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Neck and heads
-# --------------------------------------------------------------------------------------------------------------
-
 
 class NepaMultiScaleNeck(nn.Module):
     """Four same-resolution ViT maps (stride p) -> a pyramid with strides p/4, p/2, p, 2p.
@@ -156,8 +145,6 @@ class NepaMultiScaleNeck(nn.Module):
         self.downsample_2x = nn.MaxPool2d(kernel_size=2, stride=2)
 
     def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        if len(feature_maps) != 4:
-            raise ValueError(f"The multi-scale neck takes 4 feature maps, got {len(feature_maps)}.")
         operations = (self.upsample_4x, self.upsample_2x, self.identity, self.downsample_2x)
         return [operation(feature_map) for operation, feature_map in zip(operations, feature_maps)]
 
@@ -176,10 +163,6 @@ def upernet_head_config(config: NepaConfig) -> SimpleNamespace:
         auxiliary_concat_input=False,
     )
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Semantic segmentation model
-# --------------------------------------------------------------------------------------------------------------
 
 
 class NepaForSemanticSegmentation(NepaPreTrainedModel):
