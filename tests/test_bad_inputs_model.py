@@ -42,7 +42,7 @@ def test_integer_pixel_values_are_refused_by_every_model(model_class, dtype):
 
 def test_pixel_channels_and_size_are_checked_in_one_place():
     model = NepaModel(small_config()).eval()
-    with pytest.raises(ValueError, match="pixel_values has 1 channels; the model takes 3"):
+    with pytest.raises(ValueError, match=r"shape \(1, 1, 32, 32\): the model takes \(batch, 3, height, width\)"):
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="Image size 30x32 is not divisible by the patch size 8"):
         model(torch.randn(1, 3, 30, 32))

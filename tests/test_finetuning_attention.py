@@ -66,6 +66,8 @@ def test_classifier_from_a_config_is_bidirectional(build):
         model = AutoModelForImageClassification.from_config(config)
     model = randomize_(model).eval()
     assert model.config.is_causal is False  # the head decided, and saves it
+    assert config.is_causal is None  # in its own copy: a pretraining model sharing `config` stays causal
+    assert model.nepa.config is model.config
     assert_bidirectional(model, PIXELS)
     # The trunk inside the head attends as the head does (feature extraction from a classifier).
     with torch.no_grad():
@@ -81,6 +83,17 @@ def test_unset_attention_is_causal_for_the_pretraining_models():
             assert torch.equal(default, causal)
             assert not torch.allclose(default, model(PIXELS, is_causal=False).last_hidden_state)
     assert config.is_causal is None and config.resolved_is_causal is True
+
+
+def test_a_causal_pretraining_config_into_a_head_fine_tunes_causally_and_says_so(caplog):
+    from transformers.utils import logging as hf_logging
+
+    config = small_config(id2label=LABELS, is_causal=True)
+    config.architectures = ["NepaForPreTraining"]
+    hf_logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        model = NepaForImageClassification(config)
+    assert model.config.is_causal is True and "fine-tunes causally (the ablation)" in caplog.text
 
 
 def test_causal_fine_tuning_is_one_config_field_and_per_call_still_overrides():

@@ -260,6 +260,9 @@ def test_config_validation_errors():
         NepaConfig(pooling="cls")
     with pytest.raises(ValueError, match="Unknown NEPA preset"):
         NepaConfig.from_preset("nepa-vit-xxl")
+    # The authors' field names would be kept as unused attributes: refused, naming the converter.
+    with pytest.raises(ValueError, match="authors' `vit_nepa` field names.*nepa_hf.hub.convert"):
+        NepaConfig(drop_path_prob=0.1, add_pooling_layer=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

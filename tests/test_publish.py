@@ -144,6 +144,13 @@ def test_validate_catches_incomplete_folders(checkpoint, tmp_path):
     (staging / "modeling_nepa.py").unlink()
     with pytest.raises(PublishError, match="missing modeling_nepa.py"):
         validate(staging, check_load=False)
+    staging = assemble(checkpoint, tmp_path / "saving-class-only", "someone/x")
+    config = json.loads((staging / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_nepa.NepaConfig",
+                          "AutoModelForImageClassification": "modeling_nepa.NepaForImageClassification"}
+    (staging / "config.json").write_text(json.dumps(config))  # what a plain save_pretrained writes
+    with pytest.raises(PublishError, match="not every head's"):
+        validate(staging, check_load=False)
     staging = assemble(checkpoint, tmp_path / "bad-card", "someone/x")
     (staging / "README.md").write_text("# no metadata\n")
     with pytest.raises(PublishError, match="lacks license, library_name, pipeline_tag"):

@@ -5,7 +5,7 @@
 - Snippets that load the authors' converted checkpoints (`nepa-vit-b`, `nepa-vit-b-in1k`) get offline stand-ins: tiny
   synthetic checkpoints in the authors' `vit_nepa` layout saved as local folders under the Hub ids the README
   converts from (`SixAILab/...`; a local folder wins over the Hub), turned into `nepa-vit-b` & co. by the README's
-  own `python -m nepa_hf.models.nepa.convert_nepa` commands. The README's code then runs unchanged.
+  own `python -m nepa_hf.hub.convert` commands. The README's code then runs unchanged.
 - Every command in a ```bash block names a script or module that exists, and every `--flag` it passes is one that
   program lists in its `--help` (launcher flags before the script are checked against `accelerate launch` /
   `torchrun`). The commands that take seconds offline (conversion, publishing with `--dry-run`) run for real, in
@@ -222,7 +222,8 @@ def test_readme_has_snippets_and_commands_for_every_tool():
     assert {c.program for c in commands} >= {
         "scripts/run_demo.sh", "scripts/run_tests.sh", "examples/demo.py", "examples/pretrain_nepa.py",
         "examples/finetune_classification.py", "examples/finetune_segmentation.py", "examples/evaluate_nepa.py",
-        "examples/visualize.py", "-m nepa_hf.models.nepa.convert_nepa", "-m nepa_hf.hub.publish",
+        "examples/visualize.py", "-m nepa_hf.hub.convert", "-m nepa_hf.models.nepa.convert_nepa",
+        "-m nepa_hf.hub.publish",
     }  # fmt: skip
     assert {c.launcher for c in commands} >= set(LAUNCHERS)
     ci_lines = {line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()}
@@ -282,7 +283,7 @@ def offline_args(command: Command) -> list[str] | None:
     """The arguments to run a README command with here, or None where it is only checked (too slow offline, or an
     upload). Placeholders get values; publishing the stand-in of one of our published checkpoints gets a card name
     of its own (the tool rightly refuses to put the ViT-B card on a 2-block stand-in)."""
-    if command.program == "-m nepa_hf.models.nepa.convert_nepa":
+    if command.program in ("-m nepa_hf.hub.convert", "-m nepa_hf.models.nepa.convert_nepa"):
         args = list(command.args)
     elif command.program == "-m nepa_hf.hub.publish" and "--dry-run" in command.args:
         args = list(command.args)
@@ -332,7 +333,7 @@ def test_readme_runs_in_order(tmp_path, monkeypatch):
             if command.program == "-m nepa_hf.hub.publish":
                 assert "ok: load-back with trust_remote_code and without nepa_hf" in stdout.getvalue()
             ran.add(command.program)
-    assert ran == {"-m nepa_hf.models.nepa.convert_nepa", "-m nepa_hf.hub.publish"}
+    assert ran == {"-m nepa_hf.hub.convert", "-m nepa_hf.models.nepa.convert_nepa", "-m nepa_hf.hub.publish"}
 
 
 def test_readme_backbone_loaders_work_on_a_local_folder(tmp_path):

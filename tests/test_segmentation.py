@@ -91,8 +91,8 @@ def test_default_out_indices_are_four_evenly_spaced_blocks():
     assert stored.out_indices == [3, 12]
     segmenter_config = tiny_config()
     assert segmenter_config.out_indices == [4]
-    NepaForSemanticSegmentation(segmenter_config)
-    assert segmenter_config.out_indices == [1, 2, 3, 4]  # chosen by the segmenter, written into its config
+    segmenter = NepaForSemanticSegmentation(segmenter_config)
+    assert segmenter.config.out_indices == [1, 2, 3, 4]  # chosen by the segmenter, written into its own config
     reloaded = NepaConfig.from_dict(json.loads(json.dumps(tiny_config(pool_scales=[1, 3]).to_dict())))
     assert reloaded.pool_scales == [1, 3] and reloaded.semantic_loss_ignore_index == 255
     with pytest.raises(StrictDataclassClassValidationError, match="pool_scales"):
@@ -273,10 +273,12 @@ def test_segmentation_input_errors():
     with pytest.raises(ValueError, match=r"reads four backbone stages.*out_indices=\[1, 2, 3, 4\]"):
         NepaForSemanticSegmentation(two_stages)
     assert two_stages.out_indices == [2, 4]  # a refused config is left as it was
-    config = tiny_config(out_indices=[1, 2, 3, 4], is_causal=False)
+    config = tiny_config(out_indices=[1, 2, 3, 4])
     saved = config.to_dict()
-    NepaForSemanticSegmentation(config), NepaBackbone(config)
-    assert config.to_dict() == saved  # four chosen stages are kept as they are
+    segmenter, backbone = NepaForSemanticSegmentation(config), NepaBackbone(config)
+    assert config.to_dict() == saved  # the caller's config is left alone (it may be a pretraining model's too)
+    assert segmenter.config.out_indices == backbone.config.out_indices == [1, 2, 3, 4]  # four chosen stages are kept
+    assert segmenter.config.is_causal is False and segmenter.nepa.config is segmenter.config
     model.eval()(pixels[:1])  # a single image is fine for inference
 
 

@@ -245,10 +245,7 @@ def validate(folder: str | Path, check_load: bool = True) -> list[str]:
     passed = []
     weights = [f for f in ("model.safetensors", "model.safetensors.index.json") if (folder / f).exists()]
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
-    # The code files the auto_map points at (`module.Class` -> module.py), besides the ones every folder needs.
-    auto_map = config.get("auto_map") or {}
-    mapped = {value.split(".")[0] + ".py" for value in auto_map.values() if isinstance(value, str)}
-    required = ("config.json", "preprocessor_config.json", "README.md", *CODE_FILES, *sorted(mapped - set(CODE_FILES)))
+    required = ("config.json", "preprocessor_config.json", "README.md", *CODE_FILES)
     missing = [f for f in required if not (folder / f).exists()]
     if not weights:
         missing.append("model.safetensors")
@@ -258,9 +255,10 @@ def validate(folder: str | Path, check_load: bool = True) -> list[str]:
     if architecture is None:
         raise PublishError(f"config.json architectures {config.get('architectures')} is not a NEPA model class.")
     auto_class = AUTO_CLASS_OF[architecture]
-    if auto_class not in auto_map:
+    if config.get("auto_map") != REMOTE_CODE_AUTO_MAP:
         raise PublishError(
-            f"config.json has no auto_map entry for {auto_class}: trust_remote_code users could not load it."
+            f"config.json's auto_map is {config.get('auto_map')}, not every head's {REMOTE_CODE_AUTO_MAP}: "
+            "trust_remote_code users could not load it with each Auto class (write_remote_code writes it)."
         )
     processor_map = json.loads((folder / "preprocessor_config.json").read_text()).get("auto_map") or {}
     if "AutoImageProcessor" not in processor_map:

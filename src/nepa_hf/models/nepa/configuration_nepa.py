@@ -137,6 +137,11 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
     semantic_loss_ignore_index: int = 255
 
     def __post_init__(self, **kwargs):
+        if {"drop_path_prob", "add_pooling_layer"} & set(kwargs):  # would be kept as unused attributes
+            raise ValueError(
+                "drop_path_prob / add_pooling_layer are the authors' `vit_nepa` field names: convert their checkpoint "
+                "with `python -m nepa_hf.hub.convert`, or pass drop_path_rate= / pooling='mean'|'last'."
+            )
         if self.decode_hidden_size is None:
             self.decode_hidden_size = self.hidden_size
         if self.auxiliary_hidden_size is None:
@@ -149,6 +154,7 @@ class NepaConfig(BackboneConfigMixin, PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict` validation (construction and save)."""
+        super().validate_architecture()
         if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 4:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "

@@ -414,11 +414,12 @@ def _staged_output(output: Path, overwrite: bool):
 
 
 def convert_reference_checkpoint(source, output_dir, *, ema=False, revision=None, token=None, qk_norm_affine=None,
-                                 overwrite=False, force_download=False, model_card=None) -> Path:
+                                 overwrite=False, force_download=False, finish=None) -> Path:
     """Convert the authors' checkpoint (local folder or Hub id; `ema=True`: its `pytorch_model_ema.bin`) into a
     nepa-hf folder that the Auto classes load: weights (safetensors, values and dtypes kept), config, model code with
-    its auto_map, processor config. `model_card(config)` may return a card (anything with `.save(path)`) to write as
-    README.md (`nepa_hf.hub.convert` passes the Hub tools' one). Nothing is left at `output_dir` when it fails."""
+    its auto_map, processor config. `finish(folder, config)` may add files before the folder moves into place
+    (`nepa_hf.hub.convert` writes the model card and every head's remote code). Nothing is left at `output_dir` when
+    it fails."""
     output = Path(output_dir).expanduser()
     with _staged_output(output, overwrite) as staging:
         folder, reference_config, reference_state_dict = _load_checkpoint(
@@ -433,8 +434,8 @@ def convert_reference_checkpoint(source, output_dir, *, ema=False, revision=None
         preprocessor = folder / "preprocessor_config.json"
         image_processor_from_reference(_read_json(preprocessor) if preprocessor.exists() else None,
                                        config).save_pretrained(staging)
-        if model_card is not None:
-            model_card(config).save(staging / "README.md")
+        if finish is not None:
+            finish(staging, config)
     return output
 
 
@@ -484,7 +485,7 @@ def main(argv=None, *, prog="python -m nepa_hf.models.nepa.convert_nepa", conver
                              qk_norm_affine=True if args.qk_norm_affine else None, **hub)
             architecture = json.loads((output / "config.json").read_text())["architectures"][0]
             print(f"Wrote {architecture} to {output}; load it with transformers' Auto classes after `import nepa_hf`.")
-    except (ConversionError, OSError) as error:  # OSError: disk full, no permission to write --output, ...
+    except (ConversionError, OSError, StrictDataclassError) as error:  # OSError: disk full, no permission, ...
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -232,8 +232,10 @@ class NepaImageProcessorPil(_NepaImageProcessorMixin, PilBackend):
     """
 
     def resize(self, image: np.ndarray, size, resample=None, **kwargs) -> np.ndarray:
-        if not (image.dtype == np.int64 and resample == PILImageResampling.NEAREST):
+        if not (image.dtype == np.int64 and resample == PILImageResampling.NEAREST and image.shape[0] == 1):
             return super().resize(image, size, resample=resample, **kwargs)
+        if image.min() < np.iinfo(np.int32).min or image.max() > np.iinfo(np.int32).max:
+            raise ValueError("Segmentation map values must fit in int32 to be resized.")
         # Label maps: transformers' PIL resize is 8-bit, so resize the 4 bytes of each int32 label as 4 channels;
         # nearest sampling takes all 4 from the same source pixel, so every class index survives.
         label_bytes = image[0].astype("<i4").view(np.uint8).reshape(*image.shape[1:], 4).transpose(2, 0, 1)

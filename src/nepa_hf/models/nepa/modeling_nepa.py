@@ -9,6 +9,7 @@ Copied next to saved checkpoints for `trust_remote_code=True`: imports only torc
 `configuration_nepa.py`.
 """
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 
 from .configuration_nepa import NepaConfig
+
+logger = logging.get_logger(__name__)
 
 # Internal transformers helpers that moved between 5.x releases: import defensively.
 try:
@@ -318,9 +321,6 @@ class NepaDropPath(nn.Module):
         keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
         return hidden_states * keep / keep_prob
 
-    def extra_repr(self) -> str:
-        return f"p={self.drop_prob}"
-
 
 class NepaMLP(nn.Module):
     """down(act(up(x)))."""
@@ -443,10 +443,16 @@ class NepaPreTrainedModel(PreTrainedModel):
 
 
 def fine_tuning_config(config: NepaConfig) -> NepaConfig:
-    """The config of a head (classifier, segmenter, backbone): unless `is_causal` is set it becomes False, the paper's
-    bidirectional fine-tuning, which the head then saves (see `NepaConfig.is_causal`)."""
+    """A head's config: where `is_causal` is unset, a copy with False (the paper's bidirectional fine-tuning, which the
+    head then saves), leaving the caller's config, maybe a pretraining model's too, alone."""
     if config.is_causal is None:
+        config = copy.deepcopy(config)
         config.is_causal = False
+    elif config.is_causal and set(config.architectures or ()) & {"NepaModel", "NepaForPreTraining"}:
+        logger.warning(
+            "This pretraining config sets is_causal=True, so the head fine-tunes causally (the ablation). For the "
+            "paper's bidirectional fine-tuning pass is_causal=False, or leave it unset when pretraining."
+        )
     return config
 
 
@@ -454,13 +460,16 @@ def run_trunk(model, pixel_values: torch.Tensor, bool_masked_pos=None, is_causal
     """Embeddings, RoPE and blocks (before the final norm) of a model holding them (`NepaModel`, `NepaBackbone`).
     Attention: the call's `is_causal`, else the config's, else causal. Returns (hidden states, input embeddings)."""
     config = model.config
+    if pixel_values is None:
+        raise ValueError("pixel_values is required: a (batch, channels, height, width) float tensor.")
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"pixel_values has dtype {pixel_values.dtype}: integer pixels are raw 0-255 values, but NEPA takes "
             "normalised floats. Pass the images through the image processor (AutoImageProcessor)."
         )
     if pixel_values.shape[1] != config.num_channels:
-        raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels; the model takes {config.num_channels}.")
+        shape = tuple(pixel_values.shape)
+        raise ValueError(f"pixel_values of shape {shape}: the model takes (batch, {config.num_channels}, height, width).")
     height, width = pixel_values.shape[-2:]
     if height % config.patch_size or width % config.patch_size:
         raise ValueError(
@@ -563,13 +572,10 @@ class NepaForPreTraining(NepaPreTrainedModel):
         """
         kwargs.pop("num_items_in_batch", None)  # label-free objective: nothing to normalise by
         outputs = self.nepa(pixel_values, bool_masked_pos=bool_masked_pos, is_causal=is_causal, **kwargs)
-        loss = None
+        config, loss = self.config, None
         if return_loss:
-            config = self.config
-            loss = nepa_loss(
-                outputs.last_hidden_state, outputs.input_embeddings, config.pretraining_shift,
-                config.pretraining_stop_gradient,
-            )  # fmt: skip
+            loss = nepa_loss(outputs.last_hidden_state, outputs.input_embeddings, config.pretraining_shift,
+                             config.pretraining_stop_gradient)  # fmt: skip
         return NepaForPreTrainingOutput(
             loss=loss, last_hidden_state=outputs.last_hidden_state, input_embeddings=outputs.input_embeddings,
             pooler_output=outputs.pooler_output, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
@@ -594,7 +600,8 @@ class NepaForImageClassification(NepaPreTrainedModel):
     accepts_loss_kwargs = False
 
     def __init__(self, config: NepaConfig):
-        super().__init__(fine_tuning_config(config))
+        config = fine_tuning_config(config)
+        super().__init__(config)
         self.num_labels = config.num_labels
         self.nepa = NepaModel(config)
         self.fc_norm = (

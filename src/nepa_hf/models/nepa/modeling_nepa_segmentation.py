@@ -10,6 +10,7 @@ FPN) and FCN auxiliary head (for the training loss).
 Copied next to saved checkpoints for `trust_remote_code=True`: imports only torch, transformers and its siblings.
 """
 
+import copy
 from types import SimpleNamespace
 
 import torch
@@ -72,7 +73,8 @@ class NepaBackbone(BackboneMixin, NepaPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = _HEAD_KEYS
 
     def __init__(self, config: NepaConfig):
-        super().__init__(fine_tuning_config(config))
+        config = fine_tuning_config(config)
+        super().__init__(config)
         self.embeddings = NepaEmbeddings(config)
         self.rope_embeddings = NepaRopePositionEmbedding(config)
         self.encoder = NepaEncoder(config)
@@ -184,6 +186,7 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^fc_norm\.", r"^classifier\."]
 
     def __init__(self, config: NepaConfig):
+        config = fine_tuning_config(copy.deepcopy(config))  # its own copy: the stages are written into it
         four_stages = default_backbone_out_indices(config.num_hidden_layers)
         if len(four_stages) != 4:
             raise ValueError(
@@ -198,7 +201,7 @@ class NepaForSemanticSegmentation(NepaPreTrainedModel):
                 f"selects {len(config.out_indices)}. Set out_indices={four_stages} (four evenly spaced blocks), e.g. "
                 f"NepaForSemanticSegmentation.from_pretrained(..., out_indices={four_stages})."
             )
-        super().__init__(fine_tuning_config(config))
+        super().__init__(config)
         self.nepa = NepaBackbone(config)
         in_channels = self.nepa.channels
         self.neck = NepaMultiScaleNeck(config)
