@@ -21,6 +21,12 @@ Writes to --output_dir: the model (`save_pretrained`) and image processor (the e
 `pipeline("image-classification", model=output_dir)` serves, `ema.safetensors`, `*_results.json`, and
 `data_split.json` (what was held out for evaluation; examples/evaluate_nepa.py reads it). Unreadable images are
 skipped with a warning naming them and counted once per file (`train/eval/test_unreadable_images` in the results).
+
+Long runs: on SIGTERM or SIGUSR1 (--preemption_signals) the current step finishes, `checkpoint-<step>` is written
+and the script exits with status 75; the same command with `--resume_from_checkpoint latest` (the newest checkpoint
+in --output_dir; none yet: from scratch) continues from it. A step with a non-finite loss or gradient norm makes no
+update and is counted (`train_nonfinite_steps`); --max_nonfinite_steps (5) in a row stop the run, naming the step
+and the last checkpoint.
 """
 
 import json
@@ -32,8 +38,6 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, set_seed
-from accelerate.utils import gather_object
-from transformers.trainer_utils import get_last_checkpoint
 
 from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForImageClassification
 from nepa_hf.data.augmentation import AugmentationArguments
@@ -53,6 +57,7 @@ from nepa_hf.evaluation.features import classification_metrics
 from nepa_hf.hub.loading import load_pretrained
 from nepa_hf.training.config_overrides import parse_config_overrides
 from nepa_hf.training.finetuning import NepaTrainer, NepaTrainingArguments
+from nepa_hf.training.trainer_callbacks import trainer_checkpoint_to_resume
 from nepa_hf.data.transforms import ImageProcessorTransform
 
 logger = logging.getLogger(__name__)
@@ -129,14 +134,6 @@ def load_split(data_args: DataArguments, model_args: ModelArguments, split: str)
     return load_image_dataset(data_args.dataset_name, split=split, **load_kwargs(data_args, model_args))
 
 
-def count_unreadable(dataset, trainer) -> int:
-    """Distinct unreadable images of a `with_image_transform` dataset, over all processes."""
-    indices = dataset.unreadable.indices()
-    if trainer.accelerator.num_processes > 1:
-        indices = gather_object(indices)
-    return len(set(indices))
-
-
 def subsample(dataset, max_samples: int | None, seed: int):
     if max_samples is not None and max_samples < len(dataset):
         return dataset.shuffle(seed=seed).select(range(max_samples))
@@ -171,10 +168,10 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
     if model_args.preset is not None:
         if model_args.model_name_or_path is not None:
             raise ValueError("Pass either --model_name_or_path or --preset, not both.")
-        if model_args.image_size is not None:
-            overrides["image_size"] = model_args.image_size
         overrides.update(parse_config_overrides(model_args.config_overrides))
         config = NepaConfig.from_preset(model_args.preset, **overrides)
+        if model_args.image_size is not None:  # the scripts' patch-size rule, before the config's own check
+            config.image_size = patch_aligned_size(model_args.image_size, config.patch_size)
         return NepaForImageClassification(config), None, False
     if model_args.config_overrides:
         raise ValueError("--config_overrides only applies to --preset (training from scratch).")
@@ -218,11 +215,9 @@ def main(argv: list[str] | None = None):
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(f"Training arguments: {training_args}")
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and training_args.resume_from_checkpoint is None:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None:
-            logger.info(f"Resuming from {last_checkpoint} (use another --output_dir to start over).")
+    checkpoint = None  # 'latest' (or no flag): the newest checkpoint-<step> in output_dir, if any
+    if training_args.do_train:
+        checkpoint = trainer_checkpoint_to_resume(training_args.output_dir, training_args.resume_from_checkpoint)
     set_seed(training_args.seed)
 
     # ---- data (every check happens here, before any training) ----
@@ -324,10 +319,10 @@ def main(argv: list[str] | None = None):
 
     unreadable = {}  # split -> distinct unreadable images
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.exit_if_preempted()  # a preemption signal: checkpoint-<step> written, exit with status 75
         trainer.save_model()
-        unreadable["train"] = count_unreadable(train_dataset, trainer)
+        unreadable["train"] = train_dataset.unreadable.count(trainer.accelerator)
         train_result.metrics["train_unreadable_images"] = unreadable["train"]
         train_result.metrics["train_samples"] = len(train_dataset)
         if training_args.should_save:
@@ -339,14 +334,14 @@ def main(argv: list[str] | None = None):
 
     if training_args.do_eval:
         metrics = trainer.evaluate()
-        metrics["eval_unreadable_images"] = unreadable["eval"] = count_unreadable(eval_dataset, trainer)
+        metrics["eval_unreadable_images"] = unreadable["eval"] = eval_dataset.unreadable.count(trainer.accelerator)
         metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
     if training_args.do_predict:
         metrics = trainer.predict(predict_dataset, metric_key_prefix="test").metrics
-        metrics["test_unreadable_images"] = unreadable["test"] = count_unreadable(predict_dataset, trainer)
+        metrics["test_unreadable_images"] = unreadable["test"] = predict_dataset.unreadable.count(trainer.accelerator)
         trainer.log_metrics("test", metrics)
         trainer.save_metrics("test", metrics)
 

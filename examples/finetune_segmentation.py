@@ -38,13 +38,14 @@ import torch.nn.functional as F
 import transformers
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, HfArgumentParser, Trainer, set_seed
+from transformers import AutoImageProcessor, HfArgumentParser, set_seed
 
 from nepa_hf import NepaConfig, NepaForSemanticSegmentation, NepaImageProcessor
 from nepa_hf.evaluation.features import local_metric_path
 from nepa_hf.hub.loading import load_pretrained
 from nepa_hf.training.config_overrides import parse_config_overrides
-from nepa_hf.training.finetuning import AutoWorkersTrainingArguments, layer_decay_parameter_groups
+from nepa_hf.training.finetuning import AutoWorkersTrainingArguments, NepaTrainer, layer_decay_parameter_groups
+from nepa_hf.training.trainer_callbacks import trainer_checkpoint_to_resume
 from nepa_hf.evaluation.segmentation import sliding_window_inference, whole_inference
 from nepa_hf.data.segmentation import (
     FASHION_SCENES_LABELS,
@@ -285,7 +286,7 @@ def main():
         return summarise(metric.compute(num_labels=num_labels, ignore_index=ignore_index))
 
     # ---------------------------------------------------------------------------------------------- trainer
-    class SegmentationTrainer(Trainer):
+    class SegmentationTrainer(NepaTrainer):  # its long-run guards and FSDP2-safe save; the optimizer below
         def create_optimizer(self, model=None):
             if self.optimizer is None:
                 groups = layer_decay_parameter_groups(  # the same rule as classification fine-tuning
@@ -308,7 +309,10 @@ def main():
 
     # ---------------------------------------------------------------------------------------------- train
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        resume = training_args.resume_from_checkpoint  # 'latest': the newest checkpoint-<step> in --output_dir
+        checkpoint = trainer_checkpoint_to_resume(training_args.output_dir, resume) if resume is not None else None
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.exit_if_preempted()  # a preemption signal: checkpoint-<step> written, exit with status 75
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)

@@ -34,13 +34,16 @@ from transformers import AutoImageProcessor, AutoModelForPreTraining, get_cosine
 
 from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForPreTraining, NepaImageProcessor
 from nepa_hf.data.images import BUILTIN_DATASETS, load_image_dataset, patch_aligned_size
-from nepa_hf.data.pretraining import pretraining_dataloader, pretraining_images, select_readable
+from nepa_hf.data.pretraining import dataset_identity, pretraining_dataloader, pretraining_images, select_readable
 from nepa_hf.data.transforms import INTERPOLATIONS, pretraining_transform
 from nepa_hf.data.workers import default_num_workers
 from nepa_hf.hub.loading import load_pretrained
-from nepa_hf.training.checkpointing import CHECKPOINTS_DIR, checkpoint_to_resume, read_checkpoint_meta, save_checkpoint
+from nepa_hf.training.checkpointing import (CHECKPOINTS_DIR, checkpoint_to_resume, explained_write_errors,
+                                            read_checkpoint_meta, resume_training, save_checkpoint)
 from nepa_hf.training.config_overrides import parse_config_overrides
 from nepa_hf.training.ema import create_ema, save_ema
+from nepa_hf.training.long_runs import (DEFAULT_MAX_NONFINITE_STEPS, PreemptionSignal, agreed_flags, exit_preempted,
+                                        nonfinite_step, parse_signal_names)
 from nepa_hf.training.monitoring import CollapseMonitor, JsonlTracker, cpu_oversubscription_note
 from nepa_hf.training.objective import NepaPretrainingObjective, readable_loss_weight
 from nepa_hf.training.optimization import create_pretraining_optimizer, scaled_learning_rate, warmup_steps_for
@@ -111,6 +114,9 @@ def parse_args(argv=None):
     add("--checkpoints_total_limit", type=int, default=3, help="Keep only the newest N checkpoints.")
     add("--resume_from_checkpoint", help="'latest' or a checkpoints/checkpoint_<i> folder.")
     add("--collapse_min_spread", type=float, default=0.05, help="Warn when the embedding spread falls below this.")
+    add("--preemption_signals", default="SIGTERM,SIGUSR1", help="On one: checkpoint, exit 75 (resumable). Or none.")
+    add("--max_nonfinite_steps", type=int, default=DEFAULT_MAX_NONFINITE_STEPS, help="Skipped steps in a row: stop.")
+    add("--resume_on_changed_dataset", action="store_true", help="Resume onto other data in a fresh epoch.")
     args = parser.parse_args(argv)
     if args.demo:  # demo values for everything left at its default
         for name, value in DEMO_DEFAULTS.items():
@@ -133,9 +139,10 @@ def load_model(args):
     """NepaForPreTraining (fp32 master weights) and its image processor, from a preset, a config JSON or a checkpoint
     (without weights: its config), with the ablation switches applied."""
     overrides = parse_config_overrides(args.config_overrides)
-    # A switch left off keeps the config's value (unset is_causal: causal pretraining, NepaConfig.is_causal).
-    switched_off = {"pretraining_shift": args.no_shift, "pretraining_stop_gradient": args.no_stop_grad,
-                    "is_causal": args.bidirectional}
+    # Causal unless --bidirectional, left unset so that heads built from the checkpoint fine-tune bidirectionally
+    # (NepaConfig.is_causal), also when continuing from a fine-tuned folder that saved is_causal=False.
+    overrides["is_causal"] = False if args.bidirectional else overrides.get("is_causal")
+    switched_off = {"pretraining_shift": args.no_shift, "pretraining_stop_gradient": args.no_stop_grad}
     overrides.update({field: False for field, off in switched_off.items() if off})
     if args.mask_ratio > 0:
         overrides["use_mask_token"] = True
@@ -176,20 +183,22 @@ def build_train_dataloader(args, config, mean, std, accelerator):
                    if args.dataloader_num_workers is None else args.dataloader_num_workers)
     dataset, image_column = pretraining_images(dataset, args.image_column, streaming=args.streaming, seed=args.seed,
                                                shuffle_buffer_size=args.shuffle_buffer_size, num_shards=num_workers)
-    if not args.streaming and len(dataset) < args.per_device_batch_size * accelerator.num_processes:
-        raise ValueError(f"The dataset has {len(dataset)} images, fewer than one global batch "
-                         f"({args.per_device_batch_size * accelerator.num_processes}): lower --per_device_batch_size.")
     transform = pretraining_transform(config.image_size, mean, std, scale=(args.crop_min_scale, 1.0),
                                       interpolation=args.interpolation, hflip_prob=args.hflip_prob)
     return pretraining_dataloader(
         dataset, image_column, transform, batch_size=args.per_device_batch_size, image_size=config.image_size,
         num_channels=config.num_channels, seed=args.seed, mask_ratio=args.mask_ratio, patch_size=config.patch_size,
-        num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
-    ), None if args.streaming else len(dataset)
+        num_workers=num_workers, pin_memory=accelerator.device.type == "cuda", num_processes=accelerator.num_processes,
+    ), dataset_identity(dataset, image_column)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    with PreemptionSignal(parse_signal_names(args.preemption_signals)) as preemption:  # restored however it ends
+        pretrain(args, preemption)
+
+
+def pretrain(args, preemption):
     output_dir = Path(args.output_dir)
     # Where to start, known before the trackers start (the metrics file drops the records past a resumed step). Every
     # file of the checkpoint must load: `latest` falls back past damaged ones, a named damaged one is an error.
@@ -231,7 +240,7 @@ def main(argv=None):
 
     # Data, optimizer and schedule (in optimizer updates: stepped by hand once per update, since a prepared scheduler
     # steps once per process, and checkpointed beside the prepared objects)
-    train_dataloader, num_images = build_train_dataloader(args, config, mean, std, accelerator)
+    train_dataloader, data_identity = build_train_dataloader(args, config, mean, std, accelerator)
     global_batch = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate or scaled_learning_rate(args.base_learning_rate, global_batch)
     optimizer = create_pretraining_optimizer(objective, learning_rate, args.weight_decay,
@@ -251,30 +260,26 @@ def main(argv=None):
     # Training position and metrics. Resuming restores the weights, optimizer, schedule, EMA and RNG states
     # (Accelerate's state) and, from meta.json, the data position and the metrics bookkeeping.
     global_step = epoch = batch_in_epoch = 0
-    run_metrics = PretrainingMetrics(accelerator, with_pixel_loss=unwrapped.pixel_decoder is not None)
-    if resume is not None:
-        accelerator.print(f"Resuming from {resume_dir}")
-        accelerator.load_state(str(resume_dir))
-        global_step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batches_in_epoch"]
+    run_metrics = PretrainingMetrics(accelerator, unwrapped.pixel_decoder is not None, args.max_nonfinite_steps)
+    if resume is not None:  # refused on other data, unless --resume_on_changed_dataset: then a fresh epoch
+        global_step, epoch, batch_in_epoch = resume_training(accelerator, resume_dir, resume, data_identity,
+                                                             args.resume_on_changed_dataset, max_steps)
         run_metrics.load_state_dict(resume)
-        if resume["max_steps"] != max_steps:
-            accelerator.print(f"Warning: the checkpoint was made for --max_steps {resume['max_steps']}, this run has "
-                              f"{max_steps}: the lr schedule will not match the original run.")
     run_config = {**vars(args), "mixed_precision": mixed_precision, "learning_rate": learning_rate,
                   "global_batch_size": global_batch, "max_steps": max_steps, "warmup_steps": warmup_steps,
                   "num_processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
-                  "image_size": config.image_size, "num_images": num_images,
+                  "image_size": config.image_size, **data_identity,
                   # ZeRO-3 leaves empty placeholders in the module and keeps the size in ds_numel
                   "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped.model.parameters())}
     accelerator.init_trackers("nepa-pretraining", config=run_config)
     accelerator.print(
-        f"NEPA pretraining: {run_config['num_parameters']:,} parameters, {num_images or 'streamed'} images at "
-        f"{config.image_size}px, {accelerator.num_processes} process(es) x {args.per_device_batch_size} x "
+        f"NEPA pretraining: {run_config['num_parameters']:,} parameters, {run_config['num_images'] or 'streamed'} "
+        f"images at {config.image_size}px, {accelerator.num_processes} process(es) x {args.per_device_batch_size} x "
         f"{args.gradient_accumulation_steps} accumulation = global batch {global_batch}, {max_steps} steps "
         f"({warmup_steps} warmup), peak lr {learning_rate:.3g}, {mixed_precision} precision, {accelerator.device}.")
 
     # Training loop
-    monitor = CollapseMonitor(min_spread=args.collapse_min_spread)
+    monitor, last_checkpoint = CollapseMonitor(min_spread=args.collapse_min_spread), resume_dir
     progress = tqdm(total=max_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="pretraining")
     objective.train()
@@ -290,17 +295,21 @@ def main(argv=None):
                 # The gradient is the mean over the readable images of every process, however they are split across
                 # processes (2 processes == 1); a process with only unreadable images still runs, with weight 0.
                 accelerator.backward(outputs.loss * readable_loss_weight(batch["valid"], accelerator))
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients:  # one host sync per update: all processes decide together
                     grad_norm = accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm or math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    skip_update, preempted = agreed_flags(
+                        accelerator, nonfinite_step(accelerator, outputs.loss, grad_norm), preemption.requested)
+                    if not skip_update:  # a non-finite step updates nothing: its gradients are dropped
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             run_metrics.add_batch(outputs, batch, num_skipped)  # logged: means over the window's readable images
             if accelerator.sync_gradients:
-                scheduler.step()
+                scheduler.step()  # a skipped step counts too (schedule, data position): a resume replays it
                 global_step += 1
-                run_metrics.add_update(grad_norm)
+                run_metrics.add_update(grad_norm, applied=not skip_update)
+                run_metrics.nonfinite.update(not skip_update, global_step, last_checkpoint)  # stops after N in a row
                 progress.update(1)
-                if ema is not None:
+                if ema is not None and not skip_update:
                     ema.update(unwrapped.model)
                 if global_step % args.logging_steps == 0 or global_step == max_steps:
                     metrics = {**run_metrics.window_metrics(), "lr": scheduler.get_last_lr()[0], "epoch": epoch,
@@ -311,10 +320,13 @@ def main(argv=None):
                     if monitor.collapsed:
                         accelerator.print(f"step {global_step}: warning: predicted embeddings are collapsing "
                                           f"(spread {metrics['embedding_spread']:.4f}).")
-                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    # The data position and the metrics so far: a resumed run continues both exactly.
-                    save_checkpoint(accelerator, global_step, {"epoch": epoch, "batches_in_epoch": batch_in_epoch,
-                                                               "max_steps": max_steps, **run_metrics.state_dict()})
+                if preempted or args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    # The data position, the data and the metrics so far: a resumed run continues exactly.
+                    last_checkpoint = save_checkpoint(accelerator, global_step, {
+                        "epoch": epoch, "batches_in_epoch": batch_in_epoch, "max_steps": max_steps, **data_identity,
+                        **run_metrics.state_dict()})
+                if preempted:
+                    exit_preempted(accelerator, preemption, global_step, last_checkpoint)
                 if global_step == max_steps:
                     break
         if global_step < max_steps:  # the epoch ran out
@@ -330,12 +342,13 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(objective)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
-        NepaImageProcessor(size={"height": config.image_size, "width": config.image_size}, resample=processor.resample,
-                           image_mean=mean, image_std=std, do_convert_rgb=config.num_channels == 3,
-                           ).save_pretrained(output_dir)
-        if ema is not None:
-            save_ema(ema, output_dir / "ema.safetensors")
+        with explained_write_errors(output_dir, last_checkpoint):  # names the path, the free space, the checkpoint
+            unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+            NepaImageProcessor(size={"height": config.image_size, "width": config.image_size},
+                               resample=processor.resample, image_mean=mean, image_std=std,
+                               do_convert_rgb=config.num_channels == 3).save_pretrained(output_dir)
+            if ema is not None:
+                save_ema(ema, output_dir / "ema.safetensors")
     accelerator.print(f"Saved the pretrained model to {output_dir} after {global_step} steps; skipped "
                       f"{images_skipped} unreadable image(s) (distinct files; the warnings name them).")
     accelerator.end_training()

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: bundled photos and a small Fashion-MNIST sample."""
+"""Shared pytest fixtures: bundled photos, a small Fashion-MNIST sample and one-thread torch for tiny models."""
 
 from __future__ import annotations
 
@@ -60,3 +60,12 @@ def fashion_small():
     keep = [i for c in range(10) for i in (labels == c).nonzero()[0][:20]]
     keep.sort()
     return images[keep], labels[keep]
+
+
+@pytest.fixture
+def single_thread():
+    # Tiny models run faster on one thread, especially on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,15 +34,6 @@ def finetune_script():
     return load_example("finetune_classification")
 
 
-@pytest.fixture
-def single_thread():
-    # Tiny models run faster on one thread, especially on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def base_args(output_dir, *extra) -> list[str]:
     return ["--dataset_name", "bundled", "--output_dir", str(output_dir), "--report_to", "none", "--use_cpu", "true",
             "--disable_tqdm", "true", "--seed", "0", *extra]

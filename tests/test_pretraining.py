@@ -5,10 +5,14 @@ Script runs use a tiny NEPA (hidden 32, 2 layers, 16px images, patch 4) on real 
 thread) to stay fast; the two-process run goes through `torchrun` for real.
 """
 
+import errno
 import importlib.util
 import io
 import json
+import os
+import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +32,15 @@ from nepa_hf.data.pretraining import (
     select_readable,
 )
 from nepa_hf.data.transforms import pretraining_transform
-from nepa_hf.training.checkpointing import latest_checkpoint, list_checkpoints, read_checkpoint_meta, save_checkpoint
+from nepa_hf.training.checkpointing import (
+    CheckpointSaveError,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint_meta,
+    resume_checkpoint,
+    save_checkpoint,
+)
+from nepa_hf.training.long_runs import PREEMPTED_EXIT_CODE, NonFiniteTrainingError
 from nepa_hf.training.monitoring import (
     CollapseMonitor,
     JsonlTracker,
@@ -442,6 +454,7 @@ def run_pretraining():
             AcceleratorState._reset_state(True)
             GradientState._reset_state()
 
+    run.script = script  # for tests that inject faults into the names it imported
     yield run
     torch.set_num_threads(threads)
 
@@ -513,12 +526,19 @@ def test_resume_mid_epoch_is_bit_exact(run_pretraining, reference_run, tmp_path)
         run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed])
 
 
+@pytest.fixture(scope="module")
+def two_process_reference_run(tmp_path_factory):
+    """REFERENCE_ARGS in 2 processes (torchrun) x batch 4."""
+    output_dir = tmp_path_factory.mktemp("ddp")
+    launch_two_cpu_processes(SCRIPT, REFERENCE_ARGS + ["--per_device_batch_size", "4", "--output_dir", output_dir])
+    return output_dir
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process(reference_run, tmp_path):
+def test_two_processes_match_one_process(reference_run, two_process_reference_run):
     """torchrun, 2 processes x batch 4 == 1 process x batch 8: same images (see the sharding test), so the loss
     and the all-reduced gradient agree up to float summation order."""
-    output_dir = tmp_path / "ddp"
-    launch_two_cpu_processes(SCRIPT, REFERENCE_ARGS + ["--per_device_batch_size", "4", "--output_dir", output_dir])
+    output_dir = two_process_reference_run
     single, double = read_jsonl(reference_run / "metrics.jsonl"), read_jsonl(output_dir / "metrics.jsonl")
     assert [r["step"] for r in double] == list(range(1, 9))
     for a, b in zip(single, double):
@@ -750,3 +770,231 @@ def test_missing_tracker_is_a_clear_error(tmp_path):
     script = _load_script()
     with pytest.raises(ValueError, match="pip install tensorboard"):
         script.main(TINY_ARGS + ["--dataset", "bundled", "--output_dir", str(tmp_path), "--report_to", "tensorboard"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Long runs (issue 27): preemption, non-finite steps, failed saves, changed data. Faults are injected through the
+# names the script imported (its per-step `agreed_flags`, the loss weight, Accelerate's save_state), no test-only code
+# in the script.
+# --------------------------------------------------------------------------------------------------------------
+
+# Wraps the script's per-step agreement to send a signal to itself, on one rank, at the k-th optimizer step: the flags
+# of that step are already computed, so every process agrees on the preemption at step k + 1.
+SIGNAL_AT_STEP = """
+import importlib.util, os, signal, sys
+
+def signal_at_step(script, step, signum, rank=None):
+    real, calls = script.agreed_flags, []
+
+    def agreed_flags(accelerator, *flags):
+        calls.append(None)
+        if len(calls) == step and rank in (None, accelerator.process_index):
+            os.kill(os.getpid(), signum)
+        return real(accelerator, *flags)
+
+    script.agreed_flags = agreed_flags
+    return real
+
+if __name__ == "__main__":  # torchrun: <this file> <script> <step> <rank> <script's arguments>
+    spec = importlib.util.spec_from_file_location("pretrain_nepa", sys.argv[1])
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    signal_at_step(script, int(sys.argv[2]), signal.SIGUSR1, rank=int(sys.argv[3]))
+    script.main(sys.argv[4:])
+"""
+
+
+def _signal_at_step(script, step, signum):
+    namespace = {}
+    exec(SIGNAL_AT_STEP, namespace)
+    return namespace["signal_at_step"](script, step, signum)
+
+
+def _equal_weights(dir_a, dir_b, name="model.safetensors"):
+    a, b = load_file(dir_a / name), load_file(dir_b / name)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_bit_exactly(run_pretraining, reference_run, tmp_path,
+                                                                        capsys):
+    """SIGTERM during step 4 of 8 (6 batches an epoch): the run finishes step 5, checkpoints it beside the periodic
+    ones (steps 2, 4) and exits with 75; `--resume_from_checkpoint latest` then ends exactly as the uninterrupted run
+    (weights, EMA, metrics)."""
+    output_dir = tmp_path / "preempted"
+    args = REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", output_dir]
+    real = _signal_at_step(run_pretraining.script, 4, signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_pretraining(args)
+    finally:
+        run_pretraining.script.agreed_flags = real
+    assert exited.value.code == PREEMPTED_EXIT_CODE == 75
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the script's handler is gone
+    assert "Preempted (SIGTERM): saved step 5" in capsys.readouterr().out
+    meta = read_checkpoint_meta(latest_checkpoint(output_dir / "checkpoints"))
+    assert (meta["step"], meta["epoch"], meta["batches_in_epoch"]) == (5, 0, 5)
+    assert [r["step"] for r in read_jsonl(output_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+    run_pretraining(args + ["--resume_from_checkpoint", "latest"])
+    assert _equal_weights(reference_run, output_dir) and _equal_weights(reference_run, output_dir, "ema.safetensors")
+    assert _without_timing(read_jsonl(output_dir / "metrics.jsonl")) == _without_timing(
+        read_jsonl(reference_run / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_signal_to_one_of_two_processes_checkpoints_both_and_resumes_bit_exactly(two_process_reference_run,
+                                                                                 tmp_path):
+    """torchrun, SIGUSR1 to rank 1 only during step 4: both ranks agree to save step 5 (no hang, one step) and exit
+    with 75; the resumed 2-process run ends exactly as the uninterrupted one. (Two launches: a process group cannot
+    be set up again in the same processes.)"""
+    wrapper = tmp_path / "signal_at_step.py"
+    wrapper.write_text(SIGNAL_AT_STEP)
+    output_dir = tmp_path / "preempted"
+    args = REFERENCE_ARGS + ["--per_device_batch_size", "4", "--output_dir", output_dir]
+    result = launch_two_cpu_processes(wrapper, [SCRIPT, 4, 1, *args], expect_success=False)
+    assert "Preempted (a signal to another process): saved step 5" in result.stdout, result.stderr[-3000:]
+    # torchrun exits with 1 when a worker fails, naming the worker's status. Once the first worker has exited (75),
+    # torchrun sends SIGTERM to the others; one still shutting down its interpreter then shows -15. Both had saved.
+    statuses = re.findall(r"exitcode\s*:\s*(-?\d+)", result.stderr)
+    assert "75" in statuses and set(statuses) <= {"75", "-15"}, result.stderr[-3000:]
+    checkpoint = output_dir / "checkpoints" / "checkpoint_2"  # after those of steps 2 and 4
+    assert read_checkpoint_meta(checkpoint)["step"] == 5
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+
+    launch_two_cpu_processes(SCRIPT, args + ["--resume_from_checkpoint", "latest"])
+    assert _equal_weights(two_process_reference_run, output_dir)
+    assert _equal_weights(two_process_reference_run, output_dir, "ema.safetensors")
+    assert _without_timing(read_jsonl(output_dir / "metrics.jsonl")) == _without_timing(
+        read_jsonl(two_process_reference_run / "metrics.jsonl"))
+
+
+def _nan_loss_weight_from(script, monkeypatch, first_call, last_call=None):
+    """The script's loss weight times NaN for its `first_call`-th to `last_call`-th micro-batches: a real NaN
+    through the backward pass into every gradient."""
+    real, calls = script.readable_loss_weight, []
+
+    def readable_loss_weight(valid, accelerator):
+        calls.append(None)
+        nan = first_call <= len(calls) <= (last_call or len(calls))
+        return real(valid, accelerator) * (float("nan") if nan else 1.0)
+
+    monkeypatch.setattr(script, "readable_loss_weight", readable_loss_weight)
+
+
+def test_a_nan_step_updates_nothing_and_is_counted(run_pretraining, tmp_path, monkeypatch):
+    output_dir = tmp_path / "nan"
+    _nan_loss_weight_from(run_pretraining.script, monkeypatch, 3, 3)
+    run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", output_dir])
+    weights = load_file(output_dir / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert all(torch.isfinite(t).all() for t in load_file(output_dir / "ema.safetensors").values())
+    records = read_jsonl(output_dir / "metrics.jsonl")
+    assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert records[2]["loss"] is None and records[2]["grad_norm"] is None  # no update in that window: NaN -> null
+    assert all(r["loss"] is not None for r in records if r["step"] != 3)
+    checkpoints = output_dir / "checkpoints"  # training went on after the skipped step (checkpoints of steps 2, 8)
+    assert not _equal_weights(checkpoints / "checkpoint_0", checkpoints / "checkpoint_3")
+    assert read_checkpoint_meta(checkpoints / "checkpoint_3")["nonfinite"] == {
+        "skipped": 1, "consecutive": 0}
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_last_good_checkpoint(run_pretraining, tmp_path,
+                                                                               monkeypatch):
+    output_dir = tmp_path / "nan"
+    _nan_loss_weight_from(run_pretraining.script, monkeypatch, 3)  # from step 3 on
+    with pytest.raises(NonFiniteTrainingError, match=r"Step 5: 3 optimizer steps in a row .*\(the last good "
+                                                     r"checkpoint is .*checkpoint_1\).*Lower the learning rate"):
+        run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", output_dir,
+                                          "--max_nonfinite_steps", "3"])
+    checkpoint = output_dir / "checkpoints" / "checkpoint_1"  # step 4, after steps 3 and 4 updated nothing
+    assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+    assert _equal_weights(output_dir / "checkpoints" / "checkpoint_0", checkpoint)
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only folder"])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_says_where_and_how_much_room(run_pretraining, tmp_path,
+                                                                                     monkeypatch, fault):
+    """The second checkpoint cannot be written: the run stops with an error naming the checkpoint, the free space and
+    the fix; the first checkpoint is untouched and loads, nothing half-written is left."""
+    from accelerate import Accelerator
+
+    output_dir = tmp_path / "run"
+    real_save_state, saves = Accelerator.save_state, []
+    read_only = fault == "read-only folder" and os.geteuid() != 0  # root writes into read-only folders
+
+    def failing_save_state(self, *args, **kwargs):
+        saves.append(None)
+        if len(saves) == 2 and read_only:
+            os.chmod(output_dir, 0o555)
+        elif len(saves) == 2:  # what a full disk does: part of the state written, then the error
+            staging = Path(self.project_dir) / "checkpoints" / "checkpoint_1"
+            staging.mkdir(parents=True)
+            (staging / "model.safetensors").write_bytes(b"half")
+            error = (OSError(errno.ENOSPC, "No space left on device") if fault == "full disk"
+                     else PermissionError(errno.EACCES, "Permission denied"))
+            raise error
+        return real_save_state(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", failing_save_state)
+    try:
+        with pytest.raises(CheckpointSaveError) as failed:
+            run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", output_dir])
+    finally:
+        os.chmod(output_dir, 0o755)
+    message = str(failed.value)
+    assert f"Could not write {output_dir / 'checkpoints' / 'checkpoint_1'}" in message
+    assert re.search(r"[\d.]+ GiB free there", message) and "--resume_from_checkpoint latest" in message
+    assert "Permission denied" in message if fault != "full disk" else "No space left on device" in message
+    assert f"previous checkpoints are intact (newest: {output_dir / 'checkpoints' / 'checkpoint_0'})" in message
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint_0"]
+    assert not (output_dir / ".checkpoint-staging").exists()
+    assert resume_checkpoint(output_dir / "checkpoints", "latest") == output_dir / "checkpoints" / "checkpoint_0"
+
+
+def test_a_failed_final_save_names_the_path_the_free_space_and_the_checkpoint(run_pretraining, tmp_path,
+                                                                             monkeypatch):
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(NepaPretrainingObjective, "save_pretrained", no_space)
+    output_dir = tmp_path / "run"
+    with pytest.raises(CheckpointSaveError, match=r"Could not write .*run \(OSError: .*No space left on device\); "
+                                                  r"[\d.]+ GiB free there\. The newest checkpoint, .*checkpoint_3, is "
+                                                  r"intact"):
+        run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", output_dir])
+
+
+def test_dataset_identity_and_checkpoints_without_one(tmp_path, caplog):
+    from nepa_hf.data.pretraining import dataset_identity
+    from nepa_hf.training.checkpointing import check_resume_dataset
+
+    paths = [f"/data/{i}.jpg" for i in range(20)]
+    identity = dataset_identity(paths)
+    assert identity["num_images"] == 20 and identity == dataset_identity(list(paths))
+    assert dataset_identity(paths[:19] + ["/data/other.jpg"]) != identity  # another file
+    assert dataset_identity(iter(paths)) == {"num_images": None, "dataset_fingerprint": None}  # a stream
+    meta = {"epoch": 0, "batches_in_epoch": 3, **identity}
+    assert check_resume_dataset(meta, identity, "ckpt") is None
+    with pytest.raises(ValueError, match="a dataset of 20 images .* this run's has 19"):
+        check_resume_dataset(meta, dataset_identity(paths[:19]), "ckpt")
+    with caplog.at_level("WARNING", logger="nepa_hf.training.checkpointing"):  # from before the records
+        assert check_resume_dataset({"epoch": 0, "batches_in_epoch": 3}, identity, "ckpt") is None
+    assert "cannot check that this run resumes on the same data" in caplog.text
+
+
+def test_a_resume_onto_a_resized_dataset_is_refused_or_starts_a_fresh_epoch(run_pretraining, reference_run,
+                                                                           tmp_path, capsys):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference_run / "checkpoints" / "checkpoint_1", resumed / "checkpoints" / "checkpoint_1")  # step 4
+    meta = read_checkpoint_meta(resumed / "checkpoints" / "checkpoint_1")
+    assert meta["num_images"] == 48 and meta["dataset_fingerprint"]
+    args = REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", resumed, "--resume_from_checkpoint",
+                             "latest", "--max_train_samples", "40"]  # (the later flag wins)
+    with pytest.raises(ValueError, match=r"checkpoint_1 was made on a dataset of 48 images \(fingerprint \w+\); this "
+                                         r"run's has 40 \(fingerprint \w+\).*--resume_on_changed_dataset"):
+        run_pretraining(args)
+
+    run_pretraining(args + ["--resume_on_changed_dataset"])
+    assert "starting a fresh epoch (1) at its first batch" in capsys.readouterr().out
+    meta = read_checkpoint_meta(resumed / "checkpoints" / "checkpoint_2")  # step 6: 2 batches into epoch 1
+    assert (meta["step"], meta["epoch"], meta["batches_in_epoch"], meta["num_images"]) == (6, 1, 2, 40)

@@ -13,7 +13,8 @@
   data do not depend on the number of workers or processes, nor on where a run was resumed; `EpochShuffleSampler`
   draws the order from (seed, epoch) alone. The transform is the authors' (`data.transforms.pretraining_transform`).
 - `pretraining_images` picks the image column and sets up streaming; `pretraining_dataloader` puts the pieces above
-  together into the training DataLoader.
+  together into the training DataLoader; `dataset_identity` is what a checkpoint records of the data, so that a
+  resume onto other data is caught.
 """
 
 from __future__ import annotations
@@ -294,19 +295,41 @@ def pretraining_images(dataset, image_column: str | None = None, streaming: bool
     return dataset, image_column
 
 
+def dataset_identity(dataset, image_column: str | None = None) -> dict:
+    """What a checkpoint records of the training data, so that a resume onto changed data is caught (a data position
+    then means other images): `num_images` and a cheap `dataset_fingerprint`. A `datasets.Dataset` has its own
+    fingerprint, which changes with its data files, the subset drawn (--max_train_samples and --seed) and every
+    transform applied; for another sequence it is a hash of its length and of up to 8 evenly spaced rows' file
+    identities (paths or bytes, as `unreadable_file_key` takes them; in-memory images have none, so then only the
+    length counts). A stream has no length nor position to check: both are None."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return {"num_images": None, "dataset_fingerprint": None}
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if fingerprint is None:
+        rows = sorted({round(i * (len(dataset) - 1) / 7) for i in range(8)}) if len(dataset) else []
+        keys = [unreadable_file_key(dataset[i][image_column] if image_column else dataset[i]) for i in rows]
+        fingerprint = hashlib.blake2b(repr((len(dataset), keys)).encode(), digest_size=8).hexdigest()
+    return {"num_images": len(dataset), "dataset_fingerprint": fingerprint}
+
+
 def pretraining_dataloader(dataset, image_column: str | None, transform, *, batch_size: int, image_size: int,
                            num_channels: int = 3, seed: int = 0, mask_ratio: float = 0.0, patch_size: int | None = None,
-                           num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                           num_workers: int = 0, pin_memory: bool = False,
+                           num_processes: int = 1) -> torch.utils.data.DataLoader:
     """The training DataLoader over `dataset` (a `datasets.Dataset` or any sequence: `PretrainingImageDataset` in the
     order of `EpochShuffleSampler`; a `datasets.IterableDataset` or other iterable: `PretrainingIterableDataset`),
     batched by `PretrainingCollator` with the last incomplete batch dropped. Hand it to `accelerator.prepare`, and
     call `set_epoch` before each epoch.
 
-    With `mask_ratio > 0` each sample also gets a random `bool_masked_pos` over its (image_size // patch_size)**2
+    A map-style dataset smaller than one global batch (`batch_size` x `num_processes`) is refused. With
+    `mask_ratio > 0` each sample also gets a random `bool_masked_pos` over its (image_size // patch_size)**2
     patches. The DataLoader gets its own generator: creating its iterator then leaves the global RNG alone, which
     the model's RoPE augmentation draws from, so a resumed run replays the same draws.
     """
     num_patches = (image_size // patch_size) ** 2 if mask_ratio > 0 else None
+    if hasattr(dataset, "__len__") and len(dataset) < batch_size * num_processes:  # drop_last: not one batch
+        raise ValueError(f"The dataset has {len(dataset)} images, fewer than one global batch ({batch_size} x "
+                         f"{num_processes} process(es)): lower --per_device_batch_size.")
     wrapper_kwargs = dict(image_column=image_column, transform=transform, seed=seed, num_channels=num_channels,
                           mask_ratio=mask_ratio, num_patches=num_patches)
     if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):  # map-style
@@ -328,6 +351,7 @@ __all__ = [
     "PretrainingImageDataset",
     "PretrainingIterableDataset",
     "UNREADABLE_KEY",
+    "dataset_identity",
     "pretraining_dataloader",
     "pretraining_images",
     "random_patch_mask",

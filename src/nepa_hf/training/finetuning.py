@@ -12,6 +12,10 @@
   on request, and evaluates the EMA weights beside the online ones (metrics `eval_ema_*`, usable as
   `metric_for_best_model="ema_accuracy"`). Augmentation lives in the data: timm transforms per sample and timm
   Mixup in the collator (`nepa_hf.data.augmentation`).
+* Long runs (`nepa_hf.training.trainer_callbacks.LongRunCallback`, added by `NepaTrainer`): a preemption signal
+  saves a checkpoint of the current step and stops (`NepaTrainer.exit_if_preempted` then exits with status 75); a
+  step with a non-finite loss or gradient norm updates nothing, is counted, and `max_nonfinite_steps` in a row stop
+  the run.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import EvalLoopOutput, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, get_last_checkpoint
 from transformers.utils import logging
 
 from timm.utils import ModelEmaV3
 
 from ..data.workers import default_num_workers
 from .ema import create_ema, ema_weights, load_ema, save_ema
+from .long_runs import DEFAULT_MAX_NONFINITE_STEPS, DEFAULT_PREEMPTION_SIGNALS, PREEMPTED_EXIT_CODE, parse_signal_names
 from .optimization import get_layerwise_cosine_schedule, reference_warmup_steps, weight_decay_flags
+from .trainer_callbacks import LongRunCallback
 
 logger = logging.get_logger(__name__)
 
@@ -210,7 +216,8 @@ class EMACallback(TrainerCallback):
     * `on_train_begin`: starts the EMA from the current weights; when resuming (`state.global_step > 0`) loads
       `ema.safetensors` from the checkpoint being resumed (`resume_from_checkpoint` when set, which `NepaTrainer`
       does, else `output_dir/checkpoint-{global_step}`).
-    * `on_step_end`: one EMA update.
+    * `on_step_end`: one EMA update, unless `skip_update` is set (`NepaTrainer` sets it for a step that made no
+      update, see `LongRunCallback`).
     * `on_save`: writes `ema.safetensors` into the new checkpoint folder.
     * `on_train_end`: with `load_best_model_at_end` and an EMA metric as `metric_for_best_model` (e.g.
       "ema_accuracy"), the best checkpoint's EMA weights (the ones that scored) are loaded into the model.
@@ -224,6 +231,7 @@ class EMACallback(TrainerCallback):
         self.decay, self.device, self.filename = decay, device, filename
         self.ema: ModelEmaV3 | None = None
         self.resume_from_checkpoint: str | None = None
+        self.skip_update = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.ema = create_ema(model, decay=self.decay, device=self.device)
@@ -240,7 +248,7 @@ class EMACallback(TrainerCallback):
                 )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.ema is not None:
+        if self.ema is not None and not self.skip_update:
             self.ema.update(model)
 
     def on_save(self, args, state, control, **kwargs):
@@ -272,17 +280,33 @@ class EMACallback(TrainerCallback):
 
 @dataclass
 class AutoWorkersTrainingArguments(TrainingArguments):
-    """`TrainingArguments` whose `dataloader_num_workers` defaults by device, with the rule of every script here
-    (`nepa_hf.data.workers.default_num_workers`: min(12, cores per process) on a GPU, 0 on a CPU); a number given
-    explicitly, 0 included, is kept."""
+    """`TrainingArguments` with the run settings of every Trainer script here: `dataloader_num_workers` defaults by
+    device (`nepa_hf.data.workers.default_num_workers`: min(12, cores per process) on a GPU, 0 on a CPU; a number
+    given explicitly, 0 included, is kept), and the long-run guards `NepaTrainer` applies (`preemption_signals`,
+    `max_nonfinite_steps`)."""
 
     dataloader_num_workers: int | None = field(
         default=None,
         metadata={"help": "DataLoader worker processes per training process; default: min(12, CPU cores per process) "
                           "on a GPU, 0 on a CPU."},
     )
+    preemption_signals: str = field(
+        default=",".join(DEFAULT_PREEMPTION_SIGNALS),
+        metadata={"help": "Signals that mean 'preempted' (SLURM: SIGTERM, or the one of #SBATCH --signal): finish the "
+                          "step, save checkpoint-<step>, exit with status 75; resume with --resume_from_checkpoint "
+                          "latest. Comma-separated names, or 'none'."},
+    )
+    max_nonfinite_steps: int = field(
+        default=DEFAULT_MAX_NONFINITE_STEPS,
+        metadata={"help": "Optimizer steps with a non-finite loss or gradient norm are skipped (no update) and "
+                          "counted; this many in a row stop the run, naming the last checkpoint."},
+    )
 
     def __post_init__(self):
+        parse_signal_names(self.preemption_signals)  # an unknown name fails here, before any data is loaded
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"--max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}: it is how "
+                             "many skipped steps in a row stop the run (1: the first one).")
         automatic = self.dataloader_num_workers is None
         if automatic:  # an int through TrainingArguments' own checks; the device is known only after them
             self.dataloader_num_workers = 0
@@ -336,7 +360,10 @@ class NepaTrainingArguments(AutoWorkersTrainingArguments):
 
 def class_before_fully_shard(cls: type) -> type:
     """The model's own class under FSDP2's dynamic `FSDP<Name>(FSDPModule, Name)` subclass; `cls` otherwise."""
-    from torch.distributed.fsdp import FSDPModule
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support: nothing was wrapped
+        return cls
 
     return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
 
@@ -358,6 +385,12 @@ class NepaTrainer(Trainer):
         if ema_decay > 0 and self.ema_callback is None:
             device = "cpu" if getattr(self.args, "ema_on_cpu", False) else None
             self.add_callback(EMACallback(ema_decay, device=device))
+        if hasattr(self.args, "max_nonfinite_steps") and self.long_run_callback is None:
+            self.add_callback(LongRunCallback(self.args.preemption_signals, self.args.max_nonfinite_steps))
+            if self.is_deepspeed_enabled:
+                logger.warning("DeepSpeed applies the update inside backward: steps with a non-finite loss or "
+                               "gradient norm are counted and stop the run after max_nonfinite_steps in a row, but "
+                               "cannot be skipped.")
         if is_ema_metric(self.args.metric_for_best_model) and self.ema_callback is None:
             raise ValueError(
                 f"metric_for_best_model={self.args.metric_for_best_model!r} needs an EMA: set ema_decay > 0 "
@@ -394,7 +427,57 @@ class NepaTrainer(Trainer):
             if checkpoint is True:
                 checkpoint = get_last_checkpoint(self.args.output_dir)
             callback.resume_from_checkpoint = checkpoint if isinstance(checkpoint, str) else None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:  # however training ends, the preemption handlers go (on_train_end is not reached on an error)
+            if self.long_run_callback is not None:
+                self.long_run_callback.restore_signal_handlers()
+
+    # -- long runs: preemption and non-finite steps ----------------------------------------------------------------
+
+    @property
+    def long_run_callback(self) -> LongRunCallback | None:
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, LongRunCallback)), None)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        callback = self.long_run_callback
+        if callback is not None:
+            callback.record_loss(loss)
+            if self.accelerator.sync_gradients:  # the optimizer step's last backward: its gradients are final
+                callback.agree(self.accelerator, model)
+                if self.ema_callback is not None:  # a skipped step moves neither the weights nor their EMA
+                    self.ema_callback.skip_update = callback.skip_step
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        callback = self.long_run_callback
+        if callback is not None:
+            if "loss" in logs:  # a training log
+                logs["nonfinite_steps"] = callback.guard.skipped
+            elif "train_loss" in logs:  # the run's summary (train_result.metrics)
+                logs["train_nonfinite_steps"] = callback.guard.skipped
+        super().log(logs, start_time)
+
+    @property
+    def preempted_checkpoint(self) -> str | None:
+        """The checkpoint written when a preemption signal stopped the last `train()` (None: it was not preempted)."""
+        callback = self.long_run_callback
+        if callback is None or callback.preempted_step is None:
+            return None
+        return os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{callback.preempted_step}")
+
+    def exit_if_preempted(self) -> None:
+        """After `train()`: if a preemption signal stopped it, wait until every process has written its part of the
+        checkpoint, then exit with `PREEMPTED_EXIT_CODE` (75, "try again"), saying how to resume."""
+        checkpoint = self.preempted_checkpoint
+        if checkpoint is None:
+            return
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            logger.warning(f"Preempted ({self.long_run_callback.preempted_by}): saved {checkpoint} and stopped. "
+                           "Continue with the same command and --resume_from_checkpoint latest.")
+        raise SystemExit(PREEMPTED_EXIT_CODE)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval") -> EvalLoopOutput:
