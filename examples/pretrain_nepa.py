@@ -189,7 +189,7 @@ def build_train_dataloader(args, config, mean, std, accelerator):
         dataset, image_column, transform, batch_size=args.per_device_batch_size, image_size=config.image_size,
         num_channels=config.num_channels, seed=args.seed, mask_ratio=args.mask_ratio, patch_size=config.patch_size,
         num_workers=num_workers, pin_memory=accelerator.device.type == "cuda", num_processes=accelerator.num_processes,
-    ), dataset_identity(dataset, image_column)
+    ), dataset_identity(dataset, image_column, seed=args.seed)
 
 
 def main(argv=None):
@@ -301,6 +301,8 @@ def pretrain(args, preemption):
                         accelerator, nonfinite_step(accelerator, outputs.loss, grad_norm), preemption.requested)
                     if not skip_update:  # a non-finite step updates nothing: its gradients are dropped
                         optimizer.step()
+                    elif accelerator.scaler is not None:  # fp16: close the scaler's step (its unscale_ ran in clip)
+                        accelerator.scaler.update()
                     optimizer.zero_grad(set_to_none=True)
             run_metrics.add_batch(outputs, batch, num_skipped)  # logged: means over the window's readable images
             if accelerator.sync_gradients:

@@ -13,7 +13,7 @@ def launch_two_cpu_processes(script, args, accelerate_config=None, expect_succes
     """`script` in 2 CPU processes over gloo, one thread each: DDP through `torchrun`, or, given one of the committed
     examples/accelerate_configs/*.yaml, FSDP2 or DeepSpeed through `accelerate launch` (by way of
     tests/accelerate_sharding_on_cpu.py, which lifts Accelerate's GPU-only guard for them: see its docstring)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",  # output kept if torchrun stops a process
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     if accelerate_config:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),

@@ -62,7 +62,7 @@ def test_non_finite_guard_counts_resets_and_stops_naming_the_checkpoint():
     restored = NonFiniteGuard(3)
     restored.load_state_dict(guard.state_dict())
     with pytest.raises(NonFiniteTrainingError, match=r"Step 6: 3 optimizer steps in a row.*5 in all.*"
-                       r"last good checkpoint is out/checkpoints/checkpoint_2.*Lower the learning rate"):
+                       r"last good checkpoint is out/checkpoints/checkpoint_2.*Check the data"):
         restored.update(False, 6, "out/checkpoints/checkpoint_2")
     with pytest.raises(NonFiniteTrainingError, match="no checkpoint yet"):
         NonFiniteGuard(1).update(False, 1, None)

@@ -128,6 +128,20 @@ def test_sigterm_mid_epoch_saves_that_step_exits_75_and_resume_equals_an_uninter
     assert trainer_state(tmp_path / "preempted")["global_step"] == 6
 
 
+def test_a_preemption_checkpoint_survives_best_model_cleanup(tmp_path, finetune_script, monkeypatch, single_thread):
+    """With load_best_model_at_end and save_total_limit=1 the Trainer deletes every checkpoint but the best at the
+    end of training; a preempted run keeps the one it just wrote."""
+    output_dir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        inject_faults(patch.setattr, sigterm_step=3, fixed_transform=True)
+        with pytest.raises(SystemExit):
+            finetune_script.main(run_args(
+                output_dir, "--max_steps", "6", "--do_eval", "--eval_split", "train", "--max_eval_samples", "8",
+                "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+                "--load_best_model_at_end", "--metric_for_best_model", "loss", "--save_total_limit", "1"))
+    assert (output_dir / "checkpoint-3" / "model.safetensors").is_file()
+
+
 def test_a_nan_step_updates_nothing_is_counted_and_the_count_survives_a_resume(
         tmp_path, finetune_script, monkeypatch, single_thread):
     """A NaN loss (NaN gradients) at step 3 of 5: step 3 moves neither the weights nor their EMA (checkpoints 2 and
@@ -170,8 +184,8 @@ def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step_and_the_last_chec
         inject_faults(patch.setattr, nan_loss_steps=(3, 4, 5))
         with pytest.raises(NonFiniteTrainingError, match=(
                 rf"Step 4: 2 optimizer steps in a row had a non-finite loss or gradient norm and were skipped \(2 in "
-                rf"all\); stopping \(the last good checkpoint is {output_dir / 'checkpoint-2'}\)\. Lower the learning "
-                r"rate, check the data")):
+                rf"all\); stopping \(the last good checkpoint is {output_dir / 'checkpoint-2'}\)\. Check the data for "
+                r"corrupt or extreme inputs")):
             finetune_script.main(run_args(output_dir, "--max_steps", "6", "--save_strategy", "steps",
                                           "--save_steps", "2", "--max_nonfinite_steps", "2"))
     assert signal.getsignal(signal.SIGUSR1) is previous_handler

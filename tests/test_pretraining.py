@@ -903,7 +903,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_last_good_checkpoint(r
     output_dir = tmp_path / "nan"
     _nan_loss_weight_from(run_pretraining.script, monkeypatch, 3)  # from step 3 on
     with pytest.raises(NonFiniteTrainingError, match=r"Step 5: 3 optimizer steps in a row .*\(the last good "
-                                                     r"checkpoint is .*checkpoint_1\).*Lower the learning rate"):
+                                                     r"checkpoint is .*checkpoint_1\).*Check the data"):
         run_pretraining(REFERENCE_ARGS + ["--per_device_batch_size", "8", "--output_dir", output_dir,
                                           "--max_nonfinite_steps", "3"])
     checkpoint = output_dir / "checkpoints" / "checkpoint_1"  # step 4, after steps 3 and 4 updated nothing
@@ -972,6 +972,7 @@ def test_dataset_identity_and_checkpoints_without_one(tmp_path, caplog):
     identity = dataset_identity(paths)
     assert identity["num_images"] == 20 and identity == dataset_identity(list(paths))
     assert dataset_identity(paths[:19] + ["/data/other.jpg"]) != identity  # another file
+    assert dataset_identity(paths, seed=1) != dataset_identity(paths, seed=0)  # another order of every epoch
     assert dataset_identity(iter(paths)) == {"num_images": None, "dataset_fingerprint": None}  # a stream
     meta = {"epoch": 0, "batches_in_epoch": 3, **identity}
     assert check_resume_dataset(meta, identity, "ckpt") is None

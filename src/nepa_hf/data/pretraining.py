@@ -295,13 +295,14 @@ def pretraining_images(dataset, image_column: str | None = None, streaming: bool
     return dataset, image_column
 
 
-def dataset_identity(dataset, image_column: str | None = None) -> dict:
+def dataset_identity(dataset, image_column: str | None = None, seed: int | None = None) -> dict:
     """What a checkpoint records of the training data, so that a resume onto changed data is caught (a data position
     then means other images): `num_images` and a cheap `dataset_fingerprint`. A `datasets.Dataset` has its own
     fingerprint, which changes with its data files, the subset drawn (--max_train_samples and --seed) and every
     transform applied; for another sequence it is a hash of its length and of up to 8 evenly spaced rows' file
     identities (paths or bytes, as `unreadable_file_key` takes them; in-memory images have none, so then only the
-    length counts). A stream has no length nor position to check: both are None."""
+    length counts). The sampler's `seed`, which orders every epoch, is part of the fingerprint: a data position under
+    another seed means other images too. A stream has no length nor position to check: both are None."""
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         return {"num_images": None, "dataset_fingerprint": None}
     fingerprint = getattr(dataset, "_fingerprint", None)
@@ -309,7 +310,8 @@ def dataset_identity(dataset, image_column: str | None = None) -> dict:
         rows = sorted({round(i * (len(dataset) - 1) / 7) for i in range(8)}) if len(dataset) else []
         keys = [unreadable_file_key(dataset[i][image_column] if image_column else dataset[i]) for i in rows]
         fingerprint = hashlib.blake2b(repr((len(dataset), keys)).encode(), digest_size=8).hexdigest()
-    return {"num_images": len(dataset), "dataset_fingerprint": fingerprint}
+    return {"num_images": len(dataset),
+            "dataset_fingerprint": fingerprint if seed is None else f"{fingerprint}_seed{seed}"}
 
 
 def pretraining_dataloader(dataset, image_column: str | None, transform, *, batch_size: int, image_size: int,

@@ -467,6 +467,18 @@ class NepaTrainer(Trainer):
             return None
         return os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{callback.preempted_step}")
 
+    def _finalize_training(self, *args, **kwargs):
+        # Preempted, the run goes on after a resume: load no best model, and keep every checkpoint (with
+        # load_best_model_at_end and save_total_limit=1 the Trainer would delete all but the best, the preemption
+        # checkpoint included).
+        if self.preempted_checkpoint is None:
+            return super()._finalize_training(*args, **kwargs)
+        best, self.state.best_model_checkpoint = self.state.best_model_checkpoint, None
+        try:
+            return super()._finalize_training(*args, **kwargs)
+        finally:
+            self.state.best_model_checkpoint = best
+
     def exit_if_preempted(self) -> None:
         """After `train()`: if a preemption signal stopped it, wait until every process has written its part of the
         checkpoint, then exit with `PREEMPTED_EXIT_CODE` (75, "try again"), saying how to resume."""

@@ -99,7 +99,7 @@ def exit_preempted(accelerator, preemption: PreemptionSignal, step: int, checkpo
     Call on every process (all of them agreed on the preemption with `agreed_flags`)."""
     accelerator.print(f"Preempted ({preemption.received or 'a signal to another process'}): saved step {step} to "
                       f"{checkpoint}; exiting with status {PREEMPTED_EXIT_CODE}. Resume with --resume_from_checkpoint "
-                      "latest.")
+                      "latest.", flush=True)  # before a launcher that saw another process exit stops this one
     accelerator.end_training()
     sys.exit(PREEMPTED_EXIT_CODE)
 
@@ -133,9 +133,10 @@ class NonFiniteGuard:
             where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
             raise NonFiniteTrainingError(
                 f"Step {step}: {self.consecutive} optimizer steps in a row had a non-finite loss or gradient norm "
-                f"and were skipped ({self.skipped} in all); stopping ({where}). Lower the learning rate, check the "
-                "data for corrupt or extreme inputs, then resume from that checkpoint (--resume_from_checkpoint), or "
-                "raise --max_nonfinite_steps to tolerate more in a row.")
+                f"and were skipped ({self.skipped} in all); stopping ({where}). Check the data for corrupt or extreme "
+                "inputs and resume from that checkpoint (--resume_from_checkpoint; it restores its learning-rate "
+                "schedule, so for a lower learning rate start a new run from its weights), or raise "
+                "--max_nonfinite_steps to tolerate more in a row.")
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "consecutive": self.consecutive}
@@ -164,7 +165,9 @@ def agreed_flags(accelerator, *flags) -> list[bool]:
     """Every process's `flags` (bools or 0-dim tensors, e.g. `~torch.isfinite(loss)`) combined across processes:
     flag i is True when it is True on any process. One all-reduce (max) of one small tensor on the accelerator's
     device and one host read; with one process, only the host read. Call on every process at the same point."""
-    values = torch.stack([torch.as_tensor(flag, device=accelerator.device).detach().reshape(()).to(torch.int32)
+    # Python bools are filled on the device (torch.full): a host-to-device copy would be a second sync.
+    values = torch.stack([flag.detach().reshape(()).to(accelerator.device, torch.int32) if torch.is_tensor(flag)
+                          else torch.full((), int(flag), dtype=torch.int32, device=accelerator.device)
                           for flag in flags])
     if accelerator.num_processes > 1:
         values = accelerator.reduce(values, reduction="max")

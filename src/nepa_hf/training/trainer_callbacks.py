@@ -109,7 +109,10 @@ class LongRunCallback(TrainerCallback, ExportableState):
     def agree(self, accelerator, model: torch.nn.Module) -> None:
         """After the optimizer step's last backward: every process's [loss or gradient norm not finite, preemption
         signal received], combined by one all-reduce (the one host sync this adds per optimizer step)."""
-        gradients = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+        # Under fp16 inf gradients are the GradScaler's business (it skips the step and lowers its scale), as in
+        # `nonfinite_step`: only the loss counts there.
+        fp16_scaler = getattr(accelerator, "scaler", None) is not None
+        gradients = [] if fp16_scaler else [_local(p.grad) for p in model.parameters() if p.grad is not None]
         nonfinite = self._loss_nonfinite if self._loss_nonfinite is not None else torch.tensor(False)
         if gradients:
             nonfinite = nonfinite.to(gradients[0].device) | ~torch.isfinite(torch.nn.utils.get_total_norm(gradients))
@@ -143,7 +146,9 @@ class LongRunCallback(TrainerCallback, ExportableState):
                 logger.warning(f"Step {step}: non-finite loss or gradient norm (on at least one process); the step "
                                f"is skipped, no update ({self.guard.consecutive + 1} in a row).")
         try:
-            self.guard.update(not self.skip_step, step, newest_trainer_checkpoint(args.output_dir))
+            # The checkpoint is named only in the error, so the folder is listed only on a skipped step.
+            last = newest_trainer_checkpoint(args.output_dir) if self.skip_step else None
+            self.guard.update(not self.skip_step, step, last)
         except NonFiniteTrainingError:
             self.restore_signal_handlers()
             raise
