@@ -35,6 +35,7 @@ from .long_runs import (
     NonFiniteTrainingError,
     PreemptionSignal,
     agreed_flags,
+    nonfinite_step,
     parse_signal_names,
 )
 
@@ -97,28 +98,28 @@ class LongRunCallback(TrainerCallback, ExportableState):
         self.skip_step = False  # agreed for the current optimizer step
         self._agreed = False
         self._stop_for_preemption = False
-        self._loss_nonfinite: torch.Tensor | None = None  # over the step's micro-batches, on the device (no sync)
+        self._loss_sum: torch.Tensor | None = None  # over the step's micro-batches, on the device (no sync)
 
     # -- fed by the trainer --------------------------------------------------------------------------------------
 
     def record_loss(self, loss: torch.Tensor) -> None:
-        """Note whether a micro-batch's loss is finite, on the device (no host sync)."""
-        nonfinite = ~torch.isfinite(loss.detach()).all()
-        self._loss_nonfinite = nonfinite if self._loss_nonfinite is None else self._loss_nonfinite | nonfinite
+        """Add a micro-batch's loss to the step's sum, on the device (no host sync): the sum is finite only if every
+        loss is."""
+        loss = loss.detach().float().sum()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def agree(self, accelerator, model: torch.nn.Module) -> None:
         """After the optimizer step's last backward: every process's [loss or gradient norm not finite, preemption
         signal received], combined by one all-reduce (the one host sync this adds per optimizer step)."""
-        # Under fp16 inf gradients are the GradScaler's business (it skips the step and lowers its scale), as in
-        # `nonfinite_step`: only the loss counts there.
-        fp16_scaler = getattr(accelerator, "scaler", None) is not None
-        gradients = [] if fp16_scaler else [_local(p.grad) for p in model.parameters() if p.grad is not None]
-        nonfinite = self._loss_nonfinite if self._loss_nonfinite is not None else torch.tensor(False)
-        if gradients:
-            nonfinite = nonfinite.to(gradients[0].device) | ~torch.isfinite(torch.nn.utils.get_total_norm(gradients))
+        # The pretraining loop's rule (`nonfinite_step`, with its fp16 exemption), on this process's gradients: the
+        # Trainer clips only after this point.
+        gradients = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(gradients) if gradients else None
+        loss = self._loss_sum if self._loss_sum is not None else torch.zeros(())
+        nonfinite = nonfinite_step(accelerator, loss, grad_norm)
         requested = self.preemption is not None and self.preemption.requested
         self.skip_step, self._stop_for_preemption = agreed_flags(accelerator, nonfinite, requested)
-        self._loss_nonfinite = None
+        self._loss_sum = None
         self._agreed = True
 
     # -- Trainer events --------------------------------------------------------------------------------------------
