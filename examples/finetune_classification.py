@@ -58,7 +58,7 @@ from nepa_hf.hub.loading import load_pretrained
 from nepa_hf.training.config_overrides import parse_config_overrides
 from nepa_hf.training.finetuning import NepaTrainer, NepaTrainingArguments
 from nepa_hf.training.trainer_callbacks import trainer_checkpoint_to_resume
-from nepa_hf.data.transforms import ImageProcessorTransform
+from nepa_hf.data.transforms import ImageProcessorTransform, per_channel
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +114,19 @@ class DataArguments:
     train_fraction: float | None = field(
         default=None, metadata={"help": "Keep this fraction of every class of the training set (low-label studies)."}
     )
+    image_mean: list[float] | None = field(
+        default=None, metadata={"help": "Normalisation mean (default: the source checkpoint's processor, else 0.5)."}
+    )
+    image_std: list[float] | None = field(
+        default=None, metadata={"help": "Normalisation std (default: the source checkpoint's processor, else 0.5)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of training data."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of evaluation data."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of test data."})
+
+    def __post_init__(self):
+        if self.image_std is not None and min(self.image_std) <= 0:
+            raise ValueError(f"--image_std must be positive, got {self.image_std}.")
 
 
 def load_kwargs(data_args: DataArguments, model_args: ModelArguments) -> dict:
@@ -169,9 +179,10 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
         if model_args.model_name_or_path is not None:
             raise ValueError("Pass either --model_name_or_path or --preset, not both.")
         overrides.update(parse_config_overrides(model_args.config_overrides))
-        config = NepaConfig.from_preset(model_args.preset, **overrides)
         if model_args.image_size is not None:  # the scripts' patch-size rule, before the config's own check
-            config.image_size = patch_aligned_size(model_args.image_size, config.patch_size)
+            patch_size = overrides.get("patch_size", NEPA_PRESETS.get(model_args.preset, {}).get("patch_size", 1))
+            overrides["image_size"] = patch_aligned_size(model_args.image_size, patch_size)
+        config = NepaConfig.from_preset(model_args.preset, **overrides)
         return NepaForImageClassification(config), None, False
     if model_args.config_overrides:
         raise ValueError("--config_overrides only applies to --preset (training from scratch).")
@@ -231,7 +242,8 @@ def main(argv: list[str] | None = None):
     # score images the model trained on.
     data_split = {"dataset": data_args.dataset_name, "train_split": data_args.train_split, "eval": None,
                   "validation_fraction": None, "seed": training_args.seed}
-    if training_args.do_eval or (training_args.do_train and training_args.eval_strategy != "no"):
+    evaluates_in_training = training_args.eval_strategy != "no" or training_args.eval_at_fractions
+    if training_args.do_eval or (training_args.do_train and evaluates_in_training):
         split = data_args.eval_split
         if split is None and "validation" in split_names(data_args.dataset_name, **load_kwargs(data_args, model_args)):
             split = "validation"
@@ -287,8 +299,11 @@ def main(argv: list[str] | None = None):
         training_args.freeze_patch_embeddings = pretrained
     size = patch_aligned_size(model_args.image_size or model.config.image_size, model.config.patch_size)
     # The evaluation preprocessing, saved with the model, with the source checkpoint's normalisation.
-    mean = list(getattr(source_processor, "image_mean", None) or [0.5, 0.5, 0.5])
-    std = list(getattr(source_processor, "image_std", None) or [0.5, 0.5, 0.5])
+    channels = model.config.num_channels
+    mean = per_channel(data_args.image_mean or getattr(source_processor, "image_mean", None) or [0.5], channels,
+                       "--image_mean")
+    std = per_channel(data_args.image_std or getattr(source_processor, "image_std", None) or [0.5], channels,
+                      "--image_std")
     processor = aug_args.eval_image_processor(size, mean, std)
     logger.info(f"{len(train_dataset)} training images, {len(class_names)} classes, resolution {size}; "
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; from "

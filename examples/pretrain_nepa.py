@@ -35,7 +35,7 @@ from transformers import AutoImageProcessor, AutoModelForPreTraining, get_cosine
 from nepa_hf import NEPA_PRESETS, NepaConfig, NepaForPreTraining, NepaImageProcessor
 from nepa_hf.data.images import BUILTIN_DATASETS, load_image_dataset, patch_aligned_size
 from nepa_hf.data.pretraining import dataset_identity, pretraining_dataloader, pretraining_images, select_readable
-from nepa_hf.data.transforms import INTERPOLATIONS, pretraining_transform
+from nepa_hf.data.transforms import INTERPOLATIONS, per_channel, pretraining_transform
 from nepa_hf.data.workers import default_num_workers
 from nepa_hf.hub.loading import load_pretrained
 from nepa_hf.training.checkpointing import (CHECKPOINTS_DIR, checkpoint_to_resume, explained_write_errors,
@@ -79,7 +79,11 @@ def parse_args(argv=None):
     add("--max_train_samples", type=int)
     add("--dataloader_num_workers", type=int, help="Per process (default: 0 on CPU, min(12, cores) on GPU).")
     add("--crop_min_scale", type=float, default=0.08, help="RandomResizedCrop minimum area scale.")
+    add("--random_crop_padding", type=int, default=0,
+        help="N > 0: pad N px and random-crop instead of RandomResizedCrop (a translation, for small images).")
     add("--hflip_prob", type=float, default=0.5)
+    add("--image_mean", type=float, nargs="+", help="Normalisation mean (default: the model's image processor's).")
+    add("--image_std", type=float, nargs="+", help="Normalisation std (default: the model's image processor's).")
     add("--interpolation", default="bilinear", choices=INTERPOLATIONS)
     # Recipe
     add("--output_dir")
@@ -127,6 +131,10 @@ def parse_args(argv=None):
             parser.error(f"--{name} is required (or use --demo).")
     if not 0.0 <= args.mask_ratio < 1.0:
         parser.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}.")
+    if args.random_crop_padding < 0:
+        parser.error(f"--random_crop_padding must be >= 0 pixels, got {args.random_crop_padding}.")
+    if args.image_std is not None and min(args.image_std) <= 0:
+        parser.error(f"--image_std must be positive, got {args.image_std}.")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max_steps {args.max_steps}: give a positive number of optimizer updates, or leave --max_steps "
                      "out to train for --num_train_epochs.")
@@ -150,6 +158,9 @@ def load_model(args):
         overrides["num_channels"] = args.num_channels
     path, has_weights = Path(args.model), False
     if args.model in NEPA_PRESETS:
+        if args.image_size is not None:  # checked against the patch size the overrides may change
+            patch_size = overrides.get("patch_size", NEPA_PRESETS[args.model]["patch_size"])
+            overrides["image_size"] = patch_aligned_size(args.image_size, patch_size)
         config = NepaConfig.from_preset(args.model, **overrides)
     elif path.suffix == ".json" and path.is_file():
         # The saved backbone stages follow the saved layer count: let the constructor derive them again.
@@ -184,7 +195,8 @@ def build_train_dataloader(args, config, mean, std, accelerator):
     dataset, image_column = pretraining_images(dataset, args.image_column, streaming=args.streaming, seed=args.seed,
                                                shuffle_buffer_size=args.shuffle_buffer_size, num_shards=num_workers)
     transform = pretraining_transform(config.image_size, mean, std, scale=(args.crop_min_scale, 1.0),
-                                      interpolation=args.interpolation, hflip_prob=args.hflip_prob)
+                                      interpolation=args.interpolation, hflip_prob=args.hflip_prob,
+                                      crop_padding=args.random_crop_padding)
     return pretraining_dataloader(
         dataset, image_column, transform, batch_size=args.per_device_batch_size, image_size=config.image_size,
         num_channels=config.num_channels, seed=args.seed, mask_ratio=args.mask_ratio, patch_size=config.patch_size,
@@ -235,7 +247,9 @@ def pretrain(args, preemption):
         accelerator.print(note)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    mean, std = list(processor.image_mean)[:config.num_channels], list(processor.image_std)[:config.num_channels]
+    channels = config.num_channels
+    mean = per_channel(args.image_mean or processor.image_mean[:channels], channels, "--image_mean")
+    std = per_channel(args.image_std or processor.image_std[:channels], channels, "--image_std")
     objective = NepaPretrainingObjective(model, args.pixel_loss_weight, args.pixel_loss, args.pixel_decoder_hidden_size)
 
     # Data, optimizer and schedule (in optimizer updates: stepped by hand once per update, since a prepared scheduler

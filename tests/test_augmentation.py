@@ -293,3 +293,49 @@ def test_a_transform_error_is_raised_naming_the_image_and_not_counted_as_unreada
     with pytest.raises(RuntimeError, match=r"transform failed on image #0 \(.*good.png\).*posterize_zero_bits"):
         pretraining[0]
     assert pretraining[1] == {"unreadable": 1}
+
+
+def shifts_of(image: np.ndarray, padding: int) -> list[np.ndarray]:
+    """Every crop of `image` zero-padded by `padding` px, at the image's size (the translations by up to `padding`)."""
+    padded = np.pad(image, padding)
+    size = image.shape[0]
+    return [padded[top:top + size, left:left + size]
+            for top in range(2 * padding + 1) for left in range(2 * padding + 1)]
+
+
+def test_translation_crop_shifts_small_images_by_up_to_the_padding():
+    """The small-image augmentation (--random_crop_padding): a zero-padded random crop, i.e. a shift by up to N px
+    with the pixels otherwise unchanged, in pretraining (torchvision v2) and fine-tuning (timm's other stages)."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).convert("RGB")
+    pixels = np.asarray(image)[..., 0]
+    shifts = shifts_of(pixels, 2)
+    pretraining = pretraining_transform(28, MEAN, STD, crop_padding=2, hflip_prob=0.0)
+    finetuning = AugmentationArguments(random_crop_padding=2, hflip_prob=0.0, rand_augment="none", color_jitter=0.0,
+                                       random_erasing_prob=0.0).train_transform(28, MEAN, STD)
+    seen = set()
+    for seed in range(40):
+        for transform in (pretraining, finetuning):
+            with seeded(seed):
+                out = transform(image)
+            assert out.shape == (3, 28, 28)
+            back = np.rint((out[0].numpy() * 0.5 + 0.5) * 255).astype(np.uint8)  # undo the normalisation
+            matches = [index for index, shift in enumerate(shifts) if np.array_equal(back, shift)]
+            assert matches, "the output is not a shift of the input by up to 2 px"
+            seen.update(matches)
+    assert len(seen) > 10  # the shift is random, over the whole range
+    with seeded(0):  # padding 0 is a plain resize: the image itself
+        identity = pretraining_transform(28, MEAN, STD, crop_padding=0, hflip_prob=0.0, scale=(1.0, 1.0),
+                                         ratio=(1.0, 1.0))(image)
+    assert np.array_equal(np.rint((identity[0].numpy() * 0.5 + 0.5) * 255).astype(np.uint8), pixels)
+    with pytest.raises(ValueError, match="random_crop_padding must be >= 0"):
+        AugmentationArguments(random_crop_padding=-1)
+
+
+def test_normalisation_flags_take_one_value_or_one_per_channel():
+    from nepa_hf.data.transforms import per_channel
+
+    assert per_channel([0.286], 3, "--image_mean") == [0.286] * 3
+    assert per_channel([0.1, 0.2, 0.3], 3, "--image_mean") == [0.1, 0.2, 0.3]
+    assert per_channel([0.5], 1, "--image_std") == [0.5]
+    with pytest.raises(ValueError, match="--image_std has 2 values for a 3-channel model"):
+        per_channel([0.2, 0.3], 3, "--image_std")

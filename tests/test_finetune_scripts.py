@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor, pipeline
 
 from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining, NepaImageProcessorPil
 from nepa_hf.data.augmentation import MixupCollator
-from nepa_hf.data.classification import check_labels, encode_labels, stratified_indices, train_validation_split
+from nepa_hf.data.classification import check_labels, collate_image_batch, encode_labels, stratified_indices, train_validation_split
 from nepa_hf.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist
 from nepa_hf.training.finetuning import NepaTrainer
 from launch_processes import ACCELERATE_CONFIGS, launch_two_cpu_processes
@@ -191,6 +191,36 @@ def test_finetune_from_pretraining_checkpoint_uses_the_recipe(tmp_path, finetune
     assert processor.size.shortest_edge == 32 and processor.crop_size.height == 28 and processor.resample == 3
     results = json.loads((output_dir / "all_results.json").read_text())
     assert {"eval_accuracy", "eval_ema_accuracy", "train_loss"} <= set(results)
+
+
+def test_small_image_recipe_flags(tmp_path, finetune_script, single_thread):
+    """The flags a 28-px study needs: --image_size with a preset whose patch size the overrides change, a shift
+    augmentation without RandAugment / Mixup, the dataset's mean/std, and evaluations at chosen fractions of the steps
+    (the convergence reading), scored on the whole evaluation split."""
+    output_dir = tmp_path / "out"
+    trainer = finetune_script.main(base_args(
+        output_dir, "--preset", "nepa-vit-micro", "--config_overrides", "hidden_size=32,num_hidden_layers=2,"
+        "intermediate_size=64,patch_size=7", "--image_size", "28", "--do_train", "--eval_split", "test",
+        "--max_train_samples", "64", "--max_eval_samples", "40", "--max_steps", "8", "--per_device_train_batch_size",
+        "8", "--per_device_eval_batch_size", "20", "--dataloader_drop_last", "--ema_decay", "0",
+        "--random_crop_padding", "2", "--rand_augment", "none", "--color_jitter", "0", "--random_erasing_prob", "0",
+        "--mixup_alpha", "0", "--cutmix_alpha", "0", "--eval_crop_pct", "1.0", "--image_mean", "0.286",
+        "--image_std", "0.353", "--eval_at_fractions", "0.25", "0.5", "1.0", "--save_strategy", "no",
+    ))
+    config = trainer.model.config
+    assert (config.image_size, config.patch_size) == (28, 7)
+    steps = [type(t).__name__ for t in trainer.train_dataset.transform.transform.transforms]
+    assert steps[:3] == ["Resize", "RandomCrop", "RandomHorizontalFlip"] and "RandomResizedCrop" not in str(steps)
+    assert trainer.data_collator is collate_image_batch  # no Mixup: integer labels, the Trainer's label smoothing
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_accuracy" in entry] == [2, 4, 8]
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    assert list(processor.image_mean) == [0.286] * 3 and list(processor.image_std) == [0.353] * 3
+    assert processor.size.height == 28 and not processor.do_center_crop
+    with pytest.raises(ValueError, match="eval_at_fractions takes fractions of the training steps in"):
+        finetune_script.main(base_args(tmp_path / "bad", "--preset", "nepa-vit-micro", "--eval_at_fractions", "1.5"))
+    with pytest.raises(ValueError, match="--image_std must be positive"):
+        finetune_script.main(base_args(tmp_path / "bad", "--preset", "nepa-vit-micro", "--image_std", "0"))
 
 
 def test_bad_inputs_fail_before_training(tmp_path, finetune_script, monkeypatch):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch.utils.data import BatchSampler, DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from nepa_hf import NepaConfig, NepaForPreTraining, nepa_loss
+from nepa_hf import NepaConfig, NepaForPreTraining, NepaImageProcessor, nepa_loss
 from nepa_hf.data.pretraining import (
     EpochShuffleSampler,
     PretrainingCollator,
@@ -999,3 +999,26 @@ def test_a_resume_onto_a_resized_dataset_is_refused_or_starts_a_fresh_epoch(run_
     assert "starting a fresh epoch (1) at its first batch" in capsys.readouterr().out
     meta = read_checkpoint_meta(resumed / "checkpoints" / "checkpoint_2")  # step 6: 2 batches into epoch 1
     assert (meta["step"], meta["epoch"], meta["batches_in_epoch"], meta["num_images"]) == (6, 1, 2, 40)
+
+
+def test_small_image_flags(run_pretraining, tmp_path):
+    """The study's 28-px pretraining through the script: --image_size checked against the patch size the overrides
+    set, a shift augmentation instead of RandomResizedCrop, and the dataset's mean/std saved with the model."""
+    script = run_pretraining.script
+    model, _ = script.load_model(script.parse_args(
+        ["--model", "nepa-vit-micro", "--config_overrides", "patch_size=7", "--image_size", "28", "--dataset",
+         "bundled", "--output_dir", str(tmp_path / "unused")]))
+    assert (model.config.image_size, model.config.patch_size) == (28, 7)
+    output_dir = tmp_path / "run"
+    run_pretraining(TINY_ARGS + ["--dataset", "bundled", "--max_train_samples", "16", "--max_steps", "2",
+                                 "--per_device_batch_size", "8", "--random_crop_padding", "2", "--image_mean", "0.286",
+                                 "--image_std", "0.353", "--output_dir", output_dir])
+    run_config = json.loads((output_dir / "run_config.json").read_text())
+    assert run_config["random_crop_padding"] == 2
+    processor = NepaImageProcessor.from_pretrained(output_dir)
+    assert list(processor.image_mean) == [0.286] * 3 and list(processor.image_std) == [0.353] * 3
+    with pytest.raises(SystemExit):
+        script.parse_args(["--demo", "--random_crop_padding", "-1"])
+    with pytest.raises(ValueError, match="--image_mean has 2 values for a 3-channel model"):
+        run_pretraining(TINY_ARGS + ["--dataset", "bundled", "--max_steps", "1", "--image_mean", "0.1", "0.2",
+                                     "--output_dir", tmp_path / "bad"])

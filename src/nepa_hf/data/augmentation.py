@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
+from torchvision.transforms import v2
 from transformers.utils import logging
 
 from .classification import MIXABLE_KEY, collate_image_batch, drop_unreadable
-from .transforms import INTERPOLATIONS, evaluation_image_processor, to_rgb
+from .transforms import INTERPOLATIONS, evaluation_image_processor, to_rgb, translation_crop
 
 logger = logging.get_logger(__name__)
 
@@ -77,6 +78,11 @@ class AugmentationArguments:
     """Fine-tuning augmentation flags; the defaults are the authors' recipe."""
 
     crop_scale_min: float = field(default=0.08, metadata={"help": "RandomResizedCrop minimum area fraction."})
+    random_crop_padding: int = field(
+        default=0,
+        metadata={"help": "N > 0: resize, pad N px and random-crop instead of RandomResizedCrop (a translation by up "
+                          "to N px, for 28-32 px images)."},
+    )
     hflip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
     interpolation: str = field(default="bicubic", metadata={"help": f"Resampling of crops and eval resizes: {INTERPOLATIONS}."})
     rand_augment: str | None = field(
@@ -103,6 +109,8 @@ class AugmentationArguments:
             self.rand_augment = None
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"--crop_scale_min must be in (0, 1], got {self.crop_scale_min}.")
+        if self.random_crop_padding < 0:
+            raise ValueError(f"--random_crop_padding must be >= 0 pixels, got {self.random_crop_padding}.")
         if not 0 < self.eval_crop_pct <= 1:
             raise ValueError(f"--eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}.")
         if self.interpolation not in INTERPOLATIONS:
@@ -113,14 +121,19 @@ class AugmentationArguments:
         return self.mixup_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
     def train_transform(self, size: int, mean, std) -> RGBTransform:
-        """timm's training transform (any image -> normalised float (3, size, size) tensor)."""
-        transform = create_transform(
+        """timm's training transform (any image -> normalised float (3, size, size) tensor); with
+        `random_crop_padding`, its first stage (RandomResizedCrop + flip) becomes `translation_crop` + flip."""
+        crop, colour, final = create_transform(
             input_size=size, is_training=True, scale=(self.crop_scale_min, 1.0), hflip=self.hflip_prob,
             color_jitter=self.color_jitter, auto_augment=self.rand_augment, interpolation=self.interpolation,
             re_prob=self.random_erasing_prob, re_mode=self.random_erasing_mode, re_count=self.random_erasing_count,
-            mean=tuple(mean), std=tuple(std),
+            mean=tuple(mean), std=tuple(std), separate=True,
         )
-        return RGBTransform(transform)
+        crop = crop.transforms
+        if self.random_crop_padding:
+            flip = [v2.RandomHorizontalFlip(self.hflip_prob)] if self.hflip_prob > 0 else []
+            crop = [*translation_crop(size, self.random_crop_padding, self.interpolation).transforms, *flip]
+        return RGBTransform(v2.Compose([*crop, *colour.transforms, *final.transforms]))
 
     def eval_image_processor(self, size: int, mean, std):
         """The evaluation preprocessing as an image processor (saved with the model, used by pipelines)."""

@@ -1,8 +1,8 @@
 """Per-sample image transforms of the NEPA recipes, built from torchvision v2 (and, for fine-tuning, timm).
 
-* `pretraining_transform`: the authors' pretraining data pipeline and nothing else: torchvision's
-  RandomResizedCrop(size) with its defaults (scale 0.08-1, ratio 3/4-4/3, bilinear), a horizontal flip, then the
-  image processor's rescale and normalisation.
+* `pretraining_transform`: the authors' pretraining data pipeline: torchvision's RandomResizedCrop(size) with its
+  defaults (scale 0.08-1, ratio 3/4-4/3, bilinear), a horizontal flip, then the image processor's rescale and
+  normalisation; for small images, `translation_crop` (pad and random crop) instead of the resized crop.
 * Fine-tuning uses timm's `create_transform` (RandAugment, random erasing, ...); see `nepa_hf.data.augmentation`.
 * `ImageProcessorTransform`: evaluation preprocessing *is* the image processor (resize / centre crop / normalise),
   so what is scored during training is what `pipeline(...)` sees at inference.
@@ -88,19 +88,45 @@ def pretraining_transform(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     interpolation: str = "bilinear",
     hflip_prob: float = 0.5,
+    crop_padding: int = 0,
 ) -> v2.Compose:
     """RandomResizedCrop + horizontal flip + rescale/normalise, as the authors pretrain (torchvision's defaults).
 
-    Takes an RGB (or, for grayscale models, "L") PIL image; returns a float (C, H, W) tensor normalised with
-    `mean`/`std` (one value per channel).
+    `crop_padding` > 0 replaces the RandomResizedCrop with `translation_crop` (small images). Takes an RGB (or, for
+    grayscale models, "L") PIL image; returns a float (C, H, W) tensor normalised with `mean`/`std` (one value per
+    channel).
     """
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}.")
-    steps = [v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=_interpolation(interpolation))]
+    if crop_padding:
+        steps = translation_crop(size, crop_padding, interpolation).transforms
+    else:
+        steps = [v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=_interpolation(interpolation))]
     if hflip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(hflip_prob))
     steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
+
+
+def per_channel(values: Sequence[float], num_channels: int, name: str) -> list[float]:
+    """Normalisation statistics given on the command line: one value for every channel, or one per channel."""
+    values = [float(value) for value in values]
+    if len(values) == 1:
+        return values * num_channels
+    if len(values) != num_channels:
+        raise ValueError(f"{name} has {len(values)} values for a {num_channels}-channel model: give one per channel "
+                         "or a single value for all.")
+    return values
+
+
+def translation_crop(size: int | Sequence[int], padding: int, interpolation: str = "bilinear") -> v2.Compose:
+    """Resize to `size` (the short side, for an int), zero-pad by `padding` px and take a random `size` crop: a random
+    translation by up to `padding` px, the usual augmentation for 28-32 px datasets (CIFAR, Fashion-MNIST), where a
+    RandomResizedCrop down to 8% of the area would leave a few pixels."""
+    if padding < 0:
+        raise ValueError(f"The crop padding must be >= 0 pixels, got {padding}.")
+    return v2.Compose([v2.Resize(size, interpolation=_interpolation(interpolation)),
+                       v2.RandomCrop(size, padding=padding)])
 
 
 class ImageProcessorTransform:
@@ -144,7 +170,9 @@ __all__ = [
     "ImageProcessorTransform",
     "array_to_image",
     "evaluation_image_processor",
+    "per_channel",
     "pretraining_transform",
     "seeded",
     "to_rgb",
+    "translation_crop",
 ]

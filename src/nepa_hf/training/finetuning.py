@@ -38,7 +38,7 @@ from ..data.workers import default_num_workers
 from .ema import create_ema, ema_weights, load_ema, save_ema
 from .long_runs import DEFAULT_MAX_NONFINITE_STEPS, DEFAULT_PREEMPTION_SIGNALS, PREEMPTED_EXIT_CODE, parse_signal_names
 from .optimization import get_layerwise_cosine_schedule, reference_warmup_steps, weight_decay_flags
-from .trainer_callbacks import LongRunCallback
+from .trainer_callbacks import EvaluateAtFractionsCallback, LongRunCallback
 
 logger = logging.get_logger(__name__)
 
@@ -356,6 +356,16 @@ class NepaTrainingArguments(AutoWorkersTrainingArguments):
     freeze_patch_embeddings: bool | None = field(
         default=None, metadata={"help": "Freeze the patch embedding (reference: yes when fine-tuning a pretrained model)."}
     )
+    eval_at_fractions: list[float] | None = field(
+        default=None,
+        metadata={"help": "Also evaluate when these fractions of the training steps are done, e.g. 0.25 0.5 0.8 1.0 "
+                          "(a curve and a look at the plateau; needs an evaluation split)."},
+    )
+
+    def __post_init__(self):
+        if self.eval_at_fractions is not None:
+            EvaluateAtFractionsCallback(self.eval_at_fractions)  # refuses a fraction outside (0, 1] before any data
+        super().__post_init__()
 
 
 def class_before_fully_shard(cls: type) -> type:
@@ -391,6 +401,8 @@ class NepaTrainer(Trainer):
                 logger.warning("DeepSpeed applies the update inside backward: steps with a non-finite loss or "
                                "gradient norm are counted and stop the run after max_nonfinite_steps in a row, but "
                                "cannot be skipped.")
+        if getattr(self.args, "eval_at_fractions", None):
+            self.add_callback(EvaluateAtFractionsCallback(self.args.eval_at_fractions))
         if is_ema_metric(self.args.metric_for_best_model) and self.ema_callback is None:
             raise ValueError(
                 f"metric_for_best_model={self.args.metric_for_best_model!r} needs an EMA: set ema_decay > 0 "

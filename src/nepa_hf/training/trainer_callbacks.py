@@ -198,3 +198,23 @@ class LongRunCallback(TrainerCallback, ExportableState):
 
 
 __all__ = ["LongRunCallback", "trainer_checkpoint_to_resume", "newest_trainer_checkpoint"]
+
+
+def steps_at_fractions(fractions, max_steps: int) -> set[int]:
+    """The optimizer steps at which `fractions` (each in (0, 1]) of `max_steps` are done (at least step 1)."""
+    return {max(1, round(fraction * max_steps)) for fraction in fractions}
+
+
+class EvaluateAtFractionsCallback(TrainerCallback):
+    """Evaluate when chosen fractions of the run's optimizer steps are done (`NepaTrainingArguments.
+    eval_at_fractions`): e.g. a learning curve at 25/50/75% plus a dense look at the plateau (80-100%), which no
+    single `eval_steps` interval gives. Adds to `eval_strategy`, whose own evaluations still happen."""
+
+    def __init__(self, fractions):
+        if not fractions or not all(0 < fraction <= 1 for fraction in fractions):
+            raise ValueError(f"eval_at_fractions takes fractions of the training steps in (0, 1], got {fractions}.")
+        self.fractions = sorted(fractions)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in steps_at_fractions(self.fractions, state.max_steps):
+            control.should_evaluate = True
