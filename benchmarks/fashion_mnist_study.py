@@ -3,8 +3,9 @@
 
 Backbone: the nepa-vit-micro preset (NEPA's architecture at D 128, 6 blocks, 4 heads, MLP 512: 1.2M parameters)
 with patch 7 on the native 28x28 images (16 patches; grey replicated to RGB). Why this size: one torch thread trains
-it at ~350 images/s, so the study fits in about four two-core machine-hours, spread over sessions by its resumable
-units. Why patch 7 and long fine-tunes: trained from scratch on all labels, the model is limited by optimisation
+it at ~350 images/s in a bare loop and ~200-250 through the scripts (per-image PIL transforms, evaluation through the
+image processor), so the whole study fits in about eight two-core machine-hours, spread over sessions by its
+resumable units. Why patch 7 and long fine-tunes: trained from scratch on all labels, the model is limited by optimisation
 steps, not by the patch size: patch 4 (49 patches, 2.4-3.3x the CPU time per step) reached 84.2% after 6 epochs
 (`benchmarks/results/fashion_mnist_study_patch4/`), patch 7 84.4% after 4.8 epochs of an 8-epoch run and 86.0%
 at its end (`benchmarks/results/fashion_mnist_study_patch7_pilot/`), and 87.9% after 16 epochs (this study's first
@@ -27,12 +28,21 @@ seed 0 at 100%. Each fine-tune evaluates the full 10k test set at 25/50/75% of i
 beside it. Frozen features are probed per block (k-NN and a linear probe on mean-pooled tokens, all 60k training
 images).
 
+The units train through the product: NEPA pretraining is `examples/pretrain_nepa.py`, every NEPA and scratch
+fine-tune `examples/finetune_classification.py` (subprocesses, with the flags `pretraining_flags` and
+`finetuning_flags` build; each result.json records its command); MAE, which the scripts do not take, trains with
+transformers' `Trainer` and `NepaTrainer` on the fine-tuning script's argument classes and data code. This file
+plans, resumes, reads the scripts' output files, does the statistics and writes the report; it has no optimizer
+step of its own. (Until issue 28 it had its own training loops; those units are kept in
+`benchmarks/results/fashion_mnist_study_private_loops/`, and the report sets the two side by side.)
+
 Every run ("unit") is one process with one torch thread, so CPU seconds are a load-independent budget; units run
 `--jobs` at a time, write `OUTPUT_DIR/<unit>/result.json`, and are skipped when that file exists (the study resumes
 where it stopped: `benchmarks/results/fashion_mnist_study/` keeps the finished units' result files). The report
 (`docs/results.md`, `docs/study_summary.json`, plots) is written from those files only:
 
-    python benchmarks/fashion_mnist_study.py --jobs 2                 # all units, then the report (~4 h wall)
+    python benchmarks/fashion_mnist_study.py --jobs 2                 # all units, then the report (~8 h wall)
+    python benchmarks/fashion_mnist_study.py --units 'finetune-*-1pct-*'   # some units (their dependencies exist)
     python benchmarks/fashion_mnist_study.py --report_only            # the report from the finished units
     python benchmarks/fashion_mnist_study.py --quick --output_dir /tmp/study --report_dir /tmp/study/docs  # smoke
 
@@ -42,8 +52,13 @@ Data: Debian's `dataset-fashion-mnist` (60k train / 10k test; `apt-get install -
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import math
 import os
+import resource
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -54,18 +69,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import get_cosine_schedule_with_warmup
+from transformers import set_seed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from nepa_hf import NepaConfig, NepaForImageClassification, NepaForPreTraining  # noqa: E402
+from nepa_hf import NepaConfig, NepaForPreTraining  # noqa: E402
+from nepa_hf.data.classification import stratified_indices  # noqa: E402
 from nepa_hf.data.images import load_fashion_mnist  # noqa: E402
 from nepa_hf.evaluation.features import knn_accuracy, linear_probe_accuracy  # noqa: E402
-from nepa_hf.training.finetuning import layer_decay_parameter_groups  # noqa: E402
-from nepa_hf.training.monitoring import CollapseMonitor  # noqa: E402
-from nepa_hf.training.optimization import create_pretraining_optimizer, get_layerwise_cosine_schedule  # noqa: E402
+from nepa_hf.training.config_overrides import parse_config_overrides  # noqa: E402
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 IMAGE_SIZE, PATCH_SIZE = 28, 7
@@ -76,6 +90,9 @@ PRETRAINED = ("nepa", "nepa-third", "nepa-ninth", "mae")
 PRETRAIN_SEED = 0  # one pretraining run per method (the CPU-bound part); fine-tuning seeds vary the rest
 # Fractions of the fine-tuning steps where the test set is scored: the curve, and five points on the plateau.
 EVAL_POINTS = (0.25, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+# How the units train: through the example scripts (since issue 28; the earlier private training loops' units are
+# kept in benchmarks/results/fashion_mnist_study_private_loops/ and are refused here).
+PIPELINE = "examples/pretrain_nepa.py + examples/finetune_classification.py"
 CONVERGED_POINTS = 0.5  # test accuracy may move by less than this (points) over the last 20% of the steps
 
 
@@ -97,7 +114,8 @@ def convergence(evaluations: list[dict], steps: int) -> dict:
 
 def study_settings(budget: "Budget") -> dict:
     """What a result was produced with: recorded in every result.json, checked before resuming and reporting."""
-    return {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "pretrain_steps": budget.pretrain_steps,
+    return {"pipeline": PIPELINE, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
+            "pretrain_steps": budget.pretrain_steps,
             "pretrain_batch": budget.pretrain_batch, "pretrain_lr": budget.pretrain_lr,
             "finetune": {str(f): [p.steps, p.batch_size] for f, p in budget.finetune.items()},
             "finetune_lr": budget.finetune_lr, "pretrained_layer_decay": budget.pretrained_layer_decay,
@@ -105,16 +123,16 @@ def study_settings(budget: "Budget") -> dict:
             "probe_epochs": budget.probe_epochs, "seeds": {str(f): s for f, s in budget.seeds.items()}}
 
 
-PRETRAINING_SETTINGS = ("image_size", "patch_size", "pretrain_steps", "pretrain_batch", "pretrain_lr")
+PRETRAINING_SETTINGS = ("pipeline", "image_size", "patch_size", "pretrain_steps", "pretrain_batch", "pretrain_lr")
 
 
 def settings_that_matter(result: dict, settings: dict) -> dict:
     """The part of `settings` a unit's result depends on: a pretraining run does not change when the fine-tuning
     budgets do, a scratch fine-tune not when the pretraining does, the raw-pixel baseline only with its own."""
     kind, method = result["kind"], result.get("init", result.get("method"))
-    keys = ["image_size", "patch_size"]
+    keys = ["pipeline", "image_size", "patch_size"]
     if kind == "baseline":
-        keys = ["image_size", "probe_epochs", "seeds"]
+        keys = ["pipeline", "image_size", "probe_epochs", "seeds"]
     elif kind == "pretrain" or (kind in ("finetune", "probe") and method in PRETRAINED):
         keys = list(PRETRAINING_SETTINGS)
     if kind == "probe":
@@ -156,15 +174,20 @@ class Budget:
     seeds: dict = field(default_factory=lambda: {0.01: [0, 1, 2, 3, 4], 0.1: [0, 1, 2], 1.0: [0]})
 
 
+# A smoke test of every unit in minutes: 3000 training images for pretraining and the raw-pixel baselines (the
+# fine-tunes take their label fraction of all 60k, as the script does), 300 test images.
 QUICK = Budget(pretrain_steps=18, pretrain_batch=32, finetune={0.01: Finetune(10, 16), 0.1: Finetune(10, 32),
                1.0: Finetune(10, 32)}, train_images=3000, test_images=300, probe_epochs=2, log_every=2,
                seeds={0.01: [0, 1], 0.1: [0, 1], 1.0: [0]})
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Data: uint8 tensors in memory; batches are augmented and normalised on the fly (a per-image loop over tensors
-# already in memory is far cheaper here than a DataLoader over PIL images).
+# Data (the raw-pixel baseline, the probes and the visualisations read the arrays; the training units read the
+# same images through the scripts' data code)
 # --------------------------------------------------------------------------------------------------------------
+
+DATASET = "fashion_mnist_debian"  # nepa_hf.data.images: Debian's dataset-fashion-mnist, 60k train / 10k test
+SCRIPTS = REPO_ROOT / "examples"
 
 
 def load_split(split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +197,7 @@ def load_split(split: str, limit: int | None = None) -> tuple[torch.Tensor, torc
 
 
 def fashion_processor(size: int = IMAGE_SIZE):
-    """The image processor matching this study's inputs, saved next to every pretrained NEPA model so pipelines and
-    the visualisations preprocess images the way the model was trained."""
+    """The preprocessing of the pretrained NEPA model (pretrain_nepa.py saves the same), for the visualisations."""
     from nepa_hf import NepaImageProcessorPil
 
     return NepaImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False,
@@ -183,48 +205,17 @@ def fashion_processor(size: int = IMAGE_SIZE):
 
 
 def label_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Indices of a class-balanced `fraction` of the training set, drawn with `seed`."""
+    """Indices of the class-balanced `fraction` of the training set that `finetune_classification.py --train_fraction
+    fraction --seed seed` trains on (the same function), so the raw-pixel baselines see the fine-tunes' labels."""
     if fraction >= 1.0:
         return torch.arange(len(labels))
-    generator = torch.Generator().manual_seed(1000 + seed)
-    picked = []
-    for label in labels.unique():
-        members = (labels == label).nonzero().squeeze(1)
-        count = max(1, int(round(fraction * len(members))))
-        picked.append(members[torch.randperm(len(members), generator=generator)[:count]])
-    return torch.cat(picked).sort().values
+    return torch.as_tensor(np.sort(stratified_indices(labels.numpy(), fraction=fraction, seed=seed)))
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 28, 28) -> normalised float (B, 3, 28, 28)."""
+    """uint8 (B, 28, 28) -> normalised float (B, 3, 28, 28), as the saved image processor does."""
     pixels = (images.float() / 255.0 - FASHION_MEAN) / FASHION_STD
     return pixels.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-
-
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation (zero-padded crop, up to `pad` px) and horizontal flip, per image."""
-    batch, height, width = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator)
-    flips = torch.rand(batch, generator=generator) < 0.5
-    out = torch.empty_like(images)
-    for i in range(batch):
-        top, left = int(offsets[i, 0]), int(offsets[i, 1])
-        crop = padded[i, top:top + height, left:left + width]
-        out[i] = crop.flip(-1) if flips[i] else crop
-    return out
-
-
-def batches(num_items: int, batch_size: int, steps: int, generator: torch.Generator):
-    """`steps` index batches, epoch-shuffled, dropping each epoch's remainder."""
-    done = 0
-    while done < steps:
-        order = torch.randperm(num_items, generator=generator)
-        for start in range(0, num_items - batch_size + 1, batch_size):
-            if done == steps:
-                return
-            yield order[start:start + batch_size]
-            done += 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -232,9 +223,11 @@ def batches(num_items: int, batch_size: int, steps: int, generator: torch.Genera
 # --------------------------------------------------------------------------------------------------------------
 
 
+MODEL_OVERRIDES = f"patch_size={PATCH_SIZE},image_size={IMAGE_SIZE},drop_path_rate=0.0"
+
+
 def study_config(**overrides) -> NepaConfig:
-    return NepaConfig.from_preset("nepa-vit-micro", patch_size=PATCH_SIZE, image_size=IMAGE_SIZE, drop_path_rate=0.0,
-                                  **overrides)
+    return NepaConfig.from_preset("nepa-vit-micro", **parse_config_overrides(MODEL_OVERRIDES), **overrides)
 
 
 def vit_dims() -> dict:
@@ -254,8 +247,8 @@ def mae_model():
 
 
 class ViTMeanPoolClassifier(nn.Module):
-    """A transformers `ViTModel` with NEPA's classification head (mean of the patch tokens, LayerNorm, Linear), so
-    MAE-pretrained and NEPA-pretrained encoders are fine-tuned and probed the same way."""
+    """A transformers `ViTModel` with NEPA's classification head (mean of the patch tokens, LayerNorm, zero-initialised
+    Linear), so MAE-pretrained and NEPA-pretrained encoders are fine-tuned and probed the same way."""
 
     def __init__(self, num_labels: int = 10):
         from transformers import ViTConfig, ViTModel
@@ -263,6 +256,7 @@ class ViTMeanPoolClassifier(nn.Module):
         config = ViTConfig(**vit_dims(), attn_implementation="sdpa")
         super().__init__()
         self.vit = ViTModel(config, add_pooling_layer=False)
+        self.config = config  # what Trainer reads of a model (problem_type, ...)
         self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         nn.init.zeros_(self.classifier.weight)
@@ -276,8 +270,14 @@ class ViTMeanPoolClassifier(nn.Module):
         hidden = self.vit(pixel_values, output_hidden_states=True).hidden_states[layer]
         return self.vit.layernorm(hidden)[:, 1:].mean(1)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.fc_norm(self.features(pixel_values)))
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+        """Logits (and, with integer `labels`, the cross-entropy) as an `ImageClassifierOutput`, so `Trainer` and
+        `NepaTrainer` treat it as they treat `NepaForImageClassification`."""
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        logits = self.classifier(self.fc_norm(self.features(pixel_values)))
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return ImageClassifierOutput(loss=loss, logits=logits)
 
     def load_mae_encoder(self, mae_dir: Path) -> None:
         """Copy the MAE encoder (`vit.*` of ViTMAEForPreTraining: same key names as ViTModel) into `self.vit`."""
@@ -289,161 +289,243 @@ class ViTMeanPoolClassifier(nn.Module):
             raise RuntimeError(f"MAE encoder does not fit ViTModel: missing {missing}, unexpected {unexpected}")
 
 
-def classifier_logits(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    return model(pixels) if isinstance(model, ViTMeanPoolClassifier) else model(pixel_values=pixels).logits
-
-
 def pretrained_dir(output_root: Path, method: str) -> Path:
     return output_root / unit_name("pretrain", method, PRETRAIN_SEED) / "model"
 
 
-def build_classifier(init: str, seed: int, output_root: Path) -> nn.Module:
-    torch.manual_seed(seed)
-    if init == "scratch":
-        return NepaForImageClassification(study_config(is_causal=False, num_labels=10))
-    if init == "mae":
-        model = ViTMeanPoolClassifier()
-        model.load_mae_encoder(pretrained_dir(output_root, "mae"))
-        return model
-    # NEPA checkpoints load into the classifier bidirectional (the head sets is_causal=False), with a zero-initialised
-    # head: the authors' fine-tuning setup.
-    return NepaForImageClassification.from_pretrained(pretrained_dir(output_root, init), num_labels=10,
-                                                      drop_path_rate=0.0)
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Units
+# Units. NEPA pretraining and every NEPA / scratch fine-tune run the example scripts as a user would (a subprocess
+# with the flags below); MAE, whose model the scripts do not take, runs transformers' Trainer for pretraining (as
+# transformers' run_mae.py does) and NepaTrainer with the fine-tuning script's data code and flags. This file has
+# no optimizer step of its own.
 # --------------------------------------------------------------------------------------------------------------
 
+NORMALISATION = ["--image_mean", str(FASHION_MEAN), "--image_std", str(FASHION_STD)]
+TRANSLATION = ["--random_crop_padding", "2", "--hflip_prob", "0.5"]  # a random shift by up to 2 px, and a flip
 
-def pretrain_nepa(method: str, budget: Budget, data: dict, output: Path) -> dict:
+
+def run_script(script: str, flags: list[str], ledger: Path) -> float:
+    """Run `examples/<script>` with `flags` (stdout/stderr to this unit's log) on this unit's torch threads; add its
+    CPU seconds to `ledger` and return the ledger's total, so a resumed pretraining counts its earlier invocations
+    (an invocation that was killed is not counted: its work after the last checkpoint is redone, and counted then)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    command = [sys.executable, str(SCRIPTS / script), *flags]
+    print("$ " + shlex.join(["python", f"examples/{script}", *flags]), flush=True)
+    subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with ledger.open("a") as handle:
+        handle.write(f"{(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}\n")
+    return sum(float(line) for line in ledger.read_text().split())
+
+
+def pretraining_flags(steps: int, budget: Budget, output: Path) -> list[str]:
+    """`examples/pretrain_nepa.py` flags of the study's NEPA pretraining: the micro preset at patch 7 on 28 px,
+    batch 128, AdamW (0.9, 0.95) lr 1.5e-3 wd 0.05, 5% warmup + cosine, grad clip 3, fp32, a 2-px translation + flip,
+    the Fashion-MNIST mean/std; resumable through its checkpoints."""
+    subset = ["--max_train_samples", str(budget.train_images)] if budget.train_images else []
+    return ["--model", "nepa-vit-micro", "--config_overrides", MODEL_OVERRIDES, "--dataset", DATASET, *subset,
+            "--output_dir", str(output), "--max_steps", str(steps), "--per_device_batch_size", str(budget.pretrain_batch),
+            "--learning_rate", str(budget.pretrain_lr), "--weight_decay", "0.05", "--adam_beta2", "0.95",
+            "--warmup_ratio", "0.05", "--max_grad_norm", "3", "--mixed_precision", "no",
+            "--dataloader_num_workers", "0", *TRANSLATION, *NORMALISATION, "--seed", str(PRETRAIN_SEED),
+            "--logging_steps", str(budget.log_every), "--checkpointing_steps", str(max(1, steps // 10)),
+            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
+
+
+def pretrain_nepa(method: str, budget: Budget, output: Path) -> dict:
+    """The NEPA pretraining unit: `examples/pretrain_nepa.py`, then its metrics.jsonl as the curve."""
     steps = max(1, int(round(budget.pretrain_steps * NEPA_LENGTHS[method])))
-    torch.manual_seed(PRETRAIN_SEED)
-    model = NepaForPreTraining(study_config())
-    optimizer = create_pretraining_optimizer(model, budget.pretrain_lr, weight_decay=0.05)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    monitor = CollapseMonitor()
-    images = data["train"][0]
-    generator = torch.Generator().manual_seed(PRETRAIN_SEED)
-    curve = []
-    cpu_start = time.process_time()
-    model.train()
-    for step, index in enumerate(batches(len(images), budget.pretrain_batch, steps, generator), 1):
-        outputs = model(pixel_values=to_pixels(augment(images[index], generator)))
-        optimizer.zero_grad(set_to_none=True)
-        outputs.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        optimizer.step()
-        schedule.step()
-        if step % budget.log_every == 0 or step == steps:
-            stats = monitor(outputs.last_hidden_state.detach())
-            curve.append({"step": step, "loss": outputs.loss.item(), **stats, "cpu_s": time.process_time() - cpu_start})
-    cpu_seconds = time.process_time() - cpu_start
-    model.save_pretrained(output / "model")
-    fashion_processor().save_pretrained(output / "model")
+    model_dir = output / "model"
+    cpu_seconds = run_script("pretrain_nepa.py", pretraining_flags(steps, budget, model_dir), output / "cpu_seconds")
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if "loss" in r and "step" in r]
+    run_config = json.loads((model_dir / "run_config.json").read_text())
+    shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)  # resumable state, not needed once finished
+    # The curve's time axis: the run's CPU seconds spread over its steps (the script logs wall time, not CPU time).
+    curve = [{"step": r["step"], "loss": r["loss"], "embedding_spread": r.get("embedding_spread"),
+              "mean_cosine": r.get("mean_cosine"), "cpu_s": cpu_seconds * r["step"] / steps} for r in records]
     return {"kind": "pretrain", "method": method, "seed": PRETRAIN_SEED, "steps": steps,
-            "epochs": steps * budget.pretrain_batch / len(images), "batch_size": budget.pretrain_batch,
+            "epochs": steps * budget.pretrain_batch / run_config["num_images"], "batch_size": budget.pretrain_batch,
             "cpu_seconds": cpu_seconds, "final_loss": curve[-1]["loss"],
             "final_embedding_spread": curve[-1]["embedding_spread"], "final_mean_cosine": curve[-1]["mean_cosine"],
-            "collapsed": monitor.collapsed, "curve": curve}
+            "script": "examples/pretrain_nepa.py", "command": pretraining_flags(steps, budget, model_dir),
+            "curve": curve}
 
 
-def pretrain_mae(budget: Budget, data: dict, output: Path, output_root: Path) -> dict:
-    """MAE with the CPU time the NEPA pretraining run took (its result.json): the cost of a whole MAE training step
-    (augmentation, forward, backward, clipping, update) is measured here over a few steps, and MAE gets
-    `nepa_cpu_seconds / mae_step_cost` steps, so both schedules are complete and the budgets equal."""
-    nepa = json.loads((output_root / unit_name("pretrain", "nepa", PRETRAIN_SEED) / "result.json").read_text())
-    images = data["train"][0]
-    generator = torch.Generator().manual_seed(PRETRAIN_SEED)
-    torch.manual_seed(PRETRAIN_SEED)
-    model = mae_model()
-    optimizer = create_pretraining_optimizer(model, budget.pretrain_lr, weight_decay=0.05)
-    model.train()
+def layer_decay_for(init: str, budget: Budget) -> float:
+    """The only difference between the arms' fine-tuning: layer decay 1.0 from scratch, where it would just slow the
+    lower blocks down."""
+    return 1.0 if init == "scratch" else budget.pretrained_layer_decay
 
-    def train_step(index, schedule=None):
-        loss = model(pixel_values=to_pixels(augment(images[index], generator))).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
-        return loss
 
-    # Timing steps at lr 0 (the schedule's warmup starts there too), then the state is reset for the real run.
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    timing = list(batches(len(images), budget.pretrain_batch, 10, torch.Generator().manual_seed(1)))
-    train_step(timing[0])
+def finetuning_flags(init: str, fraction: float, seed: int, budget: Budget, output_root: Path, output: Path) -> list[str]:
+    """`examples/finetune_classification.py` flags of the study's fine-tuning recipe (the same for every backbone;
+    only the layer decay differs: `budget.pretrained_layer_decay` for a pretrained backbone, 1.0 from scratch):
+    AdamW lr 2e-3 wd 0.05, per-group warmup over 10% of the steps + cosine, label smoothing 0.1, grad clip 3, no EMA, no frozen
+    patch embedding, no drop path, no RandAugment / erasing / Mixup / CutMix, a 2-px translation + flip, the full
+    10k test set scored at EVAL_POINTS of the steps, nothing saved but the model."""
+    plan = budget.finetune[fraction]
+    model = (["--preset", "nepa-vit-micro", "--config_overrides", MODEL_OVERRIDES] if init == "scratch"
+             else ["--model_name_or_path", str(pretrained_dir(output_root, init))])
+    subset = ["--train_fraction", str(fraction)] if fraction < 1.0 else []
+    test = ["--max_eval_samples", str(budget.test_images)] if budget.test_images < 10_000 else []
+    # The study's schedule is the authors' per-group one (get_layerwise_cosine_schedule over 10% of the steps), in
+    # which a group with lr factor 1 warms up in one step: every group of a scratch run (layer decay 1.0). NepaTrainer
+    # runs that schedule below layer decay 1.0 only, so a scratch run asks the Trainer's cosine for the same 1 step.
+    warmup = "1" if init == "scratch" else "0.1"
+    return [*model, "--drop_path_rate", "0", "--freeze_patch_embeddings", "false", "--dataset_name", DATASET,
+            *subset, "--eval_split", "test", *test, "--output_dir", str(output), "--do_train",
+            "--max_steps", str(plan.steps), "--per_device_train_batch_size", str(plan.batch_size),
+            # drop_last drops evaluation batches too: the evaluation batch must divide the test set
+            "--dataloader_drop_last", "--per_device_eval_batch_size", str(math.gcd(1000, budget.test_images)),
+            "--learning_rate", str(budget.finetune_lr), "--weight_decay", "0.05", "--warmup_steps", warmup,
+            "--layer_decay", str(layer_decay_for(init, budget)),
+            "--max_grad_norm", "3", "--label_smoothing_factor", str(budget.label_smoothing), "--ema_decay", "0",
+            *TRANSLATION, "--rand_augment", "none", "--color_jitter", "0", "--random_erasing_prob", "0",
+            "--mixup_alpha", "0", "--cutmix_alpha", "0", "--eval_crop_pct", "1.0", *NORMALISATION,
+            "--eval_at_fractions", *map(str, EVAL_POINTS), "--save_strategy", "no", "--logging_steps",
+            str(budget.log_every), "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+            "--seed", str(seed)]
+
+
+def finetune_result(init: str, fraction: float, seed: int, plan: Finetune, cpu_seconds: float, run_dir: Path,
+                    train_images: int, test_images: int, layer_decay: float) -> dict:
+    """A fine-tuning unit's result from the Trainer's `trainer_state.json` (its training and evaluation logs)."""
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    evaluations = [{"step": e["step"], "test_top1": e["eval_accuracy"]} for e in history if "eval_accuracy" in e]
+    curve = [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e]
+    return {"kind": "finetune", "init": init, "fraction": fraction, "seed": seed, "train_images": train_images,
+            "steps": plan.steps, "batch_size": plan.batch_size, "epochs": plan.steps * plan.batch_size / train_images,
+            "layer_decay": layer_decay, "cpu_seconds": cpu_seconds, "test_top1": evaluations[-1]["test_top1"],
+            "test_images": test_images,
+            **convergence(evaluations, plan.steps), "final_train_loss": curve[-1]["loss"],
+            "evaluations": evaluations, "curve": curve}
+
+
+def finetune(init: str, fraction: float, seed: int, budget: Budget, output_root: Path, output: Path) -> dict:
+    """A fine-tuning unit: `examples/finetune_classification.py` (MAE: `finetune_mae`, the same code and flags)."""
+    run_dir = output / "run"
+    flags = finetuning_flags(init, fraction, seed, budget, output_root, run_dir)
+    layer_decay = layer_decay_for(init, budget)
+    (output / "cpu_seconds").unlink(missing_ok=True)  # a fine-tune reruns from the start
+    cpu_seconds = (finetune_mae(flags, output_root) if init == "mae"
+                   else run_script("finetune_classification.py", flags, output / "cpu_seconds"))
+    train_images = json.loads((run_dir / "train_results.json").read_text())["train_samples"]
+    result = finetune_result(init, fraction, seed, budget.finetune[fraction], cpu_seconds, run_dir, train_images,
+                             budget.test_images, layer_decay)
+    # MAE's flags are the script's, but run by finetune_mae: the script itself refuses a MAE checkpoint
+    result.update(script="examples/finetune_classification.py" if init != "mae" else
+                  "finetune_mae: NepaTrainer with the script's arguments and data functions", command=flags)
+    shutil.rmtree(run_dir)  # the model and Trainer files (the unit keeps its result.json)
+    return result
+
+
+def finetuning_script():
+    """examples/finetune_classification.py as a module: its argument classes and data functions, for the MAE arm."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_classification", SCRIPTS / "finetune_classification.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def finetune_mae(flags: list[str], output_root: Path) -> float:
+    """The MAE arm of a fine-tuning unit: the MAE encoder in `ViTMeanPoolClassifier` (the fine-tuning script takes
+    NEPA checkpoints only), trained by `NepaTrainer` with the script's own argument classes parsed from the same
+    `flags` and its data functions, in this process; returns its CPU seconds (start-up and imports not included)."""
+    from transformers import HfArgumentParser
+
+    from nepa_hf.data.augmentation import AugmentationArguments
+    from nepa_hf.data.classification import encode_labels, stratified_subset, with_image_transform
+    from nepa_hf.data.transforms import ImageProcessorTransform, per_channel
+    from nepa_hf.evaluation.features import classification_metrics
+    from nepa_hf.training.finetuning import NepaTrainer, NepaTrainingArguments
+
     start = time.process_time()
-    for index in timing[1:]:
-        train_step(index)
-    mae_cost = (time.process_time() - start) / (len(timing) - 1)
-    model.load_state_dict(initial)
-    optimizer = create_pretraining_optimizer(model, budget.pretrain_lr, weight_decay=0.05)
+    script = finetuning_script()
+    model_args, data_args, aug_args, training_args = HfArgumentParser(
+        (script.ModelArguments, script.DataArguments, AugmentationArguments, NepaTrainingArguments)
+    ).parse_args_into_dataclasses(flags)
+    set_seed(training_args.seed)
+    train, classes = encode_labels(script.load_split(data_args, model_args, data_args.train_split), "label")
+    test, _ = encode_labels(script.load_split(data_args, model_args, data_args.eval_split), "label", classes)
+    test = script.subsample(test, data_args.max_eval_samples, training_args.seed)
+    if data_args.train_fraction is not None:
+        train = stratified_subset(train, "label", fraction=data_args.train_fraction, seed=training_args.seed)
+    model = ViTMeanPoolClassifier(len(classes))
+    model.load_mae_encoder(pretrained_dir(output_root, "mae"))
+    mean = per_channel(data_args.image_mean, 3, "--image_mean")
+    std = per_channel(data_args.image_std, 3, "--image_std")
+    processor = aug_args.eval_image_processor(IMAGE_SIZE, mean, std)
+    trainer = NepaTrainer(
+        model=model, args=training_args,
+        train_dataset=with_image_transform(train, aug_args.train_transform(IMAGE_SIZE, mean, std), "image", "label",
+                                           mixable=True),
+        eval_dataset=with_image_transform(test, ImageProcessorTransform(processor), "image", "label"),
+        data_collator=aug_args.collator(len(classes), label_smoothing=training_args.label_smoothing_factor),
+        compute_metrics=classification_metrics(len(classes)),
+    )
+    result = trainer.train()
+    result.metrics["train_samples"] = len(train)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    return time.process_time() - start
 
+
+def pretrain_mae(budget: Budget, output: Path, output_root: Path) -> dict:
+    """MAE (transformers' `ViTMAEForPreTraining`) trained by transformers' `Trainer`, as its run_mae.py example does,
+    on the same images and augmentation as NEPA, with the CPU time the NEPA pretraining took: a short run measures
+    the CPU cost of a MAE step, and the real run gets `nepa_cpu_seconds / that cost` steps (complete schedules,
+    equal budgets)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from nepa_hf.data.images import load_image_dataset
+    from nepa_hf.data.transforms import pretraining_transform, to_rgb
+
+    nepa = json.loads((output_root / unit_name("pretrain", "nepa", PRETRAIN_SEED) / "result.json").read_text())
+    images = load_image_dataset(DATASET, split="train", max_samples=budget.train_images, seed=PRETRAIN_SEED)
+    transform = pretraining_transform(IMAGE_SIZE, [FASHION_MEAN] * 3, [FASHION_STD] * 3, crop_padding=2)
+    images = images.with_transform(lambda batch: {"pixel_values": [transform(to_rgb(i)) for i in batch["image"]]})
+
+    class StepTimes(TrainerCallback):  # process CPU seconds at the end of every optimizer step
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.process_time())
+
+    def train(steps: int, folder: str, learning_rate: float) -> tuple[Trainer, StepTimes]:
+        set_seed(PRETRAIN_SEED)
+        arguments = TrainingArguments(
+            output_dir=str(output / folder), max_steps=steps, per_device_train_batch_size=budget.pretrain_batch,
+            learning_rate=learning_rate, weight_decay=0.05, adam_beta2=0.95, warmup_steps=0.05,
+            lr_scheduler_type="cosine", max_grad_norm=3.0, logging_steps=max(1, budget.log_every * steps //
+                                                                                  budget.pretrain_steps),
+            save_strategy="no", report_to="none", disable_tqdm=True, dataloader_drop_last=True,
+            remove_unused_columns=False, seed=PRETRAIN_SEED, dataloader_num_workers=0)
+        times = StepTimes()
+        trainer = Trainer(model=mae_model(), args=arguments, train_dataset=images, callbacks=[times],
+                          data_collator=lambda batch: {"pixel_values": torch.stack([b["pixel_values"] for b in batch])})
+        trainer.train()
+        return trainer, times
+
+    _, timing = train(12, "timing", 0.0)  # lr 0: the timing run changes nothing; its model is dropped
+    mae_cost = (timing.ends[-1] - timing.ends[2]) / (len(timing.ends) - 3)  # steps 4-12: past the first steps' costs
     steps = max(1, int(round(nepa["cpu_seconds"] / mae_cost)))
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    curve = []
-    cpu_start = time.process_time()
-    log_every = max(1, int(round(budget.log_every * steps / budget.pretrain_steps)))
-    for step, index in enumerate(batches(len(images), budget.pretrain_batch, steps, generator), 1):
-        loss = train_step(index, schedule)
-        if step % log_every == 0 or step == steps:
-            curve.append({"step": step, "loss": loss.item(), "cpu_s": time.process_time() - cpu_start})
-    model.save_pretrained(output / "model")
+    start = time.process_time()
+    trainer, times = train(steps, "run", budget.pretrain_lr)
+    cpu_seconds = time.process_time() - start
+    trainer.save_model(str(output / "model"))
+    for folder in ("run", "timing"):  # Trainer files; the model is saved above
+        shutil.rmtree(output / folder)
+    curve = [{"step": e["step"], "loss": e["loss"], "cpu_s": times.ends[e["step"] - 1] - start}
+             for e in trainer.state.log_history if "loss" in e]
     return {"kind": "pretrain", "method": "mae", "seed": PRETRAIN_SEED, "steps": steps,
             "epochs": steps * budget.pretrain_batch / len(images), "batch_size": budget.pretrain_batch,
-            "cpu_seconds": time.process_time() - cpu_start, "nepa_cpu_seconds": nepa["cpu_seconds"],
-            "mae_step_cpu_s": mae_cost, "nepa_step_cpu_s": nepa["cpu_seconds"] / nepa["steps"],
-            "final_loss": curve[-1]["loss"], "curve": curve}
-
-
-@torch.no_grad()
-def test_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    predictions = torch.cat([classifier_logits(model, to_pixels(chunk)).argmax(-1) for chunk in images.split(1000)])
-    model.train()
-    return (predictions == labels).float().mean().item()
-
-
-def finetune(init: str, fraction: float, seed: int, budget: Budget, data: dict, output_root: Path) -> dict:
-    plan = budget.finetune[fraction]
-    model = build_classifier(init, seed, output_root)
-    layer_decay = 1.0 if init == "scratch" else budget.pretrained_layer_decay
-    groups = layer_decay_parameter_groups(model, budget.finetune_lr, weight_decay=0.05, layer_decay=layer_decay,
-                                          num_layers=study_config().num_hidden_layers)
-    optimizer = torch.optim.AdamW(groups, lr=budget.finetune_lr, betas=(0.9, 0.999))
-    schedule = get_layerwise_cosine_schedule(optimizer, max(1, plan.steps // 10), plan.steps)
-    train_images, train_labels = data["train"]
-    subset = label_subset(train_labels, fraction, seed)
-    images, labels = train_images[subset], train_labels[subset]
-    test_images, test_labels = data["test"]
-    batch_size = min(plan.batch_size, len(subset))
-    eval_steps = sorted({max(1, round(point * plan.steps)) for point in EVAL_POINTS})
-    generator = torch.Generator().manual_seed(seed)
-    curve, evaluations = [], []
-    cpu_start = time.process_time()
-    model.train()
-    for step, index in enumerate(batches(len(subset), batch_size, plan.steps, generator), 1):
-        logits = classifier_logits(model, to_pixels(augment(images[index], generator)))
-        loss = F.cross_entropy(logits, labels[index], label_smoothing=budget.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        optimizer.step()
-        schedule.step()
-        if step % budget.log_every == 0 or step == plan.steps:
-            curve.append({"step": step, "loss": loss.item()})
-        if step in eval_steps:
-            evaluations.append({"step": step, "test_top1": test_accuracy(model, test_images, test_labels)})
-    return {"kind": "finetune", "init": init, "fraction": fraction, "seed": seed, "train_images": len(subset),
-            "steps": plan.steps, "batch_size": batch_size, "epochs": plan.steps * batch_size / len(subset),
-            "layer_decay": layer_decay, "cpu_seconds": time.process_time() - cpu_start,
-            "test_top1": evaluations[-1]["test_top1"], "test_images": len(test_labels),
-            **convergence(evaluations, plan.steps),
-            "final_train_loss": curve[-1]["loss"], "evaluations": evaluations, "curve": curve}
+            "cpu_seconds": cpu_seconds, "nepa_cpu_seconds": nepa["cpu_seconds"], "mae_step_cpu_s": mae_cost,
+            "nepa_step_cpu_s": nepa["cpu_seconds"] / nepa["steps"], "final_loss": curve[-1]["loss"],
+            "script": "transformers Trainer (pretrain_mae)", "curve": curve}
 
 
 @torch.no_grad()
@@ -516,10 +598,10 @@ def unit_name(kind: str, method: str, seed: int, fraction: float | None = None) 
 
 
 def plan(budget: Budget) -> list[tuple[str, list[str], list[str]]]:
-    """[(unit, argv for `--unit`, dependencies)] in priority order: NEPA pretraining and the scratch anchor first,
-    then NEPA against scratch at 1% over seeds, MAE, the NEPA and MAE runs on all labels, the 10% comparisons over
-    seeds, probes, and the pretraining-length runs (fine-tuned on 1% of the labels, where pretraining matters most and
-    a run is cheap)."""
+    """[(unit, argv for `--unit`, dependencies)] in priority order: NEPA pretraining, with the scratch fine-tunes at
+    1% beside it (they need no pretraining), the NEPA ones at 1%, then the pairs at 10% (the paired comparison), the
+    scratch anchor on all labels, the raw-pixel baselines, MAE, the other runs on all labels, probes, and the
+    pretraining-length runs (fine-tuned on 1% of the labels, where pretraining matters most and a run is cheap)."""
     pretrained = {m: unit_name("pretrain", m, PRETRAIN_SEED) for m in PRETRAINED}
 
     def finetune_unit(init, fraction, seed):
@@ -530,16 +612,17 @@ def plan(budget: Budget) -> list[tuple[str, list[str], list[str]]]:
         deps = [pretrained[backbone]] if backbone in pretrained else []
         return unit_name("probe", backbone, PRETRAIN_SEED), ["probe", backbone, str(PRETRAIN_SEED)], deps
 
-    units = [(pretrained["nepa"], ["pretrain", "nepa", str(PRETRAIN_SEED)], []),
-             finetune_unit("scratch", 1.0, 0),
-             (unit_name("baseline", "raw-pixels", PRETRAIN_SEED), ["baseline", "raw-pixels", str(PRETRAIN_SEED)], [])]
-    units += [finetune_unit(init, 0.01, seed) for seed in budget.seeds[0.01] for init in ("nepa", "scratch")]
+    units = [(pretrained["nepa"], ["pretrain", "nepa", str(PRETRAIN_SEED)], [])]
+    units += [finetune_unit(init, fraction, seed)
+              for fraction in (0.01, 0.1) for init in ("scratch", "nepa") for seed in budget.seeds[fraction]]
+    units += [finetune_unit("scratch", 1.0, seed) for seed in budget.seeds[1.0]]
+    units.append((unit_name("baseline", "raw-pixels", PRETRAIN_SEED), ["baseline", "raw-pixels", str(PRETRAIN_SEED)], []))
     units.append((pretrained["mae"], ["pretrain", "mae", str(PRETRAIN_SEED)], [pretrained["nepa"]]))
     units += [finetune_unit("mae", 0.01, seed) for seed in budget.seeds[0.01]]
     # The two remaining 100% fine-tunes are the longest units (~1 CPU-hour each): started before the short ones,
     # so that `--jobs 2` workers finish together instead of one running a long unit alone at the end.
     units += [finetune_unit(init, 1.0, seed) for seed in budget.seeds[1.0] for init in ("nepa", "mae")]
-    units += [finetune_unit(init, 0.1, seed) for seed in budget.seeds[0.1] for init in ("nepa", "scratch", "mae")]
+    units += [finetune_unit("mae", 0.1, seed) for seed in budget.seeds[0.1]]
     units += [probe_unit(backbone) for backbone in ("nepa", "mae", "random-init")]
     for method in ("nepa-third", "nepa-ninth"):
         units.append((pretrained[method], ["pretrain", method, str(PRETRAIN_SEED)], []))
@@ -561,20 +644,18 @@ def pid_alive(pid_file: Path) -> bool:
 def run_unit(argv: list[str], budget: Budget, output_root: Path) -> None:
     torch.set_num_threads(1)
     kind, method, seed = argv[0], argv[1], int(argv[2])
-    data = {"train": load_split("train", budget.train_images), "test": load_split("test", budget.test_images)}
     fraction = float(argv[3]) if kind == "finetune" else None
     name = unit_name(kind, method, seed, fraction)
     output = output_root / name
-    if kind == "pretrain":
-        result = (pretrain_mae(budget, data, output, output_root) if method == "mae"
-                  else pretrain_nepa(method, budget, data, output))
-    elif kind == "probe":
-        result = probe(method, budget, data, output_root)
-    elif kind == "baseline":
-        result = raw_pixel_baselines(budget, data)
-    else:
-        result = finetune(method, fraction, seed, budget, data, output_root)
     output.mkdir(parents=True, exist_ok=True)
+    if kind == "pretrain":
+        result = (pretrain_mae(budget, output, output_root) if method == "mae"
+                  else pretrain_nepa(method, budget, output))
+    elif kind == "finetune":
+        result = finetune(method, fraction, seed, budget, output_root, output)
+    else:
+        data = {"train": load_split("train", budget.train_images), "test": load_split("test", budget.test_images)}
+        result = probe(method, budget, data, output_root) if kind == "probe" else raw_pixel_baselines(budget, data)
     result["unit"] = name
     result["settings"] = study_settings(budget)
     result["torch_threads"] = torch.get_num_threads()
@@ -586,7 +667,15 @@ def run_all(args, budget: Budget) -> None:
     output_root = Path(args.output_dir)
     output_root.mkdir(parents=True, exist_ok=True)
     check_settings(load_results(output_root), budget, output_root)
-    pending = [u for u in plan(budget) if not (output_root / u[0] / "result.json").exists()]
+    selected = [u for u in plan(budget) if not args.units or any(fnmatch.fnmatch(u[0], p) for p in args.units)]
+    if args.units and (unmatched := [p for p in args.units if not any(fnmatch.fnmatch(u[0], p) for u in selected)]):
+        raise SystemExit(f"--units {' '.join(unmatched)}: no planned unit matches (units are named like "
+                         f"{plan(budget)[1][0]}; see plan()).")
+    finished = {u[0] for u in plan(budget) if (output_root / u[0] / "result.json").exists()}
+    chosen = {u[0] for u in selected}
+    if unmet := [f"{name} needs {dep}" for name, _, deps in selected for dep in deps if dep not in finished | chosen]:
+        raise SystemExit(f"--units: {'; '.join(unmet)}, which is neither finished nor selected: add it to --units.")
+    pending = [u for u in selected if u[0] not in finished]
     # Units still running from an earlier invocation of this script (its pid file is live) are waited for.
     elsewhere = {u[0] for u in pending if pid_alive(output_root / f"{u[0]}.pid")}
     pending = [u for u in pending if u[0] not in elsewhere]
@@ -834,6 +923,43 @@ def make_visualizations(output_root: Path, report_dir: Path) -> list[str]:
     return written
 
 
+# The units of this study as it ran before issue 28, each with its own training loop in this file (a record).
+PRIVATE_LOOPS = REPO_ROOT / "benchmarks" / "results" / "fashion_mnist_study_private_loops"
+
+
+def comparison_with_private_loops(results: list[dict], records: Path) -> list[str]:
+    """The script-run numbers next to the private loops' (same budgets, recipe and seeds; other data order,
+    augmentation draws and initialisations, since the scripts draw them their own way)."""
+    if not records.is_dir():
+        return []
+    previous = load_results(records)
+    lines = ["", "### Through the scripts against the study's earlier private training loops", "",
+             f"The same plan ran before with training loops of its own in this file (`{records.relative_to(REPO_ROOT)}`"
+             "): the same budgets, recipe, seeds and label fractions, but other random draws (label subsets, data "
+             "order, augmentation, initialisation), so per-seed numbers differ by seed noise at least.", "",
+             "| runs | private loops | scripts | difference of the means (points) |", "|---|---|---|---|"]
+    for fraction in FRACTIONS:
+        for arm in ARMS:
+            before = [r["test_top1"] for r in finetunes(previous, arm, fraction)]
+            after = [r["test_top1"] for r in finetunes(results, arm, fraction)]
+            if before and after:
+                lines.append(f"| {arm}, {BUDGET_NAMES[fraction]} labels | {mean_std(before)} | {mean_std(after)} | "
+                             f"{100 * (np.mean(after) - np.mean(before)):+.1f} |")
+        before, after = paired_gains(previous, fraction), paired_gains(results, fraction)
+        if before and after:
+            lines.append(f"| NEPA over scratch, {BUDGET_NAMES[fraction]} labels (paired) | "
+                         f"{before['mean_points']:+.1f} ± {before.get('std_points', 0):.1f} (n={len(before['seeds'])}) "
+                         f"| {after['mean_points']:+.1f} ± {after.get('std_points', 0):.1f} (n={len(after['seeds'])}) "
+                         f"| {after['mean_points'] - before['mean_points']:+.1f} |")
+    old_nepa = next((r for r in previous if r["unit"] == unit_name("pretrain", "nepa", PRETRAIN_SEED)), None)
+    new_nepa = next((r for r in results if r["unit"] == unit_name("pretrain", "nepa", PRETRAIN_SEED)), None)
+    if old_nepa and new_nepa:
+        lines.append(f"| NEPA pretraining: final loss, CPU minutes | {old_nepa['final_loss']:.3f}, "
+                     f"{old_nepa['cpu_seconds'] / 60:.1f} | {new_nepa['final_loss']:.3f}, "
+                     f"{new_nepa['cpu_seconds'] / 60:.1f} | |")
+    return lines
+
+
 def write_report(args, budget: Budget) -> Path:
     output_root, report_dir = Path(args.output_dir), Path(args.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -860,9 +986,16 @@ def write_report(args, budget: Budget) -> Path:
         "without curves in `docs/study_results.json`; summary in `docs/study_summary.json`)."
         + (f" **Not finished yet: {len(missing)} units** ({', '.join(missing)})." if missing else " Every planned unit finished."),
         "",
+        "**How the units ran.** Through the scripts users run, as subprocesses with the flags in each unit's "
+        "`result.json` (`command`): NEPA pretraining by `examples/pretrain_nepa.py` (Accelerate), every NEPA and "
+        "scratch fine-tune by `examples/finetune_classification.py` (Trainer with `NepaTrainer`, scored through the "
+        "saved image processor); MAE, whose model the scripts do not take, by transformers' `Trainer` "
+        "(pretraining, as its run_mae.py example) and `NepaTrainer` with the fine-tuning script's argument classes "
+        "and data code. CPU seconds are the script process's (its start-up included).",
+        "",
         f"**Setup.** NEPA architecture at D 128, 6 blocks, 4 heads, MLP 512, patch {PATCH_SIZE}, on the native "
         f"{IMAGE_SIZE}x{IMAGE_SIZE} images (grey replicated to RGB; augmentation: random translation by up to 2 px + "
-        f"horizontal flip). One process with one torch thread per run. Pretraining: {budget.pretrain_steps} steps x "
+        f"horizontal flip, `--random_crop_padding 2`). One process with one torch thread per run. Pretraining: {budget.pretrain_steps} steps x "
         f"batch {budget.pretrain_batch} on the 60k training images without labels, AdamW (0.9, 0.95) lr "
         f"{budget.pretrain_lr:g} wd 0.05, 5% warmup + cosine, grad-clip 3"
         + (f" ({nepa['epochs']:.1f} epochs, {nepa['cpu_seconds'] / 60:.1f} CPU-minutes)" if nepa else "") + ". MAE: "
@@ -908,6 +1041,8 @@ def write_report(args, budget: Budget) -> Path:
             lines.append(f"- MAE (a plain ViT) over scratch (NEPA's architecture: RoPE, QK-norm, LayerScale), so "
                          f"pretraining and architecture together, "
                          f"{significance_sentence(f'{BUDGET_NAMES[fraction]} labels', gains)}")
+
+    lines += [] if args.quick else comparison_with_private_loops(results, PRIVATE_LOOPS)
 
     lines += ["", "### Convergence: test top-1 over the last 20% of the fine-tuning steps", "",
               f"Scored at {', '.join(f'{100 * point:g}' for point in EVAL_POINTS if point >= 0.8)}% of the steps. "
@@ -990,6 +1125,9 @@ def parse_args():
                         help="one folder per unit (result.json, logs, checkpoints); finished units are skipped")
     parser.add_argument("--report_dir", default=str(REPO_ROOT / "docs"))
     parser.add_argument("--jobs", type=int, default=2, help="units run at once (each uses one thread)")
+    parser.add_argument("--units", nargs="+", metavar="PATTERN",
+                        help="run only the planned units matching these patterns (and what they need must exist), "
+                             "e.g. 'pretrain-nepa-s0' 'finetune-*-1pct-*'; default: every unit")
     parser.add_argument("--quick", action="store_true", help="a tiny budget, to check the whole pipeline")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--unit", nargs="+", help=argparse.SUPPRESS)

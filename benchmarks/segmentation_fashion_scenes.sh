@@ -7,7 +7,7 @@
 #
 # Backbones (nepa-vit-micro widths), chosen with BACKBONES (default "study scratch"):
 #   study   - the NEPA backbone of the Fashion-MNIST study (patch 7 at 28x28, 8 epochs of the 60k training images;
-#             `python benchmarks/fashion_mnist_study.py` makes it: benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model);
+#             `python benchmarks/fashion_mnist_study.py --units pretrain-nepa-s0` makes it: benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model);
 #   demo    - the demo's NEPA pretraining (outputs/demo/pretrained, made by examples/demo.py when missing);
 #   scenes  - NEPA on the unlabelled training scenes (benchmarks/pretrain_nepa_on_scenes.py, 400 steps);
 #   scratch - random init.
@@ -37,7 +37,7 @@ backbone_args() {
     case "$1" in
         study)
             if [ ! -f benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model/model.safetensors ]; then
-                echo "missing benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model: run python benchmarks/fashion_mnist_study.py" >&2
+                echo "missing benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model: run python benchmarks/fashion_mnist_study.py --units pretrain-nepa-s0" >&2
                 exit 1
             fi
             echo --model_name_or_path benchmarks/results/fashion_mnist_study/pretrain-nepa-s0/model ;;

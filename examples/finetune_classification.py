@@ -55,7 +55,7 @@ from nepa_hf.data.classification import (
 from nepa_hf.data.images import load_image_dataset, patch_aligned_size, resolve_column, split_names
 from nepa_hf.evaluation.features import classification_metrics
 from nepa_hf.hub.loading import load_pretrained
-from nepa_hf.training.config_overrides import parse_config_overrides
+from nepa_hf.training.config_overrides import parse_config_overrides, preset_config
 from nepa_hf.training.finetuning import NepaTrainer, NepaTrainingArguments
 from nepa_hf.training.trainer_callbacks import trainer_checkpoint_to_resume
 from nepa_hf.data.transforms import ImageProcessorTransform, per_channel
@@ -179,10 +179,7 @@ def load_model(model_args: ModelArguments, id2label: dict, label2id: dict):
         if model_args.model_name_or_path is not None:
             raise ValueError("Pass either --model_name_or_path or --preset, not both.")
         overrides.update(parse_config_overrides(model_args.config_overrides))
-        if model_args.image_size is not None:  # the scripts' patch-size rule, before the config's own check
-            patch_size = overrides.get("patch_size", NEPA_PRESETS.get(model_args.preset, {}).get("patch_size", 1))
-            overrides["image_size"] = patch_aligned_size(model_args.image_size, patch_size)
-        config = NepaConfig.from_preset(model_args.preset, **overrides)
+        config = preset_config(model_args.preset, overrides, model_args.image_size)
         return NepaForImageClassification(config), None, False
     if model_args.config_overrides:
         raise ValueError("--config_overrides only applies to --preset (training from scratch).")
@@ -300,10 +297,11 @@ def main(argv: list[str] | None = None):
     size = patch_aligned_size(model_args.image_size or model.config.image_size, model.config.patch_size)
     # The evaluation preprocessing, saved with the model, with the source checkpoint's normalisation.
     channels = model.config.num_channels
-    mean = per_channel(data_args.image_mean or getattr(source_processor, "image_mean", None) or [0.5], channels,
-                       "--image_mean")
-    std = per_channel(data_args.image_std or getattr(source_processor, "image_std", None) or [0.5], channels,
-                      "--image_std")
+    mean, std = (
+        per_channel(given, channels, f"--{name}") if given else
+        per_channel(getattr(source_processor, name, None) or [0.5], channels, f"The source checkpoint's {name}")
+        for name, given in (("image_mean", data_args.image_mean), ("image_std", data_args.image_std))
+    )
     processor = aug_args.eval_image_processor(size, mean, std)
     logger.info(f"{len(train_dataset)} training images, {len(class_names)} classes, resolution {size}; "
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; from "

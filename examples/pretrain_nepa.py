@@ -40,7 +40,7 @@ from nepa_hf.data.workers import default_num_workers
 from nepa_hf.hub.loading import load_pretrained
 from nepa_hf.training.checkpointing import (CHECKPOINTS_DIR, checkpoint_to_resume, explained_write_errors,
                                             read_checkpoint_meta, resume_training, save_checkpoint)
-from nepa_hf.training.config_overrides import parse_config_overrides
+from nepa_hf.training.config_overrides import parse_config_overrides, preset_config
 from nepa_hf.training.ema import create_ema, save_ema
 from nepa_hf.training.long_runs import (DEFAULT_MAX_NONFINITE_STEPS, PreemptionSignal, agreed_flags, exit_preempted,
                                         nonfinite_step, parse_signal_names)
@@ -80,7 +80,8 @@ def parse_args(argv=None):
     add("--dataloader_num_workers", type=int, help="Per process (default: 0 on CPU, min(12, cores) on GPU).")
     add("--crop_min_scale", type=float, default=0.08, help="RandomResizedCrop minimum area scale.")
     add("--random_crop_padding", type=int, default=0,
-        help="N > 0: pad N px and random-crop instead of RandomResizedCrop (a translation, for small images).")
+        help="N > 0: pad N px and random-crop (a shift, for small images) instead of RandomResizedCrop "
+             "(--crop_min_scale then unused).")
     add("--hflip_prob", type=float, default=0.5)
     add("--image_mean", type=float, nargs="+", help="Normalisation mean (default: the model's image processor's).")
     add("--image_std", type=float, nargs="+", help="Normalisation std (default: the model's image processor's).")
@@ -158,10 +159,7 @@ def load_model(args):
         overrides["num_channels"] = args.num_channels
     path, has_weights = Path(args.model), False
     if args.model in NEPA_PRESETS:
-        if args.image_size is not None:  # checked against the patch size the overrides may change
-            patch_size = overrides.get("patch_size", NEPA_PRESETS[args.model]["patch_size"])
-            overrides["image_size"] = patch_aligned_size(args.image_size, patch_size)
-        config = NepaConfig.from_preset(args.model, **overrides)
+        config = preset_config(args.model, overrides, args.image_size)
     elif path.suffix == ".json" and path.is_file():
         # The saved backbone stages follow the saved layer count: let the constructor derive them again.
         saved = {k: v for k, v in NepaConfig.from_json_file(path).to_dict().items()
@@ -247,9 +245,11 @@ def pretrain(args, preemption):
         accelerator.print(note)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    channels = config.num_channels
-    mean = per_channel(args.image_mean or processor.image_mean[:channels], channels, "--image_mean")
-    std = per_channel(args.image_std or processor.image_std[:channels], channels, "--image_std")
+    channels = config.num_channels  # the flags, else the model's image processor (three values for RGB)
+    mean = (per_channel(args.image_mean, channels, "--image_mean") if args.image_mean
+            else list(processor.image_mean)[:channels])
+    std = (per_channel(args.image_std, channels, "--image_std") if args.image_std
+           else list(processor.image_std)[:channels])
     objective = NepaPretrainingObjective(model, args.pixel_loss_weight, args.pixel_loss, args.pixel_decoder_hidden_size)
 
     # Data, optimizer and schedule (in optimizer updates: stepped by hand once per update, since a prepared scheduler

@@ -337,3 +337,22 @@ def test_label_smoothing_is_never_applied_twice(tmp_path):
                                  report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="needs an EMA"):
         NepaTrainer(model=tiny_classifier(), args=args)
+
+
+def test_eval_at_fractions_needs_an_evaluation_set_and_fractions_in_range(tmp_path):
+    """--eval_at_fractions evaluates during training: refused up front without an eval_dataset (it would fail at the
+    first fraction, mid-run) and for fractions outside (0, 1]."""
+    from nepa_hf.training.trainer_callbacks import EvaluateAtFractionsCallback, steps_at_fractions
+
+    args = NepaTrainingArguments(output_dir=str(tmp_path), eval_at_fractions=[0.5, 1.0], report_to="none",
+                                 use_cpu=True)
+    train = [{"pixel_values": torch.zeros(3, 8, 8), "labels": 0}] * 4
+    with pytest.raises(ValueError, match="eval_at_fractions evaluates during training, but the Trainer has no"):
+        NepaTrainer(model=tiny_classifier(), args=args, train_dataset=train, data_collator=collate_image_batch)
+    trainer = NepaTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=train,
+                          data_collator=collate_image_batch)
+    assert any(isinstance(cb, EvaluateAtFractionsCallback) for cb in trainer.callback_handler.callbacks)
+    assert steps_at_fractions([0.25, 0.5, 0.8, 1.0], 10) == {2, 5, 8, 10}  # round(2.5) = 2: Python's rounding
+    assert steps_at_fractions([0.01], 10) == {1}
+    with pytest.raises(ValueError, match=r"in \(0, 1\], got \[0.0\]"):
+        NepaTrainingArguments(output_dir=str(tmp_path), eval_at_fractions=[0.0])

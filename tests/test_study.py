@@ -1,12 +1,16 @@
-"""The Fashion-MNIST study's own pieces: the MAE baseline's encoder transfer, label subsets, the run plan."""
+"""The Fashion-MNIST study's own pieces: the MAE baseline's encoder transfer, label subsets, the run plan, its units
+running through the example scripts."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from nepa_hf.data.classification import stratified_indices
 
 STUDY_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "fashion_mnist_study.py"
 
@@ -36,14 +40,17 @@ def test_mae_encoder_transfers_exactly_into_the_vit_classifier(study, tmp_path):
         reference = mae.vit(pixels, noise=torch.arange(num_patches).float().expand(2, -1)).last_hidden_state
         ours = classifier.vit(pixels).last_hidden_state
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    assert classifier(pixels).shape == (2, 10)
+    assert classifier(pixels).logits.shape == (2, 10)
+    assert classifier(pixels, labels=torch.tensor([1, 2])).loss.item() == pytest.approx(np.log(10))  # zero head
 
 
-def test_label_subset_is_class_balanced_and_seeded(study):
+def test_label_subset_is_the_fine_tuning_scripts_subset(study):
+    """The raw-pixel baselines score the label subsets the fine-tunes train on: the script's stratified subset of
+    `--train_fraction` with `--seed`."""
     labels = torch.arange(10).repeat_interleave(50)
     subset = study.label_subset(labels, 0.1, seed=0)
     assert torch.bincount(labels[subset], minlength=10).tolist() == [5] * 10
-    assert torch.equal(subset, study.label_subset(labels, 0.1, seed=0))
+    assert subset.tolist() == sorted(stratified_indices(labels.numpy(), fraction=0.1, seed=0).tolist())
     assert not torch.equal(subset, study.label_subset(labels, 0.1, seed=1))
     assert len(study.label_subset(labels, 1.0, seed=0)) == 500
 
@@ -64,7 +71,103 @@ def test_plan_orders_every_dependency_first_and_covers_the_study(study):
     for shorter in ("nepa-third", "nepa-ninth"):  # the pretraining-length points
         assert all(f"finetune-{shorter}-1pct-s{seed}" in names for seed in (0, 1, 2))
     assert {"probe-nepa-s0", "probe-mae-s0", "probe-random-init-s0", "baseline-raw-pixels-s0"} <= set(names)
-    assert names[:2] == ["pretrain-nepa-s0", "finetune-scratch-100pct-s0"]  # the anchor is known early
+    # NEPA pretraining first, the scratch fine-tunes (no dependency) beside it, then the paired NEPA runs
+    assert names[0] == "pretrain-nepa-s0" and names[1] == "finetune-scratch-1pct-s0"
+    paired = [f"finetune-{init}-{label}-s{seed}" for label, seeds in (("1pct", range(5)), ("10pct", range(3)))
+              for init in ("scratch", "nepa") for seed in seeds]
+    assert names[:len(paired) + 1] == ["pretrain-nepa-s0", *paired]
+
+
+def test_the_study_has_no_optimizer_step_of_its_own(study):
+    """Its units train through examples/pretrain_nepa.py, examples/finetune_classification.py, transformers' Trainer
+    and NepaTrainer: no optimizer, backward pass or schedule is made in the study's file."""
+    import ast
+
+    tree = ast.parse(STUDY_PATH.read_text())
+    called = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+              for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    assert not called & {"backward", "step", "zero_grad", "AdamW", "create_pretraining_optimizer",
+                         "get_cosine_schedule_with_warmup", "get_layerwise_cosine_schedule", "clip_grad_norm_"}
+
+
+def test_finetuning_flags_are_the_study_recipe_in_the_scripts_own_arguments(study, tmp_path):
+    """What a fine-tuning unit passes to examples/finetune_classification.py, read back by the script's own argument
+    classes: the study's recipe."""
+    from transformers import HfArgumentParser
+
+    from nepa_hf.data.augmentation import AugmentationArguments
+    from nepa_hf.training.finetuning import NepaTrainingArguments
+
+    budget = study.Budget()
+    for init, layer_decay in (("nepa", 0.75), ("scratch", 1.0)):
+        flags = study.finetuning_flags(init, 0.01, 3, budget, tmp_path, tmp_path / "run")
+        augmentation, training, rest = HfArgumentParser((AugmentationArguments, NepaTrainingArguments)) \
+            .parse_args_into_dataclasses(flags, return_remaining_strings=True)
+        assert (training.max_steps, training.per_device_train_batch_size, training.seed) == (1800, 64, 3)
+        assert (training.learning_rate, training.weight_decay) == (2e-3, 0.05)
+        assert (training.layer_decay, training.max_grad_norm, training.label_smoothing_factor) == (layer_decay, 3, 0.1)
+        assert training.ema_decay == 0 and training.freeze_patch_embeddings is False
+        assert training.eval_at_fractions == list(study.EVAL_POINTS) and training.dataloader_drop_last
+        assert 10_000 % training.per_device_eval_batch_size == 0  # drop_last must drop no test image
+        assert augmentation.random_crop_padding == 2 and augmentation.rand_augment is None
+        assert not augmentation.mixes and augmentation.random_erasing_prob == 0
+        assert rest[rest.index("--train_fraction") + 1] == "0.01" and "--eval_split" in rest
+    assert "--train_fraction" not in study.finetuning_flags("scratch", 1.0, 0, budget, tmp_path, tmp_path)
+
+
+@pytest.mark.parametrize("init", ["nepa", "scratch"])
+def test_finetuning_flags_give_the_studys_learning_rate_schedule(study, init, tmp_path):
+    """Every parameter group's lr at every step, as NepaTrainer builds it from a unit's flags, is the study's schedule:
+    the authors' per-group warmup over 10% of the steps + cosine (`get_layerwise_cosine_schedule`), with layer decay
+    0.75 (NEPA) or 1.0 (scratch: every group warms up in one step)."""
+    from transformers import HfArgumentParser
+
+    from nepa_hf import NepaForImageClassification
+    from nepa_hf.data.augmentation import AugmentationArguments
+    from nepa_hf.training.finetuning import NepaTrainer, NepaTrainingArguments, layer_decay_parameter_groups
+    from nepa_hf.training.optimization import get_layerwise_cosine_schedule
+
+    budget = study.Budget(finetune={0.01: study.Finetune(60, 64)})
+    flags = study.finetuning_flags(init, 0.01, 0, budget, tmp_path, tmp_path / "run")
+    _, training, _ = HfArgumentParser((AugmentationArguments, NepaTrainingArguments)).parse_args_into_dataclasses(
+        flags, return_remaining_strings=True)
+    model = NepaForImageClassification(study.study_config(num_labels=10))
+    trainer = NepaTrainer(model=model, args=training)
+    trainer.create_optimizer_and_scheduler(num_training_steps=60)
+    layer_decay = 1.0 if init == "scratch" else budget.pretrained_layer_decay
+    groups = layer_decay_parameter_groups(model, budget.finetune_lr, 0.05, layer_decay, num_layers=6)
+    reference = get_layerwise_cosine_schedule(torch.optim.AdamW(groups, lr=budget.finetune_lr), 6, 60)
+    for _ in range(60):
+        assert trainer.lr_scheduler.get_last_lr() == pytest.approx(reference.get_last_lr(), abs=1e-12)
+        trainer.optimizer.step(), reference.optimizer.step()
+        trainer.lr_scheduler.step(), reference.step()
+
+
+def run_quick_1pct_finetune(study, init: str, seed: int, output_root: Path) -> dict:
+    """A fine-tuning unit on 1% of the labels at the --quick budget: its result, scored at the study's points."""
+    study.run_unit(["finetune", init, str(seed), "0.01"], study.QUICK, output_root)
+    result = json.loads((output_root / f"finetune-{init}-1pct-s{seed}" / "result.json").read_text())
+    steps = study.QUICK.finetune[0.01].steps
+    assert [e["step"] for e in result["evaluations"]] == sorted(
+        {max(1, round(point * steps)) for point in study.EVAL_POINTS})
+    assert result["train_images"] == 600  # 1% of each class of the 60k training images
+    return result
+
+
+@pytest.mark.slow
+def test_units_run_through_the_scripts_and_read_their_outputs(study, tmp_path):
+    """A NEPA pretraining unit and a NEPA fine-tuning unit at the --quick budget, end to end: the scripts run in
+    subprocesses, and the units' results come from their output files."""
+    study.run_unit(["pretrain", "nepa", "0"], study.QUICK, tmp_path)
+    pretrain = json.loads((tmp_path / "pretrain-nepa-s0" / "result.json").read_text())
+    assert pretrain["script"] == "examples/pretrain_nepa.py" and pretrain["steps"] == study.QUICK.pretrain_steps
+    assert len(pretrain["curve"]) > 1 and pretrain["cpu_seconds"] > 0
+    model_dir = tmp_path / "pretrain-nepa-s0" / "model"
+    assert (model_dir / "model.safetensors").exists() and not (model_dir / "checkpoints").exists()
+    finetune = run_quick_1pct_finetune(study, "nepa", 1, tmp_path)
+    assert finetune["test_images"] == study.QUICK.test_images
+    assert finetune["test_top1"] == finetune["evaluations"][-1]["test_top1"]
+    assert not (tmp_path / "finetune-nepa-1pct-s1" / "run").exists()  # the unit keeps its result, not the model
 
 
 def test_report_pairs_seeds_and_writes_the_summary_schema(study):
@@ -89,14 +192,6 @@ def test_report_pairs_seeds_and_writes_the_summary_schema(study):
     assert summary["budgets"]["1%"] == {"nepa": [], "scratch": [], "mae": [0.6]}
     assert set(summary["budgets"]) == {"1%", "10%", "100%"}
     assert summary["converged"] is True and summary["not_converged"] == []
-
-
-def test_augment_keeps_shape_and_content(study):
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
-    out = study.augment(images, generator, pad=0)  # no translation: each image is itself or its mirror
-    for original, augmented in zip(images, out):
-        assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(-1))
 
 
 def test_convergence_is_the_change_over_the_last_20_percent_with_the_plateau_spread_beside_it(study):
@@ -182,3 +277,18 @@ def test_settings_check_follows_what_each_unit_depends_on(study, tmp_path):
     with pytest.raises(SystemExit) as error:
         study.check_settings(probes, longer_pretraining, tmp_path)
     assert "probe-nepa-s0" in str(error.value) and "probe-random-init-s0" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_mae_units_train_with_transformers_trainer_and_the_scripts_arguments(study, tmp_path):
+    """The MAE baseline at the --quick budget: pretraining by transformers' Trainer with the CPU time of the NEPA
+    pretraining (a stand-in result here), fine-tuning by NepaTrainer with the fine-tuning script's arguments."""
+    (tmp_path / "pretrain-nepa-s0").mkdir()
+    (tmp_path / "pretrain-nepa-s0" / "result.json").write_text(json.dumps({"cpu_seconds": 3.0, "steps": 10}))
+    study.run_unit(["pretrain", "mae", "0"], study.QUICK, tmp_path)
+    pretrain = json.loads((tmp_path / "pretrain-mae-s0" / "result.json").read_text())
+    assert pretrain["steps"] == round(3.0 / pretrain["mae_step_cpu_s"]) and pretrain["curve"]
+    assert (tmp_path / "pretrain-mae-s0" / "model" / "model.safetensors").exists()
+    finetune = run_quick_1pct_finetune(study, "mae", 0, tmp_path)
+    assert finetune["layer_decay"] == study.QUICK.pretrained_layer_decay
+    assert finetune["script"].startswith("finetune_mae")

@@ -81,7 +81,7 @@ class AugmentationArguments:
     random_crop_padding: int = field(
         default=0,
         metadata={"help": "N > 0: resize, pad N px and random-crop instead of RandomResizedCrop (a translation by up "
-                          "to N px, for 28-32 px images)."},
+                          "to N px, for 28-32 px images; --crop_scale_min is then unused)."},
     )
     hflip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
     interpolation: str = field(default="bicubic", metadata={"help": f"Resampling of crops and eval resizes: {INTERPOLATIONS}."})

@@ -13,7 +13,8 @@ import typing
 
 from transformers import PreTrainedConfig
 
-from ..models.nepa.configuration_nepa import NepaConfig
+from ..data.images import patch_aligned_size
+from ..models.nepa.configuration_nepa import NEPA_PRESETS, NepaConfig
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -73,3 +74,12 @@ def parse_config_overrides(text: str | None, config_class: type[PreTrainedConfig
 
 
 __all__ = ["parse_config_overrides"]
+
+
+def preset_config(name: str, overrides: dict, image_size: int | None = None) -> NepaConfig:
+    """A preset's `NepaConfig` with `overrides`; `image_size` (a script's --image_size) must be a multiple of the patch
+    size the overrides give (the preset's otherwise) and is set before the config validates itself."""
+    if image_size is not None and name in NEPA_PRESETS:
+        patch_size = overrides.get("patch_size", NEPA_PRESETS[name]["patch_size"])
+        overrides = {**overrides, "image_size": patch_aligned_size(image_size, patch_size)}
+    return NepaConfig.from_preset(name, **overrides)

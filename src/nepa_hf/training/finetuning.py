@@ -402,6 +402,9 @@ class NepaTrainer(Trainer):
                                "gradient norm are counted and stop the run after max_nonfinite_steps in a row, but "
                                "cannot be skipped.")
         if getattr(self.args, "eval_at_fractions", None):
+            if self.eval_dataset is None and self.train_dataset is not None:
+                raise ValueError("eval_at_fractions evaluates during training, but the Trainer has no eval_dataset: "
+                                 "give the script an evaluation split (e.g. --do_eval) or drop --eval_at_fractions.")
             self.add_callback(EvaluateAtFractionsCallback(self.args.eval_at_fractions))
         if is_ema_metric(self.args.metric_for_best_model) and self.ema_callback is None:
             raise ValueError(

@@ -197,9 +197,6 @@ class LongRunCallback(TrainerCallback, ExportableState):
                 "attributes": {"nonfinite_counts": self.nonfinite_counts}}
 
 
-__all__ = ["LongRunCallback", "trainer_checkpoint_to_resume", "newest_trainer_checkpoint"]
-
-
 def steps_at_fractions(fractions, max_steps: int) -> set[int]:
     """The optimizer steps at which `fractions` (each in (0, 1]) of `max_steps` are done (at least step 1)."""
     return {max(1, round(fraction * max_steps)) for fraction in fractions}
@@ -214,7 +211,15 @@ class EvaluateAtFractionsCallback(TrainerCallback):
         if not fractions or not all(0 < fraction <= 1 for fraction in fractions):
             raise ValueError(f"eval_at_fractions takes fractions of the training steps in (0, 1], got {fractions}.")
         self.fractions = sorted(fractions)
+        self.steps: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = steps_at_fractions(self.fractions, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in steps_at_fractions(self.fractions, state.max_steps):
+        if state.global_step in self.steps:
             control.should_evaluate = True
+
+
+__all__ = ["EvaluateAtFractionsCallback", "LongRunCallback", "newest_trainer_checkpoint", "steps_at_fractions",
+           "trainer_checkpoint_to_resume"]
