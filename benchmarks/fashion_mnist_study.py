@@ -935,8 +935,12 @@ def comparison_with_private_loops(results: list[dict], records: Path) -> list[st
     previous = load_results(records)
     lines = ["", "### Through the scripts against the study's earlier private training loops", "",
              f"The same plan ran before with training loops of its own in this file (`{records.relative_to(REPO_ROOT)}`"
-             "): the same budgets, recipe, seeds and label fractions, but other random draws (label subsets, data "
-             "order, augmentation, initialisation), so per-seed numbers differ by seed noise at least.", "",
+             "): the same budgets, seeds, label fractions and recipe (learning rates at every step, weight decay, "
+             "clipping, augmentation, normalisation, evaluation). What differs: every random draw (label subsets, "
+             "data order, augmentation, initialisation), so per-seed numbers differ by seed noise at least; the "
+             "pretraining warmup (188 steps, rounded up, against 187); the logged losses (means over 10 steps, "
+             "against one step's); and the CPU seconds, which now include the script's start-up, decoding every "
+             "image with PIL, the checkpoints and the evaluation through the image processor.", "",
              "| runs | private loops | scripts | difference of the means (points) |", "|---|---|---|---|"]
     for fraction in FRACTIONS:
         for arm in ARMS:
