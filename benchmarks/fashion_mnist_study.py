@@ -598,8 +598,8 @@ def unit_name(kind: str, method: str, seed: int, fraction: float | None = None) 
 
 
 def plan(budget: Budget) -> list[tuple[str, list[str], list[str]]]:
-    """[(unit, argv for `--unit`, dependencies)] in priority order: NEPA pretraining, with the scratch fine-tunes at
-    1% beside it (they need no pretraining), the NEPA ones at 1%, then the pairs at 10% (the paired comparison), the
+    """[(unit, argv for `--unit`, dependencies)] in priority order: NEPA pretraining, then the paired NEPA and scratch
+    fine-tunes at 1% and at 10%, seed by seed (the scratch ones can run beside the pretraining), the
     scratch anchor on all labels, the raw-pixel baselines, MAE, the other runs on all labels, probes, and the
     pretraining-length runs (fine-tuned on 1% of the labels, where pretraining matters most and a run is cheap)."""
     pretrained = {m: unit_name("pretrain", m, PRETRAIN_SEED) for m in PRETRAINED}
@@ -613,8 +613,8 @@ def plan(budget: Budget) -> list[tuple[str, list[str], list[str]]]:
         return unit_name("probe", backbone, PRETRAIN_SEED), ["probe", backbone, str(PRETRAIN_SEED)], deps
 
     units = [(pretrained["nepa"], ["pretrain", "nepa", str(PRETRAIN_SEED)], [])]
-    units += [finetune_unit(init, fraction, seed)
-              for fraction in (0.01, 0.1) for init in ("scratch", "nepa") for seed in budget.seeds[fraction]]
+    units += [finetune_unit(init, fraction, seed)  # by seed, so that a study stopped early has whole pairs
+              for fraction in (0.01, 0.1) for seed in budget.seeds[fraction] for init in ("scratch", "nepa")]
     units += [finetune_unit("scratch", 1.0, seed) for seed in budget.seeds[1.0]]
     units.append((unit_name("baseline", "raw-pixels", PRETRAIN_SEED), ["baseline", "raw-pixels", str(PRETRAIN_SEED)], []))
     units.append((pretrained["mae"], ["pretrain", "mae", str(PRETRAIN_SEED)], [pretrained["nepa"]]))
