@@ -949,6 +949,11 @@ def comparison_with_private_loops(results: list[dict], records: Path) -> list[st
             if before and after:
                 lines.append(f"| {arm}, {BUDGET_NAMES[fraction]} labels | {mean_std(before)} | {mean_std(after)} | "
                              f"{100 * (np.mean(after) - np.mean(before)):+.1f} |")
+        before = [r["cpu_seconds"] / 60 for arm in ARMS for r in finetunes(previous, arm, fraction)]
+        after = [r["cpu_seconds"] / 60 for arm in ARMS for r in finetunes(results, arm, fraction)]
+        if before and after:
+            lines.append(f"| CPU minutes of a fine-tune, {BUDGET_NAMES[fraction]} labels (mean) | "
+                         f"{np.mean(before):.1f} | {np.mean(after):.1f} | |")
         before, after = paired_gains(previous, fraction), paired_gains(results, fraction)
         if before and after:
             lines.append(f"| NEPA over scratch, {BUDGET_NAMES[fraction]} labels (paired) | "
