@@ -794,7 +794,8 @@ def summary_json(results: list[dict]) -> dict:
     budgets = {BUDGET_NAMES[f]: {arm: [r["test_top1"] for r in finetunes(results, arm, f)] for arm in ARMS}
                for f in FRACTIONS}
     summary = {"scratch_100": (budgets["100%"]["scratch"] or [None])[0], "budgets": budgets}
-    summary["raw_pixel_knn"] = summary["raw_pixel_logistic_regression"] = None  # until the baseline unit finishes
+    # until the baseline unit finishes
+    summary["raw_pixel_knn"] = summary["raw_pixel_logistic_regression"] = summary["raw_pixels"] = None
     baseline = next((r for r in results if r["kind"] == "baseline"), None)
     if baseline:
         full = [run for run in baseline["runs"] if run["fraction"] == 1.0]
@@ -949,8 +950,8 @@ def comparison_with_private_loops(results: list[dict], records: Path) -> list[st
             if before and after:
                 lines.append(f"| {arm}, {BUDGET_NAMES[fraction]} labels | {mean_std(before)} | {mean_std(after)} | "
                              f"{100 * (np.mean(after) - np.mean(before)):+.1f} |")
-        before = [r["cpu_seconds"] / 60 for arm in ARMS for r in finetunes(previous, arm, fraction)]
-        after = [r["cpu_seconds"] / 60 for arm in ARMS for r in finetunes(results, arm, fraction)]
+        before, after = ([r["cpu_seconds"] / 60 for arm in ARMS for r in finetunes(runs, arm, fraction)
+                          if "cpu_seconds" in r] for runs in (previous, results))
         if before and after:
             lines.append(f"| CPU minutes of a fine-tune, {BUDGET_NAMES[fraction]} labels (mean) | "
                          f"{np.mean(before):.1f} | {np.mean(after):.1f} | |")
