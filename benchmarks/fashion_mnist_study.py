@@ -52,6 +52,7 @@ Data: Debian's `dataset-fashion-mnist` (60k train / 10k test; `apt-get install -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import math
@@ -642,6 +643,16 @@ def pid_alive(pid_file: Path) -> bool:
 
 
 def run_unit(argv: list[str], budget: Budget, output_root: Path) -> None:
+    """Run one unit from the repository root, with the output folder relative to it (absolute when outside it): the
+    commands each result.json records then carry no machine's paths."""
+    output_root = output_root.resolve()
+    if output_root.is_relative_to(REPO_ROOT):
+        output_root = output_root.relative_to(REPO_ROOT)
+    with contextlib.chdir(REPO_ROOT):
+        unit(argv, budget, output_root)
+
+
+def unit(argv: list[str], budget: Budget, output_root: Path) -> None:
     torch.set_num_threads(1)
     kind, method, seed = argv[0], argv[1], int(argv[2])
     fraction = float(argv[3]) if kind == "finetune" else None

@@ -291,3 +291,17 @@ def test_mae_units_train_with_transformers_trainer_and_the_scripts_arguments(stu
     finetune = run_quick_1pct_finetune(study, "mae", 0, tmp_path)
     assert finetune["layer_decay"] == study.QUICK.pretrained_layer_decay
     assert finetune["script"].startswith("finetune_mae")
+
+
+def test_units_run_from_the_repository_root_with_relative_paths(study, monkeypatch, tmp_path):
+    """The commands a unit records carry no machine's paths: inside the repository the output folder is relative to
+    it and the unit runs from its root (and the caller's working directory is restored); outside, it stays absolute."""
+    import os
+
+    seen = []
+    monkeypatch.setattr(study, "unit", lambda argv, budget, root: seen.append((root, Path.cwd())))
+    before = Path.cwd()
+    study.run_unit(["finetune", "nepa", "0", "0.01"], study.QUICK, study.REPO_ROOT / "benchmarks" / "results" / "x")
+    study.run_unit(["finetune", "nepa", "0", "0.01"], study.QUICK, tmp_path)
+    assert seen == [(Path("benchmarks/results/x"), study.REPO_ROOT), (tmp_path.resolve(), study.REPO_ROOT)]
+    assert Path.cwd() == before and os.getcwd() == str(before)
