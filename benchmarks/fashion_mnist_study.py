@@ -945,8 +945,9 @@ def comparison_with_private_loops(results: list[dict], records: Path) -> list[st
     if not records.is_dir():
         return []
     previous = load_results(records)
+    shown = records.relative_to(REPO_ROOT) if records.is_relative_to(REPO_ROOT) else records  # no machine's path
     lines = ["", "### Through the scripts against the study's earlier private training loops", "",
-             f"The same plan ran before with training loops of its own in this file (`{records.relative_to(REPO_ROOT)}`"
+             f"The same plan ran before with training loops of its own in this file (`{shown}`"
              "): the same budgets, seeds, label fractions and recipe (learning rates at every step, weight decay, "
              "clipping, augmentation, normalisation, evaluation). What differs: every random draw (label subsets, "
              "data order, augmentation, initialisation), so per-seed numbers differ by seed noise at least; the "
@@ -961,11 +962,13 @@ def comparison_with_private_loops(results: list[dict], records: Path) -> list[st
             if before and after:
                 lines.append(f"| {arm}, {BUDGET_NAMES[fraction]} labels | {mean_std(before)} | {mean_std(after)} | "
                              f"{100 * (np.mean(after) - np.mean(before)):+.1f} |")
-        before, after = ([r["cpu_seconds"] / 60 for arm in ARMS for r in finetunes(runs, arm, fraction)
+        # Only the arms both pipelines ran, so that both means average the same kinds of run.
+        common = [arm for arm in ARMS if finetunes(previous, arm, fraction) and finetunes(results, arm, fraction)]
+        before, after = ([r["cpu_seconds"] / 60 for arm in common for r in finetunes(runs, arm, fraction)
                           if "cpu_seconds" in r] for runs in (previous, results))
         if before and after:
-            lines.append(f"| CPU minutes of a fine-tune, {BUDGET_NAMES[fraction]} labels (mean) | "
-                         f"{np.mean(before):.1f} | {np.mean(after):.1f} | |")
+            lines.append(f"| CPU minutes of a fine-tune, {BUDGET_NAMES[fraction]} labels (mean over "
+                         f"{', '.join(common)}) | {np.mean(before):.1f} | {np.mean(after):.1f} | |")
         before, after = paired_gains(previous, fraction), paired_gains(results, fraction)
         if before and after:
             lines.append(f"| NEPA over scratch, {BUDGET_NAMES[fraction]} labels (paired) | "

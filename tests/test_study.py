@@ -193,6 +193,23 @@ def test_report_pairs_seeds_and_writes_the_summary_schema(study):
     assert summary["converged"] is True and summary["not_converged"] == []
 
 
+def test_comparison_with_the_private_loops_sets_like_against_like(study, tmp_path):
+    """Accuracy rows per arm run by both pipelines, their difference, and a CPU row averaged over those arms only (a
+    budget where the scripts ran scratch alone must not compare it with the private loops' mean over three arms)."""
+    def run(init, fraction, seed, accuracy, cpu_seconds):
+        return {"kind": "finetune", "init": init, "fraction": fraction, "seed": seed, "test_top1": accuracy,
+                "cpu_seconds": cpu_seconds, "unit": f"finetune-{init}-{fraction}-s{seed}"}
+
+    records = tmp_path / "records"
+    for result in [run("nepa", 1.0, 0, 0.90, 3000), run("scratch", 1.0, 0, 0.89, 3200), run("mae", 1.0, 0, 0.88, 60)]:
+        (records / result["unit"]).mkdir(parents=True)
+        (records / result["unit"] / "result.json").write_text(json.dumps(result))
+    lines = study.comparison_with_private_loops([run("scratch", 1.0, 0, 0.885, 4800)], records)
+    assert "| scratch, 100% labels | 89.0 (1 seed) | 88.5 (1 seed) | -0.5 |" in lines
+    assert not any(line.startswith(("| nepa,", "| mae,")) for line in lines)
+    assert "| CPU minutes of a fine-tune, 100% labels (mean over scratch) | 53.3 | 80.0 | |" in lines
+
+
 def test_convergence_is_the_change_over_the_last_20_percent_with_the_plateau_spread_beside_it(study):
     wobbling = [{"step": 25, "test_top1": 0.70}, {"step": 80, "test_top1": 0.850},
                 {"step": 90, "test_top1": 0.860}, {"step": 100, "test_top1": 0.852}]
