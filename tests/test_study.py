@@ -322,3 +322,6 @@ def test_units_run_from_the_repository_root_with_relative_paths(study, monkeypat
     study.run_unit(["finetune", "nepa", "0", "0.01"], study.QUICK, tmp_path)
     assert seen == [(Path("benchmarks/results/x"), study.REPO_ROOT), (tmp_path.resolve(), study.REPO_ROOT)]
     assert Path.cwd() == before and os.getcwd() == str(before)
+    monkeypatch.chdir(tmp_path)  # a relative folder is the caller's, not the repository root's
+    study.run_unit(["finetune", "nepa", "0", "0.01"], study.QUICK, Path("out"))
+    assert seen[-1] == ((tmp_path / "out").resolve(), study.REPO_ROOT)
